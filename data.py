@@ -1,0 +1,333 @@
+"""MNIST-style datasets held on the device as one uint8 tensor, batched without a DataLoader.
+
+    python data.py --stats mnist                       # counts, pixel statistics, class balance
+    python data.py --stats fashion-mnist --data-dir ../shared/datasets
+    python data.py --show mnist --augment --out grid.png
+
+Needs torch and numpy; torchvision is imported only to download files or draw grids, since
+importing it costs more start-up time (1.6 s here) than loading MNIST does.
+"""
+import argparse
+import gzip
+import math
+import os
+import sys
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class DataError(Exception):
+    """Missing, corrupt or inconsistent dataset files; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    folder: str          # torchvision's folder name: <root>/<folder>/raw/
+    classes: tuple
+    mean: float = None   # training-set pixel mean and std on the 0..1 scale
+    std: float = None
+    flips: bool = False  # whether a mirrored image is still the same class (clothing yes, characters no)
+
+
+# mean/std: over all 60,000 x 784 training pixels scaled to 0..1 (population std), measured with
+# `python data.py --stats NAME`; tests/test_data.py checks them against the real files.
+# KMNIST is not available offline here, so its statistics are computed from its training file on load.
+DATASETS = {
+    "mnist": DatasetInfo("mnist", "MNIST", tuple("0123456789"), 0.1307, 0.3081),
+    "fashion-mnist": DatasetInfo("fashion-mnist", "FashionMNIST", (
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"), 0.2860, 0.3530, flips=True),
+    "kmnist": DatasetInfo("kmnist", "KMNIST", ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")),
+}
+FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+DEBIAN_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}   # apt-get install dataset-fashion-mnist
+HERE = os.path.dirname(os.path.abspath(__file__))
+IMAGE_MAGIC, LABEL_MAGIC = 0x0803, 0x0801    # IDX: unsigned bytes, 3 or 1 dimensions
+
+
+def dataset_info(name):
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and reading the IDX files
+# ---------------------------------------------------------------------------------------------
+
+def search_dirs(info, data_dir=None):
+    """Folders to look in, first hit wins: --data-dir, ./data, this file's data/, Debian's package."""
+    roots = [data_dir] if data_dir else []
+    roots += [os.path.abspath("data"), os.path.join(HERE, "data")]
+    dirs = []
+    for root in roots:
+        dirs += [os.path.join(root, info.folder, "raw"), os.path.join(root, info.folder), root]
+    if info.name in DEBIAN_DIRS:
+        dirs.append(DEBIAN_DIRS[info.name])
+    return list(dict.fromkeys(os.path.normpath(d) for d in dirs))
+
+
+def _find(folder, stem):
+    for name in (stem, stem + ".gz"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def find_split(info, split, data_dir=None, download=True):
+    """Paths of the (images, labels) files of a split; downloads with torchvision as a last resort."""
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise DataError(f"--data-dir {data_dir} does not exist; pass the folder that holds "
+                        f"{info.folder}/raw/ or the IDX files themselves")
+    dirs = search_dirs(info, data_dir)
+    for folder in dirs:
+        paths = [_find(folder, stem) for stem in FILES[split]]
+        if all(paths):
+            return tuple(paths)
+    root = data_dir or os.path.abspath("data")
+    if download:
+        problem = _download(info, root)
+        if problem is None:
+            return find_split(info, split, data_dir, download=False)
+    else:
+        problem = "download not attempted"
+    raise DataError(
+        f"cannot find {info.name} files {' and '.join(f + '[.gz]' for f in FILES[split])}; "
+        f"looked in {', '.join(dirs)}; downloading into {root} failed ({problem}). "
+        f"Copy the files into one of those folders or pass --data-dir")
+
+
+def _download(info, root):
+    """Let torchvision fetch the files into <root>/<folder>/raw/; returns None or why it failed.
+    A failed attempt removes the folders it created, so nothing half-made is left behind."""
+    created = [d for d in (root, os.path.join(root, info.folder), os.path.join(root, info.folder, "raw"))
+               if not os.path.exists(d)]
+    try:
+        import torchvision.datasets as tvd
+        cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "kmnist": tvd.KMNIST}[info.name]
+        print(f"downloading {info.name} into {root} ...", file=sys.stderr)
+        cls(root, train=True, download=True)
+        cls(root, train=False, download=True)
+        return None
+    except Exception as e:   # network errors come in many types; their text is what the user needs
+        for d in reversed(created):
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        return lines[-1][:200] if lines else type(e).__name__
+
+
+def read_idx(path, magic):
+    """An IDX file (.gz or plain) as a uint8 tensor, after checking its header against its size."""
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            with open(path, "rb") as f:
+                raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path} cannot be read ({e}); it is probably truncated or not gzip: "
+                        f"delete it and copy or download it again") from None
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header or int.from_bytes(raw[:4], "big") != magic:
+        found = raw[:4].hex() if len(raw) >= 4 else f"only {len(raw)} bytes"
+        raise DataError(f"{path} is not an IDX {'image' if ndim == 3 else 'label'} file "
+                        f"(magic number {found}, expected {magic:08x}); check that the right file is there")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    if ndim == 3 and dims[1:] != [28, 28]:
+        raise DataError(f"{path} holds {dims[1]}x{dims[2]} images, but these datasets are 28x28")
+    expected = header + math.prod(dims)
+    if len(raw) != expected:
+        how = "is truncated" if len(raw) < expected else "has trailing bytes"
+        raise DataError(f"{path} {how}: its header promises {dims[0]:,} items ({expected:,} bytes) "
+                        f"but it has {len(raw):,} bytes; delete it and copy or download it again")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header).view(dims)
+
+
+def load_split(name, split, data_dir=None, device="cpu"):
+    """(images uint8 [N, 1, 28, 28], labels int64 [N]) of one split, on `device`."""
+    info = dataset_info(name)
+    image_path, label_path = find_split(info, split, data_dir)
+    images, labels = read_idx(image_path, IMAGE_MAGIC), read_idx(label_path, LABEL_MAGIC)
+    if len(images) != len(labels):
+        raise DataError(f"{image_path} has {len(images):,} images but {label_path} has {len(labels):,} "
+                        f"labels; the two files come from different sets, so replace both")
+    if len(labels) and int(labels.max()) >= len(info.classes):
+        raise DataError(f"{label_path} has label {int(labels.max())}, but {name} has only "
+                        f"{len(info.classes)} classes (0-{len(info.classes) - 1}); the file is corrupt or foreign")
+    return images.unsqueeze(1).to(device), labels.long().to(device)
+
+
+def pixel_stats(images):
+    """Mean and population std of uint8 images on the 0..1 scale."""
+    x = images.double() / 255
+    return x.mean().item(), x.std(unbiased=False).item()
+
+
+def normalization(name, data_dir=None):
+    """(mean, std) of a dataset's training pixels: recorded above, or measured when not recorded."""
+    info = dataset_info(name)
+    if info.mean is not None:
+        return info.mean, info.std
+    images, _ = load_split(name, "train", data_dir)
+    return tuple(round(v, 4) for v in pixel_stats(images))
+
+
+def split_off_val(images, labels, n_val):
+    """Hold out n_val training images. The split depends on n_val alone, not on --seed, so every
+    seed and every resumed run sees the same validation set."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(12345)).to(labels.device)
+    val, train = order[:n_val], order[n_val:]
+    return (images[train], labels[train]), (images[val], labels[val])
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches: normalization and augmentation done on the device, a batch at a time
+# ---------------------------------------------------------------------------------------------
+
+def normalize(images_u8, mean, std, dtype=torch.float32):
+    """uint8 pixels -> (x / 255 - mean) / std, as one multiply-add."""
+    return images_u8.to(dtype).mul_(1.0 / (255.0 * std)).sub_(mean / std)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Random affine (rotation degrees, translation as a fraction of the side, scale range),
+    optional random erasing and horizontal flips (right for clothing, wrong for digits)."""
+    degrees: float = 10.0
+    translate: float = 0.1
+    scale: float = 0.1
+    erase: float = 0.0     # probability of erasing one random rectangle per image
+    flip: bool = False
+
+    def __call__(self, x, gen):
+        """Augment a float batch [B, 1, H, W] on 0..1. Random numbers come from the CPU generator
+        `gen` (small per-image tensors), so a seed gives the same batches on every device."""
+        b, dev = len(x), x.device
+        u = torch.rand(b, 10, generator=gen).to(dev, non_blocking=True) * 2 - 1  # uniform in [-1, 1)
+        if self.degrees or self.translate or self.scale:
+            angle = u[:, 0] * math.radians(self.degrees)
+            scale = 1 + u[:, 1] * self.scale
+            cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+            tx, ty = u[:, 2] * 2 * self.translate, u[:, 3] * 2 * self.translate  # grid units span 2
+            theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+            grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+        if self.flip:
+            x = torch.where((u[:, 4] > 0).view(b, 1, 1, 1), x.flip(-1), x)
+        if self.erase:
+            x = _erase(x, u[:, 5:10], self.erase)
+        return x
+
+
+def _erase(x, u, p):
+    """Zero one rectangle (2-33 % of the area, aspect 0.3-3.3) in a fraction p of the images.
+    `u` holds five uniforms in [-1, 1) per image: erase?, area, aspect, top, left."""
+    b, _, h, w = x.shape
+    u01 = (u + 1) / 2
+    area = (0.02 + u01[:, 1] * 0.31) * h * w
+    aspect = torch.exp(math.log(0.3) + u01[:, 2] * math.log(3.3 / 0.3))
+    eh, ew = (area * aspect).sqrt().clamp(1, h), (area / aspect).sqrt().clamp(1, w)
+    top, left = u01[:, 3] * (h - eh), u01[:, 4] * (w - ew)
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    box = ((rows >= top.view(b, 1, 1)) & (rows < (top + eh).view(b, 1, 1))
+           & (cols >= left.view(b, 1, 1)) & (cols < (left + ew).view(b, 1, 1))
+           & (u01[:, 0] < p).view(b, 1, 1))
+    return x.masked_fill(box.unsqueeze(1), 0.0)
+
+
+class Batches:
+    """Batches of (normalized images, labels) sliced from a split that lives on the device.
+
+    `epoch(e, start=k)` yields the batches of epoch e from batch k on. The shuffle and the
+    augmentation are seeded from (seed, epoch, batch), so any batch can be rebuilt exactly on
+    resume, and every DDP rank draws the same permutation before taking its own slice.
+    """
+
+    def __init__(self, images, labels, batch_size, mean, std, shuffle=False, seed=0, augment=None,
+                 drop_last=False, channels_last=False, rank=0, world_size=1):
+        self.images, self.labels = images, labels
+        self.batch_size, self.mean, self.std = batch_size, mean, std
+        self.shuffle, self.seed, self.augment, self.drop_last = shuffle, seed, augment, drop_last
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self):
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def epoch(self, epoch=0, start=0):
+        n = len(self.labels)
+        order = None
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(n, generator=gen).to(self.labels.device)
+        aug_gen = torch.Generator()
+        for i in range(start, len(self)):
+            lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
+            if self.world_size > 1:   # this rank's share of the global batch
+                span = hi - lo
+                lo, hi = lo + span * self.rank // self.world_size, lo + span * (self.rank + 1) // self.world_size
+            idx = order[lo:hi] if order is not None else slice(lo, hi)
+            x, y = self.images[idx], self.labels[idx]
+            if self.augment is not None:
+                aug_gen.manual_seed((self.seed * 100_003 + epoch) * 1_000_003 + i)
+                x = self.augment(x.float().div_(255), aug_gen)
+                x = (x - self.mean) / self.std
+            else:
+                x = normalize(x, self.mean, self.std)
+            yield x.contiguous(memory_format=self.memory_format), y
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: statistics and a picture of the data
+# ---------------------------------------------------------------------------------------------
+
+def print_stats(name, data_dir=None):
+    info = dataset_info(name)
+    for split in ("train", "test"):
+        images, labels = load_split(name, split, data_dir)
+        mean, std = pixel_stats(images)
+        print(f"[{name} {split}] {len(labels):,} images of {tuple(images.shape[1:])}, "
+              f"pixels {int(images.min())}-{int(images.max())} "
+              f"(0..1 scale: mean {mean:.4f}, std {std:.4f}, var {std * std:.4f})")
+        counts = torch.bincount(labels, minlength=len(info.classes)).tolist()
+        width = max(len(c) for c in info.classes)
+        for k, (cls, c) in enumerate(zip(info.classes, counts)):
+            print(f"  {k}  {cls:<{width}}  {c:>6,}  {100 * c / len(labels):5.2f} %  {'#' * round(50 * c / max(counts))}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Inspect a dataset: statistics, or a grid of samples.")
+    parser.add_argument("--stats", metavar="NAME", choices=list(DATASETS),
+                        help=f"print counts, pixel statistics and class balance ({', '.join(DATASETS)})")
+    parser.add_argument("--show", metavar="NAME", choices=list(DATASETS), help="write a labelled grid of training images")
+    parser.add_argument("--augment", action="store_true", help="with --show: also draw the images augmented")
+    parser.add_argument("--out", default="samples.png", help="with --show: the PNG to write (default: samples.png)")
+    parser.add_argument("--data-dir", help="folder holding the IDX files (default: search ./data and others)")
+    parser.add_argument("--seed", type=int, default=0, help="with --show: which random images (default: 0)")
+    args = parser.parse_args(argv)
+    if not (args.stats or args.show):
+        parser.error("give --stats NAME or --show NAME")
+    try:
+        if args.stats:
+            print_stats(args.stats, args.data_dir)
+        if args.show:
+            from plots import show_samples   # drawing needs Pillow/torchvision; keep it out of imports
+            show_samples(args.show, args.out, args.data_dir, args.augment, args.seed)
+    except DataError as e:
+        print(f"data.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

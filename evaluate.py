@@ -1,0 +1,131 @@
+"""Evaluate a checkpoint on its test set: loss, accuracy, per-class metrics, confusion matrix.
+
+    python evaluate.py runs/mnist-cnn-20261122-101500/last.pt
+    python evaluate.py last.pt --dataset fashion-mnist --data-dir ../shared/datasets --out report/
+    python evaluate.py a.pt b.pt c.pt          # each model, then the ensemble (mean of softmax)
+
+The checkpoint alone rebuilds the model: architecture, normalization and class names live in it.
+"""
+import json
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from common import Parser, UserError, build_model, load_checkpoint, pick_device, run, write_text_atomic
+from data import Batches, dataset_info, load_split
+
+
+@torch.inference_mode()
+def predict_logits(model, images, mean, std, batch_size=1000, channels_last=False, autocast=None):
+    """Logits (float32) for uint8 images held on the model's device, in large batches."""
+    was_training = model.training
+    model.eval()
+    labels = torch.zeros(len(images), dtype=torch.long, device=images.device)
+    batches = Batches(images, labels, batch_size, mean, std, channels_last=channels_last)
+    outs = []
+    for x, _ in batches.epoch():
+        with autocast or nullcontext():
+            outs.append(model(x).float())
+    model.train(was_training)
+    return torch.cat(outs) if outs else torch.zeros(0, 0, device=images.device)
+
+
+def score(logits, labels):
+    """(mean cross-entropy, accuracy in %) of logits against labels."""
+    loss = F.cross_entropy(logits, labels).item()
+    acc = 100.0 * (logits.argmax(1) == labels).float().mean().item()
+    return loss, acc
+
+
+def confusion(pred, labels, num_classes):
+    """counts[true, predicted] as a [C, C] int64 tensor."""
+    return torch.bincount(labels * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def per_class(cm):
+    """Rows of (precision %, recall %, support) from a confusion matrix. Recall is the class's accuracy."""
+    cm = cm.double()
+    tp, predicted, support = cm.diag(), cm.sum(0), cm.sum(1)
+    precision = torch.where(predicted > 0, 100 * tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(support > 0, 100 * tp / support.clamp(min=1), torch.zeros_like(tp))
+    return list(zip(precision.tolist(), recall.tolist(), support.long().tolist()))
+
+
+def format_confusion(cm, classes):
+    short = [c[:9] for c in classes]
+    width = max(6, max(len(c) for c in short) + 1)
+    corner = "true \\ predicted"
+    lines = [f"{corner:<16}" + "".join(f"{c:>{width}}" for c in short)]
+    for name, row in zip(short, cm.tolist()):
+        lines.append(f"{name:<16}" + "".join(f"{v:>{width}}" for v in row))
+    return "\n".join(lines)
+
+
+def report(name, logits, labels, classes):
+    """Print loss, accuracy, per-class table and confusion matrix; return them as a dict."""
+    loss, acc = score(logits, labels)
+    cm = confusion(logits.argmax(1), labels, len(classes)).cpu()
+    rows = per_class(cm)
+    print(f"{name}: test loss {loss:.4f}, accuracy {acc:.2f} % ({int(cm.diag().sum())}/{len(labels)})")
+    width = max(len(c) for c in classes)
+    print(f"\n  {'class':<{width}}  precision  recall (accuracy)  support")
+    for cls, (p, r, n) in zip(classes, rows):
+        print(f"  {cls:<{width}}  {p:8.2f} %  {r:8.2f} %         {n:>7}")
+    print("\n" + format_confusion(cm, classes) + "\n")
+    return {"loss": loss, "accuracy": acc,
+            "per_class": {c: {"precision": p, "recall": r, "support": n} for c, (p, r, n) in zip(classes, rows)},
+            "confusion": cm.tolist()}
+
+
+def build_parser():
+    p = Parser(description="Evaluate one checkpoint, or the ensemble of several, on a test set.")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files or run folders (their last.pt)")
+    p.add_argument("--dataset", help="evaluate on another dataset (default: the checkpoint's)")
+    p.add_argument("--data-dir", help="folder holding the IDX files (default: search ./data and others)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--weights", choices=["auto", "raw", "ema"], default="auto",
+                   help="which weights of a run trained with --ema (default: auto, EMA when present)")
+    p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size (default: 1000)")
+    p.add_argument("--out", help="folder for report.json and confusion.csv")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def main(argv):
+    args = build_parser().parse_args(argv)
+    device = pick_device(args.device)
+    ckpts = [(path, load_checkpoint(path)) for path in args.checkpoints]
+    name = args.dataset or ckpts[0][1]["data"]["dataset"]
+    info = dataset_info(name)
+    for path, ckpt in ckpts:
+        if ckpt["model"]["kwargs"].get("num_classes", 10) != len(info.classes):
+            raise UserError(f"{path} predicts {ckpt['model']['kwargs']['num_classes']} classes, "
+                            f"but {name} has {len(info.classes)}", 2)
+    images, labels = load_split(name, "test", args.data_dir, device)
+    results, probs = {}, []
+    for path, ckpt in ckpts:
+        model, which = build_model(ckpt, args.weights, path)
+        model.to(device)
+        logits = predict_logits(model, images, ckpt["data"]["mean"], ckpt["data"]["std"], args.batch_size)
+        label = f"{path} ({ckpt['model']['name']}, {which} weights)"
+        results[path] = report(label, logits, labels, info.classes)
+        probs.append(logits.softmax(1))
+    if len(ckpts) > 1:
+        mean_probs = torch.stack(probs).mean(0)
+        results["ensemble"] = report(f"ensemble of {len(ckpts)}", mean_probs.clamp_min(1e-12).log(), labels, info.classes)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        final = results["ensemble"] if len(ckpts) > 1 else results[ckpts[0][0]]
+        write_text_atomic(json.dumps({"dataset": name, "results": results}, indent=1), os.path.join(args.out, "report.json"))
+        csv = "true\\predicted," + ",".join(info.classes) + "\n" + "".join(
+            f"{c}," + ",".join(map(str, row)) + "\n" for c, row in zip(info.classes, final["confusion"]))
+        write_text_atomic(csv, os.path.join(args.out, "confusion.csv"))
+        print(f"wrote {os.path.join(args.out, 'report.json')} and confusion.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,84 @@
+"""The run folder: args.json, log.csv (a row per epoch, written as it goes) and the epoch line."""
+import csv
+import io
+import json
+import os
+import time
+
+from common import UserError, write_text_atomic
+
+RUN_FILES = ("last.pt", "best.pt", "log.csv", "args.json")
+
+
+def prepare_out(args):
+    """Create the run folder. A folder holding another run is refused unless --overwrite."""
+    out = args.out or os.path.join("runs", f"{args.dataset}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a folder; choose another --out", 2)
+    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if existing and not args.overwrite:
+        raise UserError(f"--out {out} already holds a run ({', '.join(existing)}); pass --resume {out} to "
+                        f"continue it, --overwrite to replace it, or choose another --out", 2)
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write-test")
+        write_text_atomic("", probe)
+        os.remove(probe)
+        for f in existing:
+            os.remove(os.path.join(out, f))
+    except OSError as e:
+        raise UserError(f"cannot write to --out {out} ({e.strerror}); choose a writable folder") from None
+    return out
+
+
+def write_args(out, args):
+    write_text_atomic(json.dumps(vars(args), indent=1) + "\n", os.path.join(out, "args.json"))
+
+
+def log_columns(args):
+    """CSV columns of a run: fixed by its flags, so every row of one log has the same fields."""
+    splits = (["val"] if args.val else []) + ["test"]
+    evals = [f"{s}_{m}" for s in splits for m in ("loss", "acc")]
+    ema = [f"ema_{c}" for c in evals] if args.ema else []
+    return ["epoch", "train_loss", "train_acc", *evals, *ema, "lr", "seconds", "images_per_s"]
+
+
+def _csv(rows, columns, header):
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
+    return buf.getvalue()
+
+
+def rewrite_log(out, rows, columns):
+    write_text_atomic(_csv(rows, columns, header=True), os.path.join(out, "log.csv"))
+
+
+def append_row(out, row, columns):
+    with open(os.path.join(out, "log.csv"), "a") as f:
+        f.write(_csv([row], columns, header=False))
+        f.flush()
+
+
+def read_log(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def epoch_line(row, args):
+    """One line per epoch: train, val and test loss/accuracy, lr, time and speed."""
+    parts = [f"epoch {row['epoch']:>3}/{args.epochs}"]
+    if "train_loss" in row:
+        parts.append(f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f} %")
+    else:
+        parts.append("untrained")
+    for prefix in ("", "ema_"):
+        for split in ("val", "test"):
+            if f"{prefix}{split}_loss" in row:
+                name = f"{'EMA ' if prefix else ''}{split}"
+                parts.append(f"{name} loss {row[f'{prefix}{split}_loss']:.4f} acc {row[f'{prefix}{split}_acc']:.2f} %")
+    if "lr" in row:
+        parts.append(f"lr {row['lr']:.2e}  {row['seconds']:.1f} s  {row['images_per_s']:,.0f} img/s")
+    return "  ".join(parts)
