@@ -160,6 +160,11 @@ def checkpoint_path(path):
 def load_checkpoint(path):
     """Open a checkpoint with weights_only=True (no pickled code can run) and check its format."""
     path = checkpoint_path(path)
+    return check_checkpoint(load_file(path), path)
+
+
+def load_file(path):
+    """torch.load(weights_only=True), with every way a file can be wrong turned into one sentence."""
     if os.path.getsize(path) == 0:
         raise UserError(f"{path} is empty (0 bytes), probably cut off while being written; use another checkpoint")
     try:
@@ -174,7 +179,7 @@ def load_checkpoint(path):
     except (RuntimeError, EOFError, KeyError, ValueError, IndexError, OSError) as e:
         raise UserError(f"{path} is not a readable PyTorch checkpoint: it is truncated or another kind of "
                         f"file ({type(e).__name__}); use another checkpoint") from None
-    return check_checkpoint(ckpt, path)
+    return ckpt
 
 
 def check_checkpoint(ckpt, path):

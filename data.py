@@ -20,7 +20,12 @@ import torch.nn.functional as F
 
 
 class DataError(Exception):
-    """Missing, corrupt or inconsistent dataset files; the message says what to do."""
+    """Missing, corrupt or inconsistent dataset files; the message says what to do. `code` is the exit
+    status: 2 when the command line named something that is not there, 1 for a bad file."""
+
+    def __init__(self, message, code=1):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ IMAGE_MAGIC, LABEL_MAGIC = 0x0803, 0x0801    # IDX: unsigned bytes, 3 or 1 dimen
 
 def dataset_info(name):
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}", code=2)
     return DATASETS[name]
 
 
@@ -83,7 +88,7 @@ def find_split(info, split, data_dir=None, download=True):
     """Paths of the (images, labels) files of a split; downloads with torchvision as a last resort."""
     if data_dir is not None and not os.path.isdir(data_dir):
         raise DataError(f"--data-dir {data_dir} does not exist; pass the folder that holds "
-                        f"{info.folder}/raw/ or the IDX files themselves")
+                        f"{info.folder}/raw/ or the IDX files themselves", code=2)
     dirs = search_dirs(info, data_dir)
     for folder in dirs:
         paths = [_find(folder, stem) for stem in FILES[split]]
@@ -305,8 +310,15 @@ def print_stats(name, data_dir=None):
             print(f"  {k}  {cls:<{width}}  {c:>6,}  {100 * c / len(labels):5.2f} %  {'#' * round(50 * c / max(counts))}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Reports a bad argument in one line, without the usage block, like the other scripts."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Inspect a dataset: statistics, or a grid of samples.")
+    parser = OneLineParser(prog="data.py", description="Inspect a dataset: statistics, or a grid of samples.")
     parser.add_argument("--stats", metavar="NAME", choices=list(DATASETS),
                         help=f"print counts, pixel statistics and class balance ({', '.join(DATASETS)})")
     parser.add_argument("--show", metavar="NAME", choices=list(DATASETS), help="write a labelled grid of training images")
@@ -325,7 +337,7 @@ def main(argv=None):
             show_samples(args.show, args.out, args.data_dir, args.augment, args.seed)
     except DataError as e:
         print(f"data.py: error: {e}", file=sys.stderr)
-        return 1
+        return e.code
     return 0
 
 

@@ -14,8 +14,10 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from common import Parser, UserError, build_model, load_checkpoint, pick_device, run, write_text_atomic
-from data import Batches, dataset_info, load_split
+from common import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Parser, UserError, build_model, load_checkpoint,
+                    checkpoint_path, load_file, pick_device, positive, run, write_text_atomic)
+from data import DATASETS, Batches, dataset_info, load_split, normalization
+from models import list_models
 
 
 @torch.inference_mode()
@@ -80,15 +82,30 @@ def report(name, logits, labels, classes):
             "confusion": cm.tolist()}
 
 
+def wrap_state_dict(path, args):
+    """A bare state_dict (what the notebooks saved) as a checkpoint of --model on --dataset."""
+    state = load_file(checkpoint_path(path))
+    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise UserError(f"{path} is not a bare state_dict; drop --model, checkpoints name their own model", 2)
+    name = args.dataset or "mnist"
+    mean, std = normalization(name, args.data_dir)
+    classes = dataset_info(name).classes
+    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "state_dict": state,
+            "model": {"name": args.model, "kwargs": {"in_channels": 1, "num_classes": len(classes)}},
+            "data": {"dataset": name, "mean": mean, "std": std, "classes": list(classes)}}
+
+
 def build_parser():
-    p = Parser(description="Evaluate one checkpoint, or the ensemble of several, on a test set.")
+    p = Parser(prog="evaluate.py", description="Evaluate one checkpoint, or the ensemble of several, on a test set.")
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files or run folders (their last.pt)")
-    p.add_argument("--dataset", help="evaluate on another dataset (default: the checkpoint's)")
+    p.add_argument("--dataset", choices=list(DATASETS), help="evaluate on another dataset (default: the checkpoint's)")
+    p.add_argument("--model", choices=list_models(), help="the architecture of a bare state_dict file (such as the "
+                   "notebooks saved), which records none; it is evaluated with --dataset's normalization")
     p.add_argument("--data-dir", help="folder holding the IDX files (default: search ./data and others)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--weights", choices=["auto", "raw", "ema"], default="auto",
                    help="which weights of a run trained with --ema (default: auto, EMA when present)")
-    p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size (default: 1000)")
+    p.add_argument("--batch-size", type=positive(int), default=1000, help="evaluation batch size (default: 1000)")
     p.add_argument("--out", help="folder for report.json and confusion.csv")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -97,7 +114,8 @@ def build_parser():
 def main(argv):
     args = build_parser().parse_args(argv)
     device = pick_device(args.device)
-    ckpts = [(path, load_checkpoint(path)) for path in args.checkpoints]
+    ckpts = [(path, load_checkpoint(path) if args.model is None else wrap_state_dict(path, args))
+             for path in args.checkpoints]
     name = args.dataset or ckpts[0][1]["data"]["dataset"]
     info = dataset_info(name)
     for path, ckpt in ckpts:

@@ -260,8 +260,15 @@ def print_summary(name):
     print(f"total params: {count_params(model):,}  (trainable {trainable:,})")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Reports a bad argument in one line, without the usage block, like the other scripts."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="List the registered models, or summarise one.")
+    parser = OneLineParser(prog="models.py", description="List the registered models, or summarise one.")
     parser.add_argument("--summary", metavar="NAME", help="print each layer's output shape and parameters")
     args = parser.parse_args(argv)
     if args.summary:

@@ -35,7 +35,7 @@ RESUME_MAY_CHANGE = {"epochs", "device", "data_dir", "resume", "debug", "save_ev
 
 
 def build_parser():
-    p = Parser(description="Train a model from models.py on an MNIST-style dataset.")
+    p = Parser(prog="train.py", description="Train a model from models.py on an MNIST-style dataset.")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="cnn", choices=list_models(), help="architecture (default: cnn)")
     g.add_argument("--dropout", type=non_negative(float), help="dropout probability, for models that have "
@@ -147,8 +147,20 @@ def check_args(args):
             bad(f"--{flag.replace('_', '-')} watches the validation set; add --val N (e.g. --val 5000)")
     if args.stop_val_acc is not None and args.stop_val_acc > 100:
         bad(f"--stop-val-acc is a percentage, at most 100, got {args.stop_val_acc}")
-    if args.resume and args.out:
-        bad("--resume continues in the run's own folder; drop --out")
+
+
+def find_resume(path):
+    """(checkpoint or None, run folder, saved arguments) for --resume. A run killed before its first
+    save has args.json but no last.pt: it is started over with the same arguments."""
+    args_file = os.path.join(path, "args.json")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "last.pt")) and os.path.exists(args_file):
+        try:
+            with open(args_file) as f:
+                return None, os.path.abspath(path), json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{args_file} cannot be read ({e}); start a new run instead") from None
+    ckpt = load_checkpoint(path)
+    return ckpt, os.path.dirname(os.path.abspath(checkpoint_path(path))), ckpt["args"]
 
 
 def resume_args(parser, argv, saved):
@@ -289,16 +301,20 @@ def train_one_epoch(r, batches, epoch, start, partial, args):
         loss_sum += loss * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
-        if (i + 1) % check_every == 0 or i + 1 == steps:
+        saving = r.interrupted or (args.save_every and (i + 1) % args.save_every == 0 and i + 1 < steps)
+        if saving or (i + 1) % check_every == 0 or i + 1 == steps:   # never save weights after a bad step
             if int(first_bad) >= 0:
+                last = os.path.join(r.out, "last.pt")
+                kept = (f"{last} still holds the last good state" if os.path.exists(last)
+                        else "nothing was saved")
                 raise Stop(f"the loss became {'nan' if loss.isnan() else 'inf'} at epoch {epoch}, step "
-                           f"{int(first_bad) + 1} of {steps}: training diverged and nothing of this epoch was "
-                           f"saved. Try a lower --lr (this run used {args.lr:g}) or --clip-grad 1", 1)
+                           f"{int(first_bad) + 1} of {steps}: training diverged and {kept}. "
+                           f"Try a lower --lr (this run used {args.lr:g}) or --clip-grad 1", 1)
         if r.interrupted:
             r.save(epoch - 1, i + 1, snapshot())
             raise Stop(f"interrupted at epoch {epoch}, step {i + 1} of {steps}; saved {r.out}/last.pt. "
                        f"Continue with: python train.py --resume {r.out}", 130)
-        if args.save_every and (i + 1) % args.save_every == 0 and i + 1 < steps:
+        if saving:
             r.save(epoch - 1, i + 1, snapshot())
         now = time.perf_counter()
         if r.progress and now - last_print > r.progress:
@@ -346,11 +362,13 @@ def stop_reason(row, args, stopping):
 def main(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_args(args)
-    resumed = None
+    resumed, run_dir = None, None
     if args.resume:
-        resumed = load_checkpoint(args.resume)
-        args = resume_args(parser, argv, resumed["args"])
+        if args.out:
+            raise UserError("--resume continues in the run's own folder; drop --out", 2)
+        resumed, run_dir, saved = find_resume(args.resume)
+        args = resume_args(parser, argv, saved)
+    check_args(args)
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
 
@@ -402,7 +420,7 @@ def main(argv):
 
     history, stopping, start_epoch, start_step, partial = [], {}, 1, 0, None
     if resumed:
-        r.out = os.path.dirname(os.path.abspath(checkpoint_path(args.resume)))
+        r.out = run_dir
         model.load_state_dict(resumed["state_dict"])
         r.optimizer.load_state_dict(resumed["optimizer"])
         if r.ema is not None:
@@ -420,7 +438,7 @@ def main(argv):
             return 0
         print(f"resuming {r.out} at epoch {start_epoch}, step {start_step}")
     else:
-        r.out = prepare_out(args)
+        r.out = run_dir or prepare_out(args)   # a resumed run that never saved starts over in place
         write_args(r.out, args)
         rewrite_log(r.out, [], log_columns(args))
     partial = partial or {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}

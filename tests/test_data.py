@@ -1,0 +1,182 @@
+"""Finding, parsing and validating IDX files; batches, splits, normalization and augmentation."""
+import gzip
+import os
+
+import pytest
+import torch
+
+import data
+from conftest import HAS_FASHION, SHARED, idx_bytes, write_idx_set
+from data import Augment, Batches, DataError, load_split, read_idx, split_off_val
+
+
+def test_reads_flat_and_torchvision_layouts_gz_or_not(tmp_path):
+    flat = write_idx_set(str(tmp_path / "flat"), n_train=50, n_test=20)
+    nested = write_idx_set(str(tmp_path / "root" / "MNIST" / "raw"), n_train=40, n_test=10, gz=True)
+    x, y = load_split("mnist", "train", flat)
+    assert x.shape == (50, 1, 28, 28) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    x, y = load_split("mnist", "test", str(tmp_path / "root"))
+    assert x.shape == (10, 1, 28, 28)
+    assert os.path.exists(os.path.join(nested, "t10k-images-idx3-ubyte.gz"))
+
+
+def test_explicit_data_dir_comes_first(tmp_path):
+    # The embedded MNIST is always findable; an explicit --data-dir must win over it.
+    folder = write_idx_set(str(tmp_path / "d"), n_train=33, n_test=11)
+    assert len(load_split("mnist", "train", folder)[1]) == 33
+
+
+def corrupt(folder, name, data_bytes):
+    with open(os.path.join(folder, name), "wb") as f:
+        f.write(data_bytes)
+
+
+@pytest.mark.parametrize("case,make,message", [
+    ("truncated", lambda raw: raw[:-100], "is truncated"),
+    ("trailing", lambda raw: raw + b"\0" * 7, "trailing bytes"),
+    ("magic", lambda raw: b"\0\0\x08\x01" + raw[4:], "not an IDX image file"),
+    ("tiny", lambda raw: raw[:3], "only 3 bytes"),
+    ("size", lambda raw: raw[:8] + (32).to_bytes(4, "big") + raw[12:], "32x28 images"),
+])
+def test_corrupt_image_files_give_clear_errors(tmp_path, case, make, message):
+    folder = write_idx_set(str(tmp_path / case), n_train=20, n_test=5)
+    path = os.path.join(folder, "train-images-idx3-ubyte")
+    raw = open(path, "rb").read()
+    corrupt(folder, "train-images-idx3-ubyte", make(raw))
+    with pytest.raises(DataError, match=message):
+        load_split("mnist", "train", folder)
+
+
+def test_count_mismatch_and_bad_labels(tmp_path):
+    folder = write_idx_set(str(tmp_path / "a"), n_train=20, n_test=5)
+    corrupt(folder, "train-labels-idx1-ubyte", idx_bytes(torch.zeros(19, dtype=torch.uint8), 0x801))
+    with pytest.raises(DataError, match="20 images but .* 19 labels"):
+        load_split("mnist", "train", folder)
+    corrupt(folder, "train-labels-idx1-ubyte", idx_bytes(torch.full((20,), 12, dtype=torch.uint8), 0x801))
+    with pytest.raises(DataError, match="label 12, but mnist has only 10 classes"):
+        load_split("mnist", "train", folder)
+
+
+def test_broken_gzip(tmp_path):
+    folder = str(tmp_path / "g")
+    write_idx_set(folder, n_train=20, n_test=5, gz=True)
+    path = os.path.join(folder, "train-images-idx3-ubyte.gz")
+    raw = open(path, "rb").read()
+    corrupt(folder, "train-images-idx3-ubyte.gz", raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="cannot be read.*truncated or not gzip"):
+        load_split("mnist", "train", folder)
+
+
+def test_missing_files_name_every_place_searched(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "_download", lambda info, root: "no network")
+    with pytest.raises(DataError) as err:
+        data.find_split(data.DATASETS["kmnist"], "train", str(tmp_path))
+    text = str(err.value)
+    assert "train-images-idx3-ubyte" in text and "no network" in text
+    assert os.path.join(str(tmp_path), "KMNIST", "raw") in text and os.path.join(data.HERE, "data") in text
+    with pytest.raises(DataError, match="does not exist"):
+        data.find_split(data.DATASETS["mnist"], "train", str(tmp_path / "nope"))
+
+
+def test_failed_download_leaves_no_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    problem = data._download(data.DATASETS["kmnist"], str(tmp_path / "dl"))  # offline: fails
+    if problem is None:
+        pytest.skip("this machine is online")
+    assert not os.path.exists(tmp_path / "dl")
+
+
+def test_batches_keep_the_last_batch_and_shuffle_reproducibly():
+    x = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 28, 28).contiguous()
+    y = torch.arange(10)
+    b = Batches(x, y, 4, 0.0, 1 / 255, shuffle=True, seed=3)
+    sizes = [len(yb) for _, yb in b.epoch(0)]
+    assert sizes == [4, 4, 2]
+    assert len(Batches(x, y, 4, 0.0, 1.0, drop_last=True)) == 2
+    first = torch.cat([yb for _, yb in b.epoch(0)])
+    assert sorted(first.tolist()) == list(range(10)) and first.tolist() != list(range(10))
+    assert torch.equal(first, torch.cat([yb for _, yb in b.epoch(0)]))          # same seed, same order
+    assert not torch.equal(first, torch.cat([yb for _, yb in b.epoch(1)]))      # a new order each epoch
+    resumed = torch.cat([yb for _, yb in b.epoch(0, start=1)])
+    assert torch.equal(resumed, first[4:])                                      # resume mid-epoch
+    xb, yb = next(b.epoch(0))
+    assert torch.equal(xb[:, 0, 0, 0], yb.float())   # normalization with std 1/255 gives raw pixels
+
+
+def test_ranks_split_each_global_batch():
+    x, y = torch.zeros(10, 1, 28, 28, dtype=torch.uint8), torch.arange(10)
+    whole = [yb for _, yb in Batches(x, y, 4, 0, 1, shuffle=True, seed=1).epoch(2)]
+    parts = [[yb for _, yb in Batches(x, y, 4, 0, 1, shuffle=True, seed=1, rank=r, world_size=2).epoch(2)]
+             for r in range(2)]
+    for w, a, b in zip(whole, *parts):
+        assert torch.equal(torch.cat([a, b]), w)
+
+
+def test_normalize_matches_the_formula():
+    x = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    expected = (x.float() / 255 - 0.1307) / 0.3081
+    assert torch.allclose(data.normalize(x, 0.1307, 0.3081), expected, atol=1e-5)
+
+
+def test_val_split_is_reproducible_and_disjoint():
+    x = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1)
+    y = torch.arange(100)
+    (_, tr1), (_, va1) = split_off_val(x, y, 10)
+    (_, tr2), (_, va2) = split_off_val(x, y, 10)
+    assert torch.equal(va1, va2) and len(va1) == 10 and len(tr1) == 90
+    assert not set(va1.tolist()) & set(tr1.tolist())
+
+
+def test_augment_is_seeded_and_keeps_shapes():
+    x = torch.rand(16, 1, 28, 28)
+    aug = Augment(degrees=15, translate=0.1, scale=0.1, erase=0.5, flip=True)
+    a = aug(x, torch.Generator().manual_seed(1))
+    b = aug(x, torch.Generator().manual_seed(1))
+    c = aug(x, torch.Generator().manual_seed(2))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= 0 and a.max() <= 1
+    blank = Augment(0, 0, 0, erase=1.0)(torch.ones(8, 1, 28, 28), torch.Generator().manual_seed(0))
+    erased = (blank == 0).float().mean((1, 2, 3))
+    assert ((erased > 0.01) & (erased < 0.4)).all()   # every image lost one box of 2-33 %
+
+
+def test_real_mnist_matches_its_published_facts():
+    x, y = load_split("mnist", "train")
+    assert x.shape == (60000, 1, 28, 28)
+    counts = torch.bincount(y).tolist()
+    assert counts == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    mean, std = data.pixel_stats(x)
+    assert (round(mean, 4), round(std, 4)) == (data.DATASETS["mnist"].mean, data.DATASETS["mnist"].std)
+
+
+@pytest.mark.skipif(not HAS_FASHION, reason="Fashion-MNIST not in ../shared/datasets")
+def test_fashion_statistics_match_the_data():
+    x, _ = load_split("fashion-mnist", "train", SHARED)
+    mean, std = data.pixel_stats(x)
+    info = data.DATASETS["fashion-mnist"]
+    assert (round(mean, 4), round(std, 4)) == (info.mean, info.std)
+
+
+def test_stats_cli(capsys, synth):
+    assert data.main(["--stats", "mnist", "--data-dir", synth]) == 0
+    out = capsys.readouterr().out
+    assert "[mnist train] 300 images" in out and "mean" in out and "%" in out
+
+
+def test_data_imports_without_torchvision_at_start():
+    import subprocess
+    import sys
+    code = "import sys, data; print('torchvision' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=data.HERE, capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_gzip_and_plain_give_the_same_tensor(tmp_path):
+    t = torch.randint(0, 256, (7, 28, 28), dtype=torch.uint8)
+    raw = idx_bytes(t, 0x803)
+    (tmp_path / "a").write_bytes(raw)
+    with gzip.open(tmp_path / "a.gz", "wb") as f:
+        f.write(raw)
+    assert torch.equal(read_idx(str(tmp_path / "a"), 0x803), t)
+    assert torch.equal(read_idx(str(tmp_path / "a.gz"), 0x803), t)

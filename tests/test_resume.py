@@ -1,0 +1,130 @@
+"""A run killed at any point and resumed ends bitwise equal to one that was never interrupted."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+from runlog import read_log
+
+# Dropout, augmentation with erasing, EMA and a validation split: every source of randomness.
+RECIPE = ["--model", "convnet", "--dropout", "0.3", "--augment", "--erase", "0.3", "--ema", "0.9",
+          "--epochs", "3", "--subset", "1000", "--batch-size", "50", "--val", "300",
+          "--deterministic", "--seed", "7", "--progress", "off"]
+TIMING = ("seconds", "images_per_s")
+
+
+def metrics(log_path):
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in read_log(log_path)]
+
+
+def same_weights(a, b):
+    a, b = (torch.load(os.path.join(d, "last.pt"), weights_only=True) for d in (a, b))
+    keys = ("state_dict", "ema_state_dict")
+    return all(torch.equal(a[k][n], b[k][n]) for k in keys for n in a[k]) and a["history"] == _untimed(b["history"], a)
+
+
+def _untimed(history, other):
+    """b's history with a's timings, so the comparison covers every metric at full precision."""
+    return [{**row, **{k: o[k] for k in TIMING if k in o}} for row, o in zip(history, other["history"])]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ref") / "run")
+    t0 = time.perf_counter()
+    result = run_cli(["train.py", *RECIPE, "--out", out])
+    assert result.returncode == 0, result.stderr
+    return out, time.perf_counter() - t0
+
+
+def start(out, extra=()):
+    return subprocess.Popen([sys.executable, "train.py", *RECIPE, "--out", out, *extra], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for_training(proc):
+    """Block until the header line: data and model are ready and the first step is about to run."""
+    for line in proc.stdout:
+        if "run folder" in line:
+            return
+    raise AssertionError(proc.stderr.read())
+
+
+def test_ctrl_c_saves_mid_epoch_and_resume_is_exact(reference, tmp_path):
+    out = str(tmp_path / "run")
+    proc = start(out)
+    wait_for_training(proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"Continue with: python train.py --resume {out}" in err
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["step"] > 0   # inside an epoch
+    with open(os.path.join(out, "last.pt.tmp"), "wb") as f:   # what a kill in the middle of a save leaves
+        f.write(open(os.path.join(out, "last.pt"), "rb").read()[:1000])
+    resumed = run_cli(["train.py", "--resume", out])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    assert same_weights(reference[0], out)
+    assert metrics(os.path.join(reference[0], "log.csv")) == metrics(os.path.join(out, "log.csv"))
+    assert not os.path.exists(os.path.join(out, "last.pt.tmp"))
+
+
+@pytest.mark.parametrize("seed,save_every", [(1, 4), (3, 1), (5, 9)])
+def test_sigkill_anywhere_then_resume_is_exact(reference, tmp_path, seed, save_every):
+    """Killed at a random moment (with --save-every 1, mostly while writing a checkpoint), then
+    resumed, killed again, and resumed to the end."""
+    rng = random.Random(seed)
+    out = str(tmp_path / "run")
+    extra = ["--save-every", str(save_every)]
+    proc = start(out, extra)
+    wait_for_training(proc)
+    time.sleep(rng.uniform(0.2, max(0.5, reference[1] - 3.0)))
+    proc.kill()
+    proc.wait()
+    for attempt in range(2):
+        cmd = ["train.py", "--resume", out]
+        if attempt == 0:   # a second kill, this time in the resumed run
+            proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            time.sleep(rng.uniform(2.5, 4.0))
+            proc.kill()
+            proc.wait()
+            continue
+        result = run_cli(cmd)
+        assert result.returncode == 0, result.stderr
+    assert same_weights(reference[0], out)
+    assert metrics(os.path.join(reference[0], "log.csv")) == metrics(os.path.join(out, "log.csv"))
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_kill_before_the_first_save_starts_over(reference, tmp_path):
+    out = str(tmp_path / "run")
+    proc = start(out)
+    wait_for_training(proc)
+    proc.kill()
+    proc.wait()
+    assert not os.path.exists(os.path.join(out, "last.pt"))
+    result = run_cli(["train.py", "--resume", out])
+    assert result.returncode == 0, result.stderr
+    assert same_weights(reference[0], out)
+
+
+def test_deterministic_runs_give_identical_logs(reference, tmp_path):
+    out = str(tmp_path / "again")
+    assert run_cli(["train.py", *RECIPE, "--out", out]).returncode == 0
+    assert metrics(os.path.join(reference[0], "log.csv")) == metrics(os.path.join(out, "log.csv"))
+
+
+def test_resuming_a_finished_run_says_so(reference):
+    result = run_cli(["train.py", "--resume", reference[0]])
+    assert result.returncode == 0 and "is complete" in result.stdout
+    longer = run_cli(["train.py", "--resume", reference[0], "--epochs", "3"])
+    assert longer.returncode == 0
