@@ -278,10 +278,12 @@ def main(argv=None):
             return 2
         print_summary(args.summary)
         return 0
-    print(f"| {'name':<10} | {'params':>9} | description |")
-    print(f"|{'-' * 12}|{'-' * 11}|-------------|")
-    for name in list_models():
-        print(f"| `{name}`{' ' * (8 - len(name))} | {count_params(get_model(name)):>9,} | {describe(name)} |")
+    names = [f"`{name}`" for name in list_models()]
+    width = max(len(n) for n in names)
+    print(f"| {'name':<{width}} | {'params':>9} | description |")
+    print(f"|{'-' * (width + 2)}|{'-' * 11}|-------------|")
+    for label, name in zip(names, list_models()):
+        print(f"| {label:<{width}} | {count_params(get_model(name)):>9,} | {describe(name)} |")
     return 0
 
 

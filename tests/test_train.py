@@ -1,0 +1,193 @@
+"""Training learns, its outputs describe themselves, and every recipe flag does what it says."""
+import json
+import os
+import re
+
+import pytest
+import torch
+
+import train
+from common import build_model, load_checkpoint
+from conftest import run_cli, run_script
+from runlog import read_log
+
+QUICK = ["--epochs", "2", "--batch-size", "50", "--progress", "off"]
+
+
+@pytest.fixture(scope="module")
+def mnist_run(tmp_path_factory):
+    """A real MNIST run of a few hundred steps: 300 steps of 128 images, tested on all 10,000."""
+    out = str(tmp_path_factory.mktemp("mnist") / "run")
+    result = run_cli(["train.py", "--model", "cnn", "--epochs", "1", "--subset", "38400", "--out", out])
+    assert result.returncode == 0, result.stderr
+    return out, result.stdout
+
+
+def test_a_short_real_run_learns(mnist_run):
+    out, stdout = mnist_run
+    rows = read_log(os.path.join(out, "log.csv"))
+    assert len(rows) == 1 and float(rows[0]["test_acc"]) >= 95.0
+    assert "10,000 test images" in stdout
+    assert f"checkpoint {out}/last.pt" in stdout
+
+
+def test_evaluate_prints_the_same_accuracy(mnist_run, tmp_path):
+    out, stdout = mnist_run
+    trained = re.search(r"done: test accuracy ([\d.]+) %", stdout).group(1)
+    result = run_cli(["evaluate.py", os.path.join(out, "last.pt"), "--out", str(tmp_path / "rep")])
+    assert result.returncode == 0, result.stderr
+    assert f"accuracy {trained} %" in result.stdout
+    assert "precision" in result.stdout and "true \\ predicted" in result.stdout
+    report = json.load(open(tmp_path / "rep" / "report.json"))
+    assert f"{next(iter(report['results'].values()))['accuracy']:.2f}" == trained
+    rows = open(tmp_path / "rep" / "confusion.csv").read().splitlines()
+    assert len(rows) == 11 and sum(int(v) for r in rows[1:] for v in r.split(",")[1:]) == 10000
+
+
+def test_checkpoint_describes_itself(mnist_run):
+    ckpt = torch.load(os.path.join(mnist_run[0], "last.pt"), weights_only=True)   # plain types only
+    assert ckpt["model"] == {"name": "cnn", "kwargs": {"in_channels": 1, "num_classes": 10}}
+    assert ckpt["data"]["dataset"] == "mnist" and ckpt["data"]["mean"] == 0.1307
+    assert ckpt["data"]["classes"] == list("0123456789")
+    assert ckpt["epoch"] == 1 and ckpt["args"]["model"] == "cnn" and "optimizer" in ckpt and "rng" in ckpt
+    assert ckpt["metrics"]["test_acc"] == ckpt["history"][-1]["test_acc"]
+    model, which = build_model(load_checkpoint(mnist_run[0]))
+    assert which == "raw" and isinstance(model, torch.nn.Module)
+    assert json.load(open(os.path.join(mnist_run[0], "args.json")))["model"] == "cnn"
+
+
+def test_bare_state_dict_evaluates_with_model_flag(mnist_run, tmp_path):
+    ckpt = torch.load(os.path.join(mnist_run[0], "last.pt"), weights_only=True)
+    torch.save(ckpt["state_dict"], tmp_path / "weights.pth")   # as the notebooks saved their models
+    result = run_cli(["evaluate.py", str(tmp_path / "weights.pth"), "--model", "cnn"])
+    assert result.returncode == 0, result.stderr
+    assert f"accuracy {ckpt['metrics']['test_acc']:.2f} %" in result.stdout
+
+
+def log_of(out):
+    return read_log(os.path.join(out, "log.csv"))
+
+
+def train_synth(capsys, synth, tmp_path, *flags):
+    out = str(tmp_path / "run")
+    code, stdout, err = run_script("train", ["--data-dir", synth, "--out", out, *QUICK, *flags], capsys)
+    assert code == 0, err
+    return out, stdout
+
+
+@pytest.mark.parametrize("flags", [
+    ["--optimizer", "sgd", "--nesterov", "--weight-decay", "5e-4", "--scheduler", "step", "--step-size", "1"],
+    ["--optimizer", "adamw", "--weight-decay", "0.01", "--scheduler", "onecycle"],
+    ["--optimizer", "radam", "--weight-decay", "0.01", "--scheduler", "exp", "--gamma", "0.9"],
+    ["--optimizer", "adadelta", "--scheduler", "none"],
+    ["--optimizer", "adam", "--warmup", "0.5", "--clip-grad", "1.0", "--label-smoothing", "0.1"],
+    ["--model", "convnet", "--dropout", "0.5", "--l1", "1e-4", "--l2", "1e-4", "--norm", "raw"],
+    ["--model", "tiny", "--augment", "--erase", "0.5", "--ema", "0.9", "--norm", "mnist"],
+    ["--model", "lenet5", "--amp", "bf16", "--channels-last", "off", "--drop-last"],
+])
+def test_recipes_run_and_learn(capsys, synth, tmp_path, flags):
+    out, stdout = train_synth(capsys, synth, tmp_path, *flags)
+    rows = log_of(out)
+    assert len(rows) == 2
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]) or float(rows[-1]["test_acc"]) > 50
+
+
+def test_lr_schedules_have_their_shapes():
+    from types import SimpleNamespace
+    a = SimpleNamespace(scheduler="exp", gamma=0.9, step_size=2, warmup=0)
+    assert train.lr_factor(0, 10, 50, a) == 1 and train.lr_factor(25, 10, 50, a) == pytest.approx(0.81)
+    a.scheduler = "step"
+    assert [train.lr_factor(s, 10, 50, a) for s in (0, 19, 20, 45)] == pytest.approx([1, 1, 0.9, 0.81])
+    a.scheduler = "cosine"
+    assert train.lr_factor(25, 10, 50, a) == pytest.approx(0.5)
+    a.scheduler = "onecycle"
+    f = [train.lr_factor(s, 10, 100, a) for s in range(100)]
+    assert f[0] == pytest.approx(0.04) and max(f) == pytest.approx(1, abs=1e-3) and f[-1] < 1e-3
+    a.scheduler, a.warmup = "none", 2
+    assert train.lr_factor(4, 10, 50, a) == pytest.approx(0.25) and train.lr_factor(30, 10, 50, a) == 1
+
+
+def test_l1_l2_penalties_match_their_formulas():
+    from types import SimpleNamespace
+    model = torch.nn.Linear(3, 2)
+    expected = 0.1 * sum(p.abs().sum() for p in model.parameters()) + 0.01 * sum(
+        (p ** 2).sum() for p in model.parameters())
+    assert train.penalty(model, SimpleNamespace(l1=0.1, l2=0.01)).item() == pytest.approx(expected.item())
+
+
+def test_eval_untrained_logs_epoch_zero(capsys, synth, tmp_path):
+    out, stdout = train_synth(capsys, synth, tmp_path, "--eval-untrained")
+    rows = log_of(out)
+    assert rows[0]["epoch"] == "0" and rows[0]["train_loss"] == "" and 0 <= float(rows[0]["test_acc"]) <= 100
+    assert "untrained" in stdout
+
+
+def test_stop_on_training_loss(capsys, synth, tmp_path):
+    out, stdout = train_synth(capsys, synth, tmp_path, "--epochs", "20", "--stop-loss", "1.5")
+    assert "stopping after epoch" in stdout and "fell below --stop-loss 1.5" in stdout
+    assert len(log_of(out)) < 20
+
+
+def test_stop_on_validation_accuracy_and_best_checkpoint(capsys, synth, tmp_path):
+    out, stdout = train_synth(capsys, synth, tmp_path, "--epochs", "20", "--val", "60", "--stop-val-acc", "60")
+    assert "reached --stop-val-acc 60" in stdout
+    best = torch.load(os.path.join(out, "best.pt"), weights_only=True)
+    rows = log_of(out)
+    assert best["metrics"]["val_acc"] == pytest.approx(max(float(r["val_acc"]) for r in rows), abs=1e-3)
+
+
+def test_patience_counts_epochs_without_a_lower_validation_loss():
+    from types import SimpleNamespace
+    args = SimpleNamespace(stop_loss=None, stop_val_acc=None, patience=2, ema=0)
+    state, reasons = {}, []
+    for epoch, loss in enumerate([1.0, 0.8, 0.9, 0.7, 0.75, 0.71], 1):
+        reasons.append(train.stop_reason({"epoch": epoch, "train_loss": 1, "val_loss": loss, "val_acc": 50},
+                                         args, state))
+    assert reasons[:5] == [None] * 5
+    assert reasons[5] == "validation loss has not improved for 2 epochs (best 0.7000 at epoch 4)"
+
+
+def test_patience_stops_a_run_that_overfits(capsys, tmp_path):
+    # Labels that have nothing to do with the images: the net memorizes and validation loss rises.
+    from conftest import write_idx_set
+    noise = write_idx_set(str(tmp_path / "noise"), n_train=300, n_test=50,
+                          images=torch.randint(0, 256, (300, 28, 28)), labels=torch.randint(0, 10, (300,)))
+    out, stdout = train_synth(capsys, noise, tmp_path, "--epochs", "40", "--val", "100", "--patience", "3")
+    assert "has not improved for 3 epochs" in stdout and len(log_of(out)) < 40
+
+
+def test_ema_is_logged_and_saved(capsys, synth, tmp_path):
+    out, stdout = train_synth(capsys, synth, tmp_path, "--ema", "0.5")
+    assert "EMA test" in stdout and "ema_test_acc" in log_of(out)[0]
+    ckpt = load_checkpoint(out)
+    assert build_model(ckpt)[1] == "ema" and build_model(ckpt, "raw")[1] == "raw"
+    assert not all(torch.equal(ckpt["state_dict"][k], ckpt["ema_state_dict"][k]) for k in ckpt["state_dict"])
+
+
+def test_divergence_stops_with_advice_and_keeps_the_last_good_checkpoint(capsys, synth, tmp_path):
+    out = str(tmp_path / "run")
+    args = ["--data-dir", synth, "--out", out, "--progress", "off", "--optimizer", "sgd", "--scheduler", "none"]
+    assert run_script("train", [*args, "--epochs", "1", "--lr", "0.01"], capsys)[0] == 0
+    before = open(os.path.join(out, "last.pt"), "rb").read()
+    code, _, err = run_script("train", ["--resume", out, "--epochs", "3", "--lr", "1e4"], capsys)
+    assert code == 2 and "--lr" in err    # a changed lr is refused on resume...
+    code, _, err = run_script("train", [*args, "--epochs", "2", "--lr", "1e4", "--overwrite"], capsys)
+    assert code == 1 and re.search(r"loss became (nan|inf) at epoch 1, step \d+ of \d+", err)
+    assert "Try a lower --lr (this run used 10000)" in err and "nothing was saved" in err
+    assert not os.path.exists(os.path.join(out, "last.pt"))
+    assert before   # ...and the good run was replaced only because --overwrite asked for it
+
+
+def test_divergence_after_a_good_epoch_keeps_it(capsys, synth, tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    calls = {"n": 0}
+    real = train.F.cross_entropy
+
+    def poisoned(*a, **k):   # finite for the first epoch (6 steps), then nan
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] > 6 else loss
+    monkeypatch.setattr(train.F, "cross_entropy", poisoned)
+    code, _, err = run_script("train", ["--data-dir", synth, "--out", out, *QUICK], capsys)
+    assert code == 1 and "at epoch 2, step 1 of 6" in err and "still holds the last good state" in err
+    assert load_checkpoint(out)["epoch"] == 1 and len(log_of(out)) == 1
