@@ -192,3 +192,12 @@ def test_errors_from_a_real_process_have_no_traceback(files):
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     debug = run_cli(["train.py", "--resume", files.cut, "--debug"])
     assert "Traceback" in debug.stderr and debug.returncode == 1
+
+
+def test_the_malicious_pickle_really_runs_code_when_loaded_unsafely(tmp_path):
+    """Control for the 'malicious' cases above: unpickled without weights_only, it makes the marker."""
+    marker, path = str(tmp_path / "PWNED"), str(tmp_path / "evil.pt")
+    with open(path, "wb") as fh:
+        pickle.dump({"payload": Evil(marker)}, fh)
+    torch.load(path, weights_only=False)
+    assert os.path.exists(marker)
