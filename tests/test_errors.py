@@ -1,7 +1,6 @@
 """Bad input is normal input: each case gives one clear line on stderr, the right exit code
 (2: the command line is wrong, 1: a file or the run is), no traceback, and no change on disk."""
 import os
-import pickle
 import types
 
 import pytest
@@ -21,6 +20,11 @@ class Evil:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
+
+
+def write_malicious_checkpoint(path, marker):
+    """A checkpoint as torch.save writes it, shaped like ours, with a payload that makes `marker`."""
+    torch.save({"format": "mnist-toolkit-checkpoint", "version": 1, "payload": Evil(marker)}, path)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +75,7 @@ def files(tmp_path_factory):
     torch.save(ckpt["state_dict"], f.bare)
     f.marker = str(tmp / "PWNED")
     f.evil = str(tmp / "evil.pt")
-    with open(f.evil, "wb") as fh:
-        pickle.dump({"format": "mnist-toolkit-checkpoint", "payload": Evil(f.marker)}, fh)
+    write_malicious_checkpoint(f.evil, f.marker)
     f.file = str(tmp / "a-file")
     rewrite(str(tmp), "a-file", b"x")
     return f
@@ -197,7 +200,7 @@ def test_errors_from_a_real_process_have_no_traceback(files):
 def test_the_malicious_pickle_really_runs_code_when_loaded_unsafely(tmp_path):
     """Control for the 'malicious' cases above: unpickled without weights_only, it makes the marker."""
     marker, path = str(tmp_path / "PWNED"), str(tmp_path / "evil.pt")
-    with open(path, "wb") as fh:
-        pickle.dump({"payload": Evil(marker)}, fh)
+    write_malicious_checkpoint(path, marker)
+    assert not os.path.exists(marker)
     torch.load(path, weights_only=False)
     assert os.path.exists(marker)
