@@ -48,11 +48,11 @@ def run(main, argv=None):
         sys.stderr = open(os.devnull, "w")
         return 0
     except Exception as e:
-        message, code = _describe(e)
+        error, (message, code) = e, _describe(e)   # `e` itself is unbound when the except block ends
     except KeyboardInterrupt as e:
-        message, code = "interrupted", 130
+        error, message, code = e, "interrupted", 130
     if "--debug" in argv or os.environ.get("MNIST_DEBUG", "") not in ("", "0"):
-        traceback.print_exception(e)
+        traceback.print_exception(error)
     print(f"{prog}: error: {message}", file=sys.stderr)
     return code
 
