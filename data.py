@@ -211,12 +211,13 @@ class Augment:
     scale: float = 0.1
     erase: float = 0.0     # probability of erasing one random rectangle per image
     flip: bool = False
+    DRAWS = 10             # uniforms drawn per image, in order: Batches skips other ranks' draws
 
     def __call__(self, x, gen):
         """Augment a float batch [B, 1, H, W] on 0..1. Random numbers come from the CPU generator
         `gen` (small per-image tensors), so a seed gives the same batches on every device."""
         b, dev = len(x), x.device
-        u = torch.rand(b, 10, generator=gen).to(dev, non_blocking=True) * 2 - 1  # uniform in [-1, 1)
+        u = torch.rand(b, self.DRAWS, generator=gen).to(dev, non_blocking=True) * 2 - 1  # uniform in [-1, 1)
         if self.degrees or self.translate or self.scale:
             angle = u[:, 0] * math.radians(self.degrees)
             scale = 1 + u[:, 1] * self.scale
@@ -255,6 +256,10 @@ class Batches:
     `epoch(e, start=k)` yields the batches of epoch e from batch k on. The shuffle and the
     augmentation are seeded from (seed, epoch, batch), so any batch can be rebuilt exactly on
     resume, and every DDP rank draws the same permutation before taking its own slice.
+
+    With world_size > 1, `batch_size` is the global batch: rank r takes its share of each batch
+    (shares differ by at most one image), so the ranks together cover each image once per epoch,
+    and each image gets the augmentation it would get in one process.
     """
 
     def __init__(self, images, labels, batch_size, mean, std, shuffle=False, seed=0, augment=None,
@@ -267,7 +272,15 @@ class Batches:
 
     def __len__(self):
         n = len(self.labels)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        # Every DDP rank must take the same number of steps, and each needs an image: a last batch
+        # smaller than world_size is dropped (fewer than world_size images an epoch).
+        if self.drop_last or 0 < n % self.batch_size < self.world_size:
+            return n // self.batch_size
+        return math.ceil(n / self.batch_size)
+
+    def global_len(self, i):
+        """Images in batch i over all ranks together."""
+        return min((i + 1) * self.batch_size, len(self.labels)) - i * self.batch_size
 
     def epoch(self, epoch=0, start=0):
         n = len(self.labels)
@@ -278,13 +291,17 @@ class Batches:
         aug_gen = torch.Generator()
         for i in range(start, len(self)):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
+            before = 0   # images of this batch on lower ranks
             if self.world_size > 1:   # this rank's share of the global batch
                 span = hi - lo
-                lo, hi = lo + span * self.rank // self.world_size, lo + span * (self.rank + 1) // self.world_size
+                before = span * self.rank // self.world_size
+                lo, hi = lo + before, lo + span * (self.rank + 1) // self.world_size
             idx = order[lo:hi] if order is not None else slice(lo, hi)
             x, y = self.images[idx], self.labels[idx]
             if self.augment is not None:
                 aug_gen.manual_seed((self.seed * 100_003 + epoch) * 1_000_003 + i)
+                if before:   # skip the lower ranks' draws (the CPU generator draws in sequence)
+                    torch.rand(before, self.augment.DRAWS, generator=aug_gen)
                 x = self.augment(x.float().div_(255), aug_gen)
                 x = (x - self.mean) / self.std
             else:

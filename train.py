@@ -6,6 +6,9 @@
 
 Writes DIR/log.csv (a row per epoch), DIR/args.json, DIR/last.pt after every epoch, and
 DIR/best.pt (by validation accuracy) when --val is set. DIR is --out, or runs/<dataset>-<model>-<time>.
+Under torchrun it trains with DDP, --batch-size being the global batch (see distributed.py):
+
+    torchrun --standalone --nproc_per_node=4 train.py --model cnn --batch-size 512
 """
 import argparse
 import json
@@ -21,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from common import (Parser, UserError, checkpoint_path, load_checkpoint, make_checkpoint, non_negative, pick_device,
-                    positive, rng_state, run, save_atomic, set_rng_state)
+import distributed
+from common import (Parser, UserError, checkpoint_path, load_checkpoint, make_checkpoint, non_negative, positive,
+                    rng_state, save_atomic)
 from data import DATASETS, Augment, Batches, dataset_info, load_split, normalization, split_off_val
 from evaluate import predict_logits, score
 from models import count_params, get_model, list_models, model_options
@@ -265,8 +269,15 @@ def train_one_epoch(r, batches, epoch, start, partial, args):
     t0 = last_print = time.perf_counter()
     penalized = args.l1 or args.l2
 
+    def totals():   # (loss sum, correct, seen) of the epoch so far, over all ranks
+        if r.dist is None:
+            return loss_sum.item(), int(correct.item()), seen
+        total_loss, total_correct, total_seen = distributed.sum_all(r.dist, device, loss_sum, correct, seen)
+        return total_loss, int(total_correct), int(total_seen)
+
     def snapshot():
-        return {"loss_sum": loss_sum.item(), "correct": int(correct.item()), "seen": seen,
+        total_loss, total_correct, total_seen = totals()
+        return {"loss_sum": total_loss, "correct": total_correct, "seen": total_seen,
                 "seconds": seconds + time.perf_counter() - t0}
 
     lr = args.lr
@@ -279,13 +290,16 @@ def train_one_epoch(r, batches, epoch, start, partial, args):
             loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
         if penalized:
             loss = loss + penalty(r.model, args)
+        # DDP averages the ranks' gradients; weighting each rank's mean by its share of the global batch
+        # makes that average the gradient of the global batch's mean loss, even when shares differ.
+        grad_loss = loss if r.dist is None else loss * (len(y) * r.dist.size / batches.global_len(i))
         r.optimizer.zero_grad(set_to_none=True)
         if r.scaler:
-            r.scaler.scale(loss).backward()
+            r.scaler.scale(grad_loss).backward()
             if args.clip_grad:
                 r.scaler.unscale_(r.optimizer)
         else:
-            loss.backward()
+            grad_loss.backward()
         if args.clip_grad:
             torch.nn.utils.clip_grad_norm_(r.model.parameters(), args.clip_grad)
         if r.scaler:
@@ -301,8 +315,15 @@ def train_one_epoch(r, batches, epoch, start, partial, args):
         loss_sum += loss * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
-        saving = r.interrupted or (args.save_every and (i + 1) % args.save_every == 0 and i + 1 < steps)
-        if saving or (i + 1) % check_every == 0 or i + 1 == steps:   # never save weights after a bad step
+        periodic = args.save_every and (i + 1) % args.save_every == 0 and i + 1 < steps
+        check = periodic or (i + 1) % check_every == 0 or i + 1 == steps
+        interrupted = r.interrupted
+        if r.dist is not None:   # all ranks check at the same steps and act on what any of them saw
+            interrupted = False
+            if check:
+                first_bad, interrupted = distributed.agree(r.dist, first_bad, r.interrupted)
+        saving = interrupted or periodic
+        if saving or check:   # never save weights after a bad step
             if int(first_bad) >= 0:
                 last = os.path.join(r.out, "last.pt")
                 kept = (f"{last} still holds the last good state" if os.path.exists(last)
@@ -310,10 +331,10 @@ def train_one_epoch(r, batches, epoch, start, partial, args):
                 raise Stop(f"the loss became {'nan' if loss.isnan() else 'inf'} at epoch {epoch}, step "
                            f"{int(first_bad) + 1} of {steps}: training diverged and {kept}. "
                            f"Try a lower --lr (this run used {args.lr:g}) or --clip-grad 1", 1)
-        if r.interrupted:
+        if interrupted:
             r.save(epoch - 1, i + 1, snapshot())
             raise Stop(f"interrupted at epoch {epoch}, step {i + 1} of {steps}; saved {r.out}/last.pt. "
-                       f"Continue with: python train.py --resume {r.out}", 130)
+                       f"Continue with: {distributed.command(r.dist)} train.py --resume {r.out}", 130)
         if saving:
             r.save(epoch - 1, i + 1, snapshot())
         now = time.perf_counter()
@@ -325,7 +346,8 @@ def train_one_epoch(r, batches, epoch, start, partial, args):
     if r.progress and r.progress < 1:
         print(" " * 72, end="\r")
     elapsed = time.perf_counter() - t0
-    return {"train_loss": loss_sum.item() / max(seen, 1), "train_acc": 100.0 * correct.item() / max(seen, 1),
+    loss_total, correct_total, seen = totals()
+    return {"train_loss": loss_total / max(seen, 1), "train_acc": 100.0 * correct_total / max(seen, 1),
             "lr": lr, "seconds": seconds + elapsed, "images_per_s": (seen - partial["seen"]) / max(elapsed, 1e-9)}
 
 
@@ -335,7 +357,10 @@ def evaluate_row(r, splits, norm):
     models = [("", r.model)] + ([("ema_", r.ema.module)] if r.ema is not None else [])
     for prefix, model in models:
         for split, (x, y) in splits.items():
-            if len(y):
+            if len(y) and r.dist is not None:   # each rank scores a slice; the sums are all-reduced
+                row[f"{prefix}{split}_loss"], row[f"{prefix}{split}_acc"] = distributed.evaluate(
+                    r.dist, model, x, y, norm, channels_last=r.channels_last, autocast=r.autocast)
+            elif len(y):
                 logits = predict_logits(model, x, *norm, channels_last=r.channels_last, autocast=r.autocast)
                 row[f"{prefix}{split}_loss"], row[f"{prefix}{split}_acc"] = score(logits, y)
     return row
@@ -360,19 +385,21 @@ def stop_reason(row, args, stopping):
 
 
 def main(argv):
+    world = distributed.current()   # None unless torchrun started this process
     parser = build_parser()
     args = parser.parse_args(argv)
     resumed, run_dir = None, None
     if args.resume:
         if args.out:
             raise UserError("--resume continues in the run's own folder; drop --out", 2)
-        resumed, run_dir, saved = find_resume(args.resume)
+        resumed, run_dir, saved = distributed.on_rank0(world, find_resume, args.resume)
         args = resume_args(parser, argv, saved)
     check_args(args)
+    distributed.check_args(world, args)
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
 
-    device = pick_device(args.device)
+    device = distributed.pick_device(args.device, world)
     torch.manual_seed(args.seed)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -384,6 +411,7 @@ def main(argv):
 
     # Data: whole splits as uint8 on the device.
     info = dataset_info(args.dataset)
+    distributed.fetch_data(world, args.dataset, args.data_dir)
     images, labels = load_split(args.dataset, "train", args.data_dir, device)
     if args.val >= len(labels):
         raise UserError(f"--val {args.val} leaves nothing to train on: the training set has {len(labels):,} images", 2)
@@ -395,7 +423,8 @@ def main(argv):
     norm = {"dataset": normalization(args.dataset, args.data_dir), "mnist": normalization("mnist"),
             "unit": (0.0, 1.0), "raw": (0.0, 1 / 255)}[args.norm]
     batches = Batches(images, labels, args.batch_size, *norm, shuffle=True, seed=args.seed,
-                      augment=build_augment(args, info), drop_last=args.drop_last, channels_last=channels_last)
+                      augment=build_augment(args, info), drop_last=args.drop_last, channels_last=channels_last,
+                      rank=world.rank if world else 0, world_size=world.size if world else 1)
     if len(batches) == 0:
         raise UserError(f"--batch-size {args.batch_size} with --drop-last leaves no batch of "
                         f"{len(labels):,} training images", 2)
@@ -415,7 +444,7 @@ def main(argv):
         ema=AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None,
         autocast=torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext(),
         scaler=torch.amp.GradScaler(device.type) if args.amp == "fp16" else None,
-        interrupted=False, out=None, save=None,
+        interrupted=False, out=None, save=None, dist=world,
         progress={"on": 0.5, "off": 0, "auto": 0.5 if sys.stdout.isatty() else 30}[args.progress])
 
     history, stopping, start_epoch, start_step, partial = [], {}, 1, 0, None
@@ -428,28 +457,40 @@ def main(argv):
             r.ema.n_averaged.fill_(resumed["ema_steps"])
         if r.scaler is not None and resumed.get("scaler"):
             r.scaler.load_state_dict(resumed["scaler"])
-        set_rng_state(resumed["rng"], device)
+        distributed.restore_rng(world, resumed, device)
         history, stopping = resumed["history"], resumed["stopping"]
         start_epoch, start_step, partial = resumed["epoch"] + 1, resumed["step"], resumed["partial_epoch"]
-        rewrite_log(r.out, history, log_columns(args))   # the checkpoint is the record; drop unsaved rows
+        if world and world.rank:   # the saved partial sums are global: count them once, on rank 0
+            partial = None
+        # the checkpoint is the record; drop unsaved rows
+        distributed.on_rank0(world, rewrite_log, r.out, history, log_columns(args))
         if stopping.get("stopped") or start_epoch > args.epochs:
             why = stopping.get("stopped") or f"it finished epoch {resumed['epoch']} of {args.epochs}"
             print(f"{r.out} is complete ({why}); pass a larger --epochs to train further")
             return 0
         print(f"resuming {r.out} at epoch {start_epoch}, step {start_step}")
     else:
-        r.out = run_dir or prepare_out(args)   # a resumed run that never saved starts over in place
-        write_args(r.out, args)
-        rewrite_log(r.out, [], log_columns(args))
+        def start_folder():
+            out = run_dir or prepare_out(args)   # a resumed run that never saved starts over in place
+            write_args(out, args)
+            rewrite_log(out, [], log_columns(args))
+            return out
+        r.out = distributed.on_rank0(world, start_folder)   # rank 0 decides; every rank learns the outcome
+        distributed.seed_rank(world, args.seed)
     partial = partial or {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
 
     def save(epoch_done, step, partial_state, name="last.pt"):
-        extra = {"stopping": stopping, "rng": rng_state(device),
-                 "scaler": r.scaler.state_dict() if r.scaler else None}
-        if r.ema is not None:
-            extra.update(ema_state_dict=r.ema.module.state_dict(), ema_steps=int(r.ema.n_averaged))
-        ckpt = make_checkpoint(model, r.optimizer, args, info, norm, history, epoch_done, step, partial_state, extra)
-        save_atomic(ckpt, os.path.join(r.out, name))
+        rngs = distributed.gather(world, rng_state(device))   # each rank's dropout stream
+
+        def write():
+            extra = {"stopping": stopping, "rng": rngs[0], "scaler": r.scaler.state_dict() if r.scaler else None}
+            if world:
+                extra["rng_ranks"] = rngs
+            if r.ema is not None:
+                extra.update(ema_state_dict=r.ema.module.state_dict(), ema_steps=int(r.ema.n_averaged))
+            ckpt = make_checkpoint(model, r.optimizer, args, info, norm, history, epoch_done, step, partial_state, extra)
+            save_atomic(ckpt, os.path.join(r.out, name))
+        distributed.on_rank0(world, write)   # only rank 0 writes; a failed write stops every rank
     r.save = save
 
     def on_sigint(signum, frame):
@@ -459,13 +500,17 @@ def main(argv):
         print("\nCtrl-C: saving at the end of this step (press again to quit now)", file=sys.stderr, flush=True)
 
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    if world:   # torchrun passes Ctrl-C on as SIGINT, and a scheduler stops jobs with SIGTERM
+        previous_term = signal.signal(signal.SIGTERM, on_sigint)
+        r.step_model = distributed.ready(world, model, device, args.compile)
     print(f"{args.model} ({count_params(model):,} parameters) on {args.dataset}: {len(labels):,} train, "
-          f"{len(val_labels):,} val, {len(test_labels):,} test images; {device}; run folder {r.out}")
+          f"{len(val_labels):,} val, {len(test_labels):,} test images; {device}{distributed.describe(world)}; "
+          f"run folder {r.out}")
     columns, best_key = log_columns(args), "ema_val_acc" if args.ema else "val_acc"
     try:
         if args.eval_untrained and not history:
             history.append({"epoch": 0, **evaluate_row(r, splits, norm)})
-            append_row(r.out, history[-1], columns)
+            distributed.on_rank0(world, append_row, r.out, history[-1], columns)
             print(epoch_line(history[-1], args))
         for epoch in range(start_epoch, args.epochs + 1):
             row = {"epoch": epoch, **train_one_epoch(r, batches, epoch, start_step, partial, args)}
@@ -479,7 +524,7 @@ def main(argv):
                 stopping["best_val_acc"] = row[best_key]
                 save(epoch, 0, None, "best.pt")   # before last.pt: a crash between them redoes this epoch
             save(epoch, 0, None)
-            append_row(r.out, row, columns)
+            distributed.on_rank0(world, append_row, r.out, row, columns)
             print(epoch_line(row, args))
             if reason:
                 print(f"stopping after epoch {epoch}: {reason}")
@@ -489,6 +534,8 @@ def main(argv):
         return stop.code
     finally:
         signal.signal(signal.SIGINT, previous_handler)
+        if world:
+            signal.signal(signal.SIGTERM, previous_term)
     last = history[-1]
     ema = f" (EMA weights {last['ema_test_acc']:.2f} %)" if args.ema else ""
     print(f"done: test accuracy {last['test_acc']:.2f} %{ema} after epoch {last['epoch']}; "
@@ -497,4 +544,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(distributed.launch(main))   # common.run(main), or DDP under torchrun

@@ -1,0 +1,301 @@
+"""Several processes under torchrun, one per GPU (or per CPU slot): train.py's distributed mode.
+
+    torchrun --standalone --nproc_per_node=4 train.py --model cnn --batch-size 512 --lr 4e-3
+    torchrun --nnodes=2 --node-rank=0 --nproc_per_node=8 --rdzv-backend c10d \\
+             --rdzv-endpoint host0:29500 train.py --batch-size 2048      # the same on host1, --node-rank=1
+
+train.py runs through launch(main): without torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE) that
+is exactly common.run(main). Under torchrun, every rank runs the same script on the same arguments;
+rank 0 alone prints and writes files, and the ranks exchange what they need at fixed points:
+
+- setup: the ranks meet in exchange() after each step that can fail on one of them (a missing file
+  on one node, a run folder rank 0 refuses). A rank that fails joins the next exchange with its
+  error instead, so the others stop at once with rank 0 printing one message; nobody waits on a
+  rank that is gone.
+- training: DDP averages the gradients; the divergence and Ctrl-C/SIGTERM flags are all-reduced at
+  the same steps on every rank, metric sums are all-reduced, and evaluation is sharded.
+"""
+import datetime
+import functools
+import gc
+import io
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from common import UserError, _describe, pick_device as pick_one_device, run, set_rng_state
+from data import dataset_info, find_split
+from evaluate import predict_logits
+
+# How long a rank waits in a collective before giving up: long enough for another rank to download
+# a dataset, short enough that a rank stuck without an error message does not hold a GPU for hours.
+TIMEOUT = datetime.timedelta(minutes=10)
+
+
+@dataclass
+class World:
+    rank: int
+    local_rank: int
+    size: int
+    local_size: int
+    training: bool = False   # past setup: a failing rank can no longer meet the others in an exchange
+    shared: bool = False     # this rank's failure is known to every rank; rank 0 reports it
+    local_error: bool = False
+
+
+class Agreed(UserError):
+    """An error raised on every rank at the same point; rank 0 prints it, the others stay quiet."""
+
+
+_WORLD = None
+
+
+def current():
+    """The World of this process under torchrun, or None in a plain single-process run."""
+    return _WORLD
+
+
+def from_env():
+    if not all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return None
+    size = int(os.environ["WORLD_SIZE"])
+    return World(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), size,
+                 int(os.environ.get("LOCAL_WORLD_SIZE", size)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch: join the group, let rank 0 speak, leave the group whatever happens
+# ---------------------------------------------------------------------------------------------
+
+def launch(main, argv=None):
+    """common.run(main), in distributed mode when torchrun started this process."""
+    global _WORLD
+    world = from_env()
+    if world is None:
+        return run(main, argv)
+    argv = sys.argv[1:] if argv is None else argv
+    prog = os.path.basename(sys.argv[0])
+    debug = "--debug" in argv or os.environ.get("MNIST_DEBUG", "") not in ("", "0")
+    stdout, stderr = sys.stdout, sys.stderr
+    if world.rank:   # the others' stderr is kept, and shown only for a failure rank 0 cannot know of
+        sys.stdout = open(os.devnull, "w")
+        if not debug:
+            sys.stderr = io.StringIO()
+    try:
+        # One group, two transports: gloo for CPU tensors (and the exchanges, which pickle objects on
+        # the CPU), NCCL for CUDA tensors when this machine has GPUs.
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+        try:
+            dist.init_process_group(backend, timeout=TIMEOUT)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            print(f"{prog}: error: rank {world.rank} could not join the other processes ({first}); "
+                  f"check that every node reaches torchrun's --rdzv-endpoint", file=stderr)
+            return 1
+        _WORLD = world
+
+        @functools.wraps(main)
+        def guarded(argv):
+            try:
+                return main(argv)
+            except KeyboardInterrupt:   # torchrun is stopping every rank; there is no one to tell
+                raise
+            except BaseException as e:   # SystemExit too: argparse errors happen on every rank alike
+                if isinstance(e, Agreed) or world.shared:
+                    raise
+                if not world.training:   # the others wait in an exchange: meet them with the error
+                    try:
+                        exchange(world, failure=_failure(e))
+                        world.shared = True
+                    except Exception:
+                        pass
+                    raise
+                world.local_error = True
+                if isinstance(e, dist.DistError) or "by peer" in str(e):
+                    raise UserError("lost contact with another process, which probably failed: see its "
+                                    "message above and torchrun's report") from None
+                raise
+
+        code = run(guarded, argv)
+        if world.rank and world.local_error and isinstance(sys.stderr, io.StringIO):
+            text = sys.stderr.getvalue()
+            stderr.write("".join(f"[rank {world.rank}] {line}\n" for line in text.splitlines()))
+        return code
+    finally:
+        _WORLD = None
+        if dist.is_initialized():
+            # Free the DDP wrapper (held in a reference cycle by train.py's closures) while the group is
+            # alive: gloo threads torn down at interpreter exit abort the process ("terminate called").
+            gc.collect()
+            dist.destroy_process_group()
+        sys.stdout, sys.stderr = stdout, stderr
+
+
+def _failure(e):
+    """(message, exit code) of an exception, to send to the other ranks."""
+    if isinstance(e, SystemExit):
+        return None, e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    return _describe(e)
+
+
+def exchange(world, payload=None, failure=None):
+    """Every rank's payload, once all ranks got here. If any rank arrived with a failure, every rank
+    that did not fail raises Agreed with the first failing rank's message (the failing rank raises its
+    own error after this returns)."""
+    gathered = [None] * world.size
+    dist.all_gather_object(gathered, (failure, payload))
+    failed = [(rank, f) for rank, (f, _) in enumerate(gathered) if f is not None]
+    if failed and failure is None:
+        rank, (message, code) = failed[0]
+        world.shared = True
+        raise Agreed(f"rank {rank}: {message}" if message else f"rank {rank} stopped with exit code {code}", code)
+    return [p for _, p in gathered]
+
+
+def on_rank0(world, fn, *args):
+    """fn(*args) on rank 0 only, its result handed to every rank; an error in it stops every rank.
+    Without a world (one process) it is just fn(*args)."""
+    if world is None:
+        return fn(*args)
+    exchange(world)   # nobody failed before the work starts
+    if world.rank:
+        return exchange(world)[0]
+    try:
+        result = fn(*args)
+    except Exception as e:
+        exchange(world, failure=_describe(e))
+        world.shared = True
+        raise
+    return exchange(world, result)[0]
+
+
+def gather(world, value):
+    """Every rank's value, in rank order; [value] in one process."""
+    return [value] if world is None else exchange(world, value)
+
+
+def ready(world, model, device, compile_model):
+    """End of setup: meet once more, then wrap the model in DDP (and torch.compile over it, which lets
+    DDP's graph breaks overlap communication). The module itself stays what is saved and evaluated."""
+    exchange(world)
+    world.training = True
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(ddp) if compile_model else ddp
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup: arguments, device, data, random numbers
+# ---------------------------------------------------------------------------------------------
+
+def check_args(world, args):
+    if world and args.batch_size % world.size:
+        lower = max(world.size, args.batch_size - args.batch_size % world.size)
+        raise UserError(f"--batch-size {args.batch_size} is the global batch and must split evenly over the "
+                        f"{world.size} processes; use a multiple of {world.size}, e.g. {lower}", 2)
+
+
+def pick_device(name, world):
+    """The device of this rank: cuda:LOCAL_RANK for CUDA, the CPU for the CPU."""
+    device = pick_one_device(name)
+    if world is None:
+        return device
+    if device.type == "mps":
+        raise UserError("distributed training runs on CUDA GPUs (NCCL) or the CPU (gloo), not on MPS; "
+                        "pass --device cpu, or train in one process with --device mps", 2)
+    if device.type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise UserError(f"torchrun started {world.local_size} processes on this node, but it has "
+                            f"{torch.cuda.device_count()} CUDA device(s); use --nproc_per_node="
+                            f"{torch.cuda.device_count()}", 2)
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def fetch_data(world, name, data_dir):
+    """One process per node finds (or downloads) the files first, so that two ranks never download
+    into the same folder at once; the others then read what it found."""
+    if world is None:
+        return
+    if world.local_rank == 0:
+        info = dataset_info(name)
+        for split in ("train", "test"):
+            find_split(info, split, data_dir)
+    exchange(world)
+
+
+def seed_rank(world, seed, salt=0):
+    """Give ranks above 0 their own dropout stream (rank 0 keeps the one-process stream); without it,
+    every rank would draw the same masks."""
+    if world and world.rank:
+        torch.manual_seed((seed * 1_000_003 + salt) * 1_009 + world.rank)
+
+
+def restore_rng(world, ckpt, device):
+    """Each rank's saved RNG state. A checkpoint saved with another number of ranks (or by one
+    process) has no state for the extra ranks: they start a fresh stream, so dropout masks differ
+    from an uninterrupted run from there on."""
+    states = ckpt.get("rng_ranks")
+    if world and states and len(states) == world.size:
+        set_rng_state(states[world.rank], device)
+    else:
+        set_rng_state(ckpt["rng"], device)
+        seed_rank(world, ckpt["args"]["seed"], salt=ckpt["epoch"] * 1_000_003 + ckpt["step"] + 1)
+
+
+def describe(world):
+    if world is None:
+        return ""
+    return f" x {world.size} processes ({dist.get_backend()})"
+
+
+def command(world):
+    """How to start this run again, for the resume hint."""
+    if world is None:
+        return "python"
+    if world.local_size == world.size:
+        return f"torchrun --standalone --nproc_per_node={world.size}"
+    return "torchrun (with the same --nnodes, --nproc_per_node and --rdzv-* options)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation: the same decisions on every rank, global figures everywhere
+# ---------------------------------------------------------------------------------------------
+
+def agree(world, first_bad, interrupted):
+    """(first non-finite step on any rank, or -1; whether any rank was interrupted). Every rank calls
+    this at the same steps, so one rank's NaN or Ctrl-C stops all of them together."""
+    never = torch.iinfo(torch.int64).max
+    flags = torch.stack([torch.where(first_bad >= 0, first_bad, never).to(torch.int64),
+                         torch.tensor(-1 if interrupted else 0, device=first_bad.device)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return torch.where(flags[0] == never, -1, flags[0]), bool(flags[1] < 0)
+
+
+def sum_all(world, device, *values):
+    """The sums over all ranks of a few numbers (floats, ints or one-element tensors), as floats."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def evaluate(world, model, images, labels, norm, channels_last=False, autocast=None):
+    """(mean loss, accuracy %) of the model on a split, each rank scoring one slice. The per-image
+    losses and the correct counts are summed over the ranks and divided by the split's size, so the
+    accuracy is exactly that of one process scoring the same weights."""
+    # BatchNorm's running statistics move on each rank's own batches; use rank 0's, which are saved.
+    for buffer in model.buffers():
+        dist.broadcast(buffer, 0)
+    n = len(labels)
+    lo, hi = n * world.rank // world.size, n * (world.rank + 1) // world.size
+    sums = [0.0, 0]
+    if hi > lo:
+        logits = predict_logits(model, images[lo:hi], *norm, channels_last=channels_last, autocast=autocast)
+        sums = [F.cross_entropy(logits, labels[lo:hi], reduction="sum"), (logits.argmax(1) == labels[lo:hi]).sum()]
+    loss_sum, correct = sum_all(world, labels.device, *sums)
+    return loss_sum / n, 100.0 * int(correct) / n
