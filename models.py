@@ -225,6 +225,32 @@ class Tiny(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# Models of this toolkit
+# ---------------------------------------------------------------------------------------------
+
+@register("fast")
+class Fast(nn.Module):
+    """Built for time to accuracy on a CPU: convs of 8 and 16 maps, FC 64, no BatchNorm (52k)."""
+
+    def __init__(self, in_channels=1, num_classes=10):
+        super().__init__()
+        # Measured on a 2-core CPU: a 1-channel 28x28 input makes the first conv memory-bound, so it
+        # stays narrow and pools at once; BatchNorm at full resolution cost more time than it saved
+        # in epochs, and one 5x5 conv beat two 3x3 ones at equal accuracy.
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 8, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),  # 28 -> 14
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),           # 14 -> 7
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),  # (B, 16, 7, 7) -> (B, 784)
+            nn.Linear(16 * 7 * 7, 64), nn.ReLU(inplace=True), nn.Linear(64, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 

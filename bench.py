@@ -1,0 +1,265 @@
+"""Measure the speed of the toolkit, side by side with the notebooks' way, in one run.
+
+    python bench.py                          # the four measurements below, as a table
+    python bench.py --json bench.json        # the same, plus the figures in a file
+    python bench.py --skip strong --seeds 3  # leave out the 99.4 % recipe, fewer seeds
+
+1. throughput: images/s of one training loop (train.py's) fed three ways: torchvision
+   Dataset + DataLoader with per-sample ToTensor/Normalize (the notebooks' way), our on-device
+   batches, and batches staged in advance (the limit). Same model, batch size and optimizer.
+2. overhead: our step time against the staged one.
+3. time to accuracy: whole-process wall time of the README's speed commands, over seeds.
+4. evaluation: images/s on the test set, and the whole `python evaluate.py CKPT` process.
+
+Every timing is the median of several repeats; this machine is shared and noisy.
+"""
+import itertools
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import torch
+
+from common import Parser, UserError, pick_device, positive, run, write_text_atomic
+from data import Batches, dataset_info, load_split
+from evaluate import predict_logits
+from models import get_model, list_models
+from train import DEFAULT_LR, build_optimizer, build_parser, train_one_epoch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# The README's speed commands; bench.py adds --seed, --out and --progress off.
+RECIPES = {
+    "fast": "python train.py --model fast --epochs 2 --batch-size 256 --scheduler onecycle --lr 1e-2 "
+            "--label-smoothing 0.1",
+    "strong": "python train.py --model cnn --epochs 4 --batch-size 256 --scheduler onecycle --lr 4e-3 "
+              "--label-smoothing 0.1",
+}
+TARGETS = {"fast": (99.0, 10.0), "strong": (99.4, 45.0)}   # (mean accuracy %, median wall s) on a 2-core CPU
+
+
+class Feed:
+    """`steps` batches drawn from `source()` as the loop runs, behind the interface train_one_epoch
+    expects of Batches, so the pipeline's own work is on the clock."""
+
+    def __init__(self, source, steps):
+        self.source, self.steps = source, steps
+
+    def __len__(self):
+        return self.steps
+
+    def epoch(self, epoch=0, start=0):
+        return itertools.islice(self.source(), start, self.steps)
+
+
+class NotebookMNIST(torch.utils.data.Dataset):
+    """What torchvision.datasets.MNIST does per item: a PIL image through the transforms.
+
+    Built on the tensors already loaded, so it needs no download and reads the same files."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images.cpu(), labels.cpu(), transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.images[i, 0].numpy(), mode="L")), int(self.labels[i])
+
+
+def notebook_loader(images, labels, batch_size, mean, std, seed, workers):
+    from torchvision import transforms
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
+    return torch.utils.data.DataLoader(NotebookMNIST(images, labels, tf), batch_size=batch_size, shuffle=True,
+                                       num_workers=workers, generator=torch.Generator().manual_seed(seed))
+
+
+def time_loop(model_name, make_feed, args, device, channels_last, steps):
+    """Seconds for `steps` steps of train.py's training loop, after two warm-up steps."""
+    torch.manual_seed(0)
+    model = get_model(model_name).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    r = SimpleNamespace(model=model, step_model=model, device=device, optimizer=build_optimizer(model, args),
+                        channels_last=channels_last, ema=None, autocast=nullcontext(), scaler=None,
+                        interrupted=False, out=None, save=None, progress=0, dist=None)
+    for feed in (make_feed(2), make_feed(steps)):
+        row = train_one_epoch(r, feed, 1, 0, {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}, args)
+    return row["seconds"]   # train_one_epoch reads the loss back at its end, which waits for the device
+
+
+def bench_pipelines(opts, device, report):
+    """Sections 1 and 2: one loop, four feeds, repeats interleaved so slow spells hit every feed."""
+    images, labels = load_split("mnist", "train", opts.data_dir, device)
+    info = dataset_info("mnist")
+    args = build_parser().parse_args(["--model", opts.model, "--batch-size", str(opts.batch_size),
+                                      "--scheduler", "none"])
+    args.lr = DEFAULT_LR[args.optimizer]
+    cl = device.type == "cpu"   # what train.py's --channels-last auto picks here without --amp
+    ours = Batches(images, labels, opts.batch_size, info.mean, info.std, shuffle=True, seed=0, channels_last=cl)
+    staged = list(itertools.islice(ours.epoch(1), opts.steps))   # made before the clock starts
+    loader = notebook_loader(images, labels, opts.batch_size, info.mean, info.std, 0, opts.workers)
+
+    def from_loader(memory_format):
+        return ((x.to(device, memory_format=memory_format), y.to(device)) for x, y in loader)
+
+    feeds = {   # name: (source of batches, channels_last model)
+        "DataLoader (notebooks)": (lambda: from_loader(torch.contiguous_format), False),
+        "DataLoader + channels_last": (lambda: from_loader(torch.channels_last), True),
+        "ours": (lambda: ours.epoch(0), cl),
+        "staged in advance": (lambda: iter(staged), cl),
+    }
+    if not cl:
+        del feeds["DataLoader + channels_last"]
+    times = {name: [] for name in feeds}
+    for _ in range(opts.repeats):
+        for name, (source, channels_last) in feeds.items():
+            times[name].append(time_loop(opts.model, lambda n: Feed(source, n), args, device, channels_last,
+                                         opts.steps))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    report["throughput"] = {name: opts.steps * opts.batch_size / s for name, s in med.items()}
+    report["throughput_ratio"] = med["DataLoader (notebooks)"] / med["ours"]
+    report["overhead_pct"] = 100 * (med["ours"] / med["staged in advance"] - 1)
+
+
+def run_recipe(command, seed, out, device, quick=False):
+    """Whole-process wall time and final test accuracy of one README command."""
+    argv = command.split()[1:] + ["--seed", str(seed), "--out", out, "--overwrite", "--progress", "off"]
+    argv += ["--device", device] + (["--subset", "1000", "--epochs", "1"] if quick else [])
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    found = re.search(r"test accuracy ([0-9.]+) %", proc.stdout)
+    if proc.returncode or not found:
+        raise UserError(f"{' '.join(argv)} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    return wall, float(found.group(1))
+
+
+def bench_recipes(opts, report, tmp):
+    """Section 3: each recipe over seeds; the machine's start-up costs are part of the figure."""
+    report["recipes"] = {}
+    for name, command in RECIPES.items():
+        if name in opts.skip:
+            continue
+        walls, accs = [], []
+        for seed in range(opts.seeds):
+            wall, acc = run_recipe(command, seed, os.path.join(tmp, f"{name}-{seed}"), opts.device, opts.quick)
+            walls.append(wall)
+            accs.append(acc)
+            print(f"  {name} seed {seed}: {acc:.2f} % in {wall:.1f} s", flush=True)
+        report["recipes"][name] = {"command": command, "seeds": opts.seeds, "wall_s": walls, "acc": accs,
+                                   "median_wall_s": statistics.median(walls), "mean_acc": statistics.mean(accs),
+                                   "min_acc": min(accs)}
+
+
+def bench_evaluation(opts, device, report, tmp):
+    """Section 4: in-process images/s on the test set, and the whole evaluate.py process on a cnn."""
+    images, _ = load_split("mnist", "test", opts.data_dir, device)
+    info = dataset_info("mnist")
+    model = get_model(opts.model).to(device)
+    cl = device.type == "cpu"
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    seconds = []
+    for _ in range(opts.repeats + 1):
+        t0 = time.perf_counter()
+        predict_logits(model, images, info.mean, info.std, channels_last=cl).sum().item()
+        seconds.append(time.perf_counter() - t0)
+    report["eval_images_per_s"] = len(images) / statistics.median(seconds[1:])
+    # A real checkpoint to evaluate: a few steps of training are enough, the work is the same.
+    run_dir = os.path.join(tmp, "eval-ckpt")
+    subprocess.run([sys.executable, "train.py", "--model", opts.model, "--epochs", "1", "--subset", "2000",
+                    "--out", run_dir, "--progress", "off"], cwd=ROOT, check=True, capture_output=True)
+    walls = []
+    for _ in range(opts.repeats):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "evaluate.py", os.path.join(run_dir, "last.pt")], cwd=ROOT, check=True,
+                       capture_output=True)
+        walls.append(time.perf_counter() - t0)
+    report["evaluate_process_s"] = statistics.median(walls)
+
+
+def print_table(report, opts):
+    print(f"\n{report['machine']}; torch {report['torch']}; {opts.model}, batch {opts.batch_size}, "
+          f"{opts.steps} steps, median of {opts.repeats}")
+    rows = []
+    if "throughput" in report:
+        for name, ips in report["throughput"].items():
+            rows.append((f"train images/s, {name}", f"{ips:,.0f}", ""))
+        rows.append(("ours / DataLoader (notebooks)", f"{report['throughput_ratio']:.2f}x", ">= 1.5x"))
+        rows.append(("overhead of ours vs staged", f"{report['overhead_pct']:+.1f} %", "<= 5 %"))
+    for name, r in report.get("recipes", {}).items():
+        acc, wall = TARGETS[name]
+        rows.append((f"{name}: median wall time, {r['seeds']} seeds", f"{r['median_wall_s']:.1f} s", f"<= {wall:g} s"))
+        rows.append((f"{name}: mean (min) test accuracy", f"{r['mean_acc']:.2f} ({r['min_acc']:.2f}) %",
+                     f">= {acc:g} %"))
+    if "eval_images_per_s" in report:
+        rows.append(("evaluation images/s (10k test set)", f"{report['eval_images_per_s']:,.0f}", ""))
+        rows.append((f"python evaluate.py CKPT ({opts.model}), whole process", f"{report['evaluate_process_s']:.1f} s",
+                     "<= 5 s"))
+    width = max(len(r[0]) for r in rows)
+    print(f"| {'measure':<{width}} | {'value':>16} | target (2-core CPU) |")
+    print(f"|{'-' * (width + 2)}|{'-' * 18}|---------------------|")
+    for name, value, target in rows:
+        print(f"| {name:<{width}} | {value:>16} | {target:<19} |")
+    for name, r in report.get("recipes", {}).items():
+        print(f"{name}: {r['command']}")
+
+
+def machine():
+    import platform
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def main(argv):
+    p = Parser(prog="bench.py", description="Measure training, data-pipeline and evaluation speed.")
+    p.add_argument("--model", default="cnn", choices=list_models(), help="model for sections 1, 2, 4 (default: cnn)")
+    p.add_argument("--batch-size", type=positive(int), default=128, help="(default: 128)")
+    p.add_argument("--steps", type=positive(int), default=100, help="timed steps per repeat (default: 100)")
+    p.add_argument("--repeats", type=positive(int), default=5, help="repeats; medians are reported (default: 5)")
+    p.add_argument("--seeds", type=positive(int), default=5, help="seeds per speed recipe (default: 5)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers, as the notebooks (default: 0)")
+    p.add_argument("--skip", nargs="+", default=[], choices=["pipelines", "evaluation", *RECIPES],
+                   help="sections or recipes to leave out")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--data-dir", help="folder holding the MNIST IDX files (default: search ./data and others)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
+    p.add_argument("--quick", action="store_true", help="run the recipes on 1,000 images for 1 epoch: checks "
+                   "that everything runs; the figures mean nothing")
+    opts = p.parse_args(argv)
+    device = pick_device(opts.device)
+    report = {"machine": machine() if device.type == "cpu" else str(torch.cuda.get_device_name(device)
+                                                                    if device.type == "cuda" else device),
+              "torch": torch.__version__, "device": str(device), "options": vars(opts)}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        if "pipelines" not in opts.skip:
+            print("timing the training loop on four feeds ...", flush=True)
+            bench_pipelines(opts, device, report)
+        if any(name not in opts.skip for name in RECIPES):
+            print("timing the speed recipes as whole processes ...", flush=True)
+            bench_recipes(opts, report, tmp)
+        if "evaluation" not in opts.skip:
+            print("timing evaluation ...", flush=True)
+            bench_evaluation(opts, device, report, tmp)
+    print_table(report, opts)
+    if opts.json:
+        write_text_atomic(json.dumps(report, indent=1) + "\n", opts.json)
+        print(f"wrote {opts.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

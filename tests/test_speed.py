@@ -1,0 +1,101 @@
+"""The fast path computes what a plain loop computes, and bench.py runs. No timing is asserted here:
+speed claims live in bench.py."""
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from conftest import run_cli, run_script
+from models import get_model
+
+
+def reference_batches(folder, batch_size, seed, mean, std):
+    """The training batches of train.py's first epoch, built the notebooks' way: torchvision's
+    per-sample ToTensor and Normalize on PIL images, stacked by a DataLoader."""
+    from torchvision import transforms
+
+    from bench import NotebookMNIST
+    from data import Batches, load_split, split_off_val
+    # train.py's training set is what split_off_val keeps (all of it when --val is 0, reordered).
+    (images, labels), _ = split_off_val(*load_split("mnist", "train", folder), 0)
+    # Batches with each image's index as its label yields the shuffled order, whatever the formula.
+    order = torch.cat([i for _, i in Batches(images, torch.arange(len(labels)), batch_size, mean, std,
+                                             shuffle=True, seed=seed).epoch(0)])
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
+    dataset = torch.utils.data.Subset(NotebookMNIST(images, labels, tf), order.tolist())
+    return list(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False))
+
+
+def test_fast_path_matches_plain_loop(synth, tmp_path, capsys):
+    """Same seed, same batches: train.py (on-device data, channels_last, no per-step sync) and a plain
+    DataLoader loop give the same batch losses and the same weights, within float tolerance."""
+    out = str(tmp_path / "run")
+    code, _, err = run_script("train", ["--model", "fast", "--optimizer", "sgd", "--lr", "0.05", "--scheduler",
+                                        "none", "--epochs", "1", "--batch-size", "64", "--seed", "3",
+                                        "--channels-last", "on", "--data-dir", synth, "--out", out,
+                                        "--progress", "off"], capsys)
+    assert code == 0, err
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    mean, std = ckpt["data"]["mean"], ckpt["data"]["std"]
+
+    torch.manual_seed(3)   # train.py seeds the same way before building the model
+    model = get_model("fast")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)   # train.py's default momentum
+    losses, seen = [], 0
+    for x, y in reference_batches(synth, 64, 3, mean, std):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item() * len(y))
+        seen += len(y)
+    assert seen == 300 and len(losses) == 5
+    assert abs(sum(losses) / seen - ckpt["history"][-1]["train_loss"]) < 1e-5
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(ckpt["state_dict"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_on_device_batch_equals_torchvision_transform(synth):
+    """One batch, compared tensor for tensor, in both memory formats."""
+    from data import Batches, load_split, split_off_val
+    (images, labels), _ = split_off_val(*load_split("mnist", "train", synth), 0)
+    expected_x, expected_y = reference_batches(synth, 100, 0, 0.1307, 0.3081)[0]
+    for channels_last in (False, True):
+        x, y = next(Batches(images, labels, 100, 0.1307, 0.3081, shuffle=True, seed=0,
+                            channels_last=channels_last).epoch(0))
+        torch.testing.assert_close(x, expected_x, rtol=0, atol=1e-6)
+        assert torch.equal(y, expected_y)
+
+
+def test_amp_bf16_trains_and_saves_float32(synth, tmp_path, capsys):
+    out = str(tmp_path / "amp")
+    code, stdout, err = run_script("train", ["--model", "fast", "--amp", "bf16", "--epochs", "2", "--lr", "1e-2",
+                                             "--data-dir", synth, "--out", out, "--progress", "off"], capsys)
+    assert code == 0, err
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert ckpt["history"][-1]["test_acc"] > 80   # the bars are easy; bf16 must still learn them
+
+
+def test_compile_saves_the_plain_module(synth, tmp_path):
+    """torch.compile wraps the model; the checkpoint must still load into get_model's module."""
+    out = str(tmp_path / "compiled")
+    proc = run_cli(["train.py", "--model", "fast", "--compile", "--epochs", "1", "--batch-size", "100",
+                    "--data-dir", synth, "--out", out, "--progress", "off"])
+    assert proc.returncode == 0, proc.stderr
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in ckpt["state_dict"])
+    get_model("fast").load_state_dict(ckpt["state_dict"])
+    proc = run_cli(["evaluate.py", os.path.join(out, "last.pt"), "--data-dir", synth])
+    assert proc.returncode == 0 and f"{ckpt['history'][-1]['test_acc']:.2f} %" in proc.stdout, proc.stdout
+
+
+def test_bench_runs_and_writes_json(tmp_path):
+    """A few steps of every section, so the benchmark cannot rot; its figures are not checked here."""
+    report = str(tmp_path / "bench.json")
+    proc = run_cli(["bench.py", "--steps", "2", "--repeats", "1", "--seeds", "1", "--quick", "--json", report])
+    assert proc.returncode == 0, proc.stderr
+    figures = json.load(open(report))
+    assert figures["throughput_ratio"] > 0 and set(figures["recipes"]) == {"fast", "strong"}
+    assert "| ours / DataLoader (notebooks)" in proc.stdout
