@@ -35,6 +35,23 @@ def predict_logits(model, images, mean, std, batch_size=1000, channels_last=Fals
     return torch.cat(outs) if outs else torch.zeros(0, 0, device=images.device)
 
 
+def tta_views(images, flips):
+    """The test-time views of uint8 images [N, 1, H, W]: as they are, shifted one pixel each way
+    (zeros come in at the edge), and, where mirror images keep their class, mirrored."""
+    padded = F.pad(images, (1, 1, 1, 1))
+    h, w = images.shape[-2:]
+    views = [images] + [padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))]
+    if flips:
+        views.append(images.flip(-1))
+    return views
+
+
+def predict_probs(model, images, mean, std, batch_size=1000, tta=False, flips=False):
+    """Softmax probabilities, averaged over the test-time views when `tta` is set."""
+    views = tta_views(images, flips) if tta else [images]
+    return torch.stack([predict_logits(model, v.contiguous(), mean, std, batch_size).softmax(1) for v in views]).mean(0)
+
+
 def score(logits, labels):
     """(mean cross-entropy, accuracy in %) of logits against labels."""
     loss = F.cross_entropy(logits, labels).item()
@@ -106,6 +123,8 @@ def build_parser():
     p.add_argument("--weights", choices=["auto", "raw", "ema"], default="auto",
                    help="which weights of a run trained with --ema (default: auto, EMA when present)")
     p.add_argument("--batch-size", type=positive(int), default=1000, help="evaluation batch size (default: 1000)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average the softmax over the image "
+                   "shifted one pixel each way (and mirrored, for datasets where that keeps the class)")
     p.add_argument("--out", help="folder for report.json and confusion.csv")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -127,22 +146,60 @@ def main(argv):
     for path, ckpt in ckpts:
         model, which = build_model(ckpt, args.weights, path)
         model.to(device)
-        logits = predict_logits(model, images, ckpt["data"]["mean"], ckpt["data"]["std"], args.batch_size)
-        label = f"{path} ({ckpt['model']['name']}, {which} weights)"
-        results[path] = report(label, logits, labels, info.classes)
-        probs.append(logits.softmax(1))
+        p = predict_probs(model, images, ckpt["data"]["mean"], ckpt["data"]["std"], args.batch_size, args.tta, info.flips)
+        label = f"{path} ({ckpt['model']['name']}, {which} weights{', TTA' if args.tta else ''})"
+        results[path] = report(label, p.clamp_min(1e-12).log(), labels, info.classes)
+        probs.append(p)
     if len(ckpts) > 1:
         mean_probs = torch.stack(probs).mean(0)
         results["ensemble"] = report(f"ensemble of {len(ckpts)}", mean_probs.clamp_min(1e-12).log(), labels, info.classes)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         final = results["ensemble"] if len(ckpts) > 1 else results[ckpts[0][0]]
-        write_text_atomic(json.dumps({"dataset": name, "results": results}, indent=1), os.path.join(args.out, "report.json"))
-        csv = "true\\predicted," + ",".join(info.classes) + "\n" + "".join(
-            f"{c}," + ",".join(map(str, row)) + "\n" for c, row in zip(info.classes, final["confusion"]))
-        write_text_atomic(csv, os.path.join(args.out, "confusion.csv"))
-        print(f"wrote {os.path.join(args.out, 'report.json')} and confusion.csv")
+        write_outputs(args.out, name, results, final, images, labels, torch.stack(probs).mean(0), ckpts)
     return 0
+
+
+def write_outputs(out, name, results, final, images, labels, probs, ckpts):
+    """report.json, confusion.csv and the pictures of plots.py, into the folder `out`."""
+    import plots
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out {out} ({e.strerror}); choose a writable folder") from None
+    classes = dataset_info(name).classes
+    write_text_atomic(json.dumps({"dataset": name, "results": results}, indent=1), os.path.join(out, "report.json"))
+    csv = "true\\predicted," + ",".join(classes) + "\n" + "".join(
+        f"{c}," + ",".join(map(str, row)) + "\n" for c, row in zip(classes, final["confusion"]))
+    write_text_atomic(csv, os.path.join(out, "confusion.csv"))
+    written = ["report.json", "confusion.csv"]
+    written += [os.path.basename(p) for p in plots.prediction_grids(images, labels, probs, classes, out)]
+    if not plots.have_matplotlib():
+        print("skipped confusion.png and curves.png: they need matplotlib (pip install matplotlib)")
+    else:
+        title = f"{'ensemble of ' + str(len(ckpts)) if len(ckpts) > 1 else ckpts[0][1]['model']['name']} on {name}: " \
+                f"{final['accuracy']:.2f} %"
+        plots.confusion_png(torch.tensor(final["confusion"]), classes, os.path.join(out, "confusion.png"), title)
+        written.append("confusion.png")
+        rows = run_history(*ckpts[0])
+        if len(ckpts) > 1:
+            print("skipped curves.png: it draws one run, and several checkpoints were given")
+        elif rows:
+            plots.curves_png(rows, os.path.join(out, "curves.png"), f"{ckpts[0][0]}")
+            written.append("curves.png")
+    print(f"wrote {', '.join(written)} in {out}")
+
+
+def run_history(path, ckpt):
+    """The epoch rows of the run: its log.csv when it sits beside the checkpoint, else the history
+    the checkpoint carries (the same rows, up to the epoch it was saved at)."""
+    from runlog import read_log
+    log = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path(path))), "log.csv")
+    if os.path.exists(log):
+        try:
+            return read_log(log)
+        except (OSError, ValueError):
+            pass
+    return ckpt.get("history") or []
 
 
 if __name__ == "__main__":
