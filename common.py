@@ -237,16 +237,24 @@ def set_rng_state(state, device):
         torch.mps.set_rng_state(state["mps"])
 
 
+MODEL_OPTIONS = ("dropout", "width", "depth")   # train.py flags that become model keyword arguments
+
+
+def model_kwargs(args, num_classes):
+    """Keyword arguments for get_model: the data's shape, and the model options given on the command line.
+    A saved run may predate an option; getattr treats it as not given."""
+    kwargs = {"in_channels": 1, "num_classes": num_classes}
+    kwargs.update({k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k, None) is not None})
+    return kwargs
+
+
 def make_checkpoint(model, optimizer, args, info, norm, history, epoch, step, partial, extra):
     """Everything to rebuild the model and to resume the run exactly, in plain types only, so that
     torch.load(weights_only=True) opens it. `epoch` epochs are complete, plus `step` steps of the
     next one (a Ctrl-C or --save-every save), whose running sums are in `partial`."""
-    kwargs = {"in_channels": 1, "num_classes": len(info.classes)}
-    if args.dropout is not None:
-        kwargs["dropout"] = args.dropout
     return {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "torch_version": str(torch.__version__),
-        "model": {"name": args.model, "kwargs": kwargs},
+        "model": {"name": args.model, "kwargs": model_kwargs(args, len(info.classes))},
         "state_dict": model.state_dict(),
         "data": {"dataset": info.name, "mean": norm[0], "std": norm[1], "classes": list(info.classes),
                  "input_shape": [1, 28, 28]},

@@ -250,6 +250,62 @@ class Fast(nn.Module):
         return self.classifier(self.features(x))
 
 
+@register("vgg")
+class VGG(nn.Module):
+    """VGG-style: three stages of two 3x3 conv-BN-ReLU (w, 2w, 4w maps), global average pool."""
+
+    def __init__(self, in_channels=1, num_classes=10, width=32, dropout=0.0):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            conv_bn(in_channels, w), conv_bn(w, w), nn.MaxPool2d(2),             # 28 -> 14
+            conv_bn(w, 2 * w), conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),           # 14 -> 7
+            conv_bn(2 * w, 4 * w), conv_bn(4 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),                               # (B, 4w, 7, 7) -> (B, 4w)
+        )
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(4 * w, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class PreActBlock(nn.Module):
+    """BN-ReLU-conv twice, added to the input (He et al. 2016, 'Identity mappings'); a 1x1 conv
+    carries the input across a change of width or stride."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(x))
+        skip = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        return self.conv2(torch.relu(self.bn2(out))) + skip
+
+
+@register("resnet")
+class ResNet(nn.Module):
+    """Pre-activation ResNet: `depth` blocks at each of 28, 14 and 7 px (w, 2w, 4w maps), average pool."""
+
+    def __init__(self, in_channels=1, num_classes=10, width=32, depth=2, dropout=0.0):
+        super().__init__()
+        w, layers = width, []
+        for stage, (cin, cout) in enumerate([(w, w), (w, 2 * w), (2 * w, 4 * w)]):
+            for block in range(depth):
+                layers.append(PreActBlock(cin if block == 0 else cout, cout, 2 if stage and not block else 1))
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1, bias=False), *layers,               # 28 -> 14 -> 7
+            nn.BatchNorm2d(4 * w), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # -> (B, 4w)
+        )
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(4 * w, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------

@@ -75,8 +75,9 @@ def run_one(flags, seed, out, opts):
         argv += ["--data-dir", opts.data_dir]
     if opts.quick:   # argparse keeps the last value, so these override the recipe's own
         argv += ["--subset", "512", "--epochs", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads)) if opts.threads else None
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode:
         last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -106,8 +107,9 @@ def cell(runs):
 
 
 def table(results, machine_name):
-    lines = [f"Machine: {machine_name}. Accuracy: final-epoch test accuracy, mean ± std over seeds; "
-             "time: median wall time of one whole `train.py` process.", "",
+    threads = sorted({r.get("threads", "?") for runs in results.values() for r in runs}, key=str)
+    lines = [f"Machine: {machine_name}; {'/'.join(map(str, threads))} CPU thread(s) per run. Accuracy: final-epoch "
+             "test accuracy, mean ± std over seeds; time: median wall time of one whole `train.py` process.", "",
              "| row | model | dataset | recipe | notebook reported | notebook replayed | time | ours | time | target |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for rid, model, dataset, recipe, reported, target, _, ours_flags in ROWS:
@@ -139,6 +141,8 @@ def main(argv):
                    "RESULTS/quick; checks that every command runs")
     p.add_argument("--device", default="auto", help="passed to train.py (default: auto)")
     p.add_argument("--data-dir", help="passed to train.py (default: train.py's search)")
+    p.add_argument("--threads", type=positive(int), help="CPU threads per run (OMP_NUM_THREADS), recorded with "
+                   "each run; e.g. 1 to leave the other cores free (default: torch's own choice)")
     p.add_argument("--table", action="store_true", help="only rebuild the table from the recorded runs")
     opts = p.parse_args(argv)
     unknown = [r for r in opts.rows if r not in ROW_IDS]
@@ -165,7 +169,8 @@ def main(argv):
                     print(f"{key} seed {seed}: {acc:.2f} % after {epochs} epochs, {wall:.0f} s", flush=True)
                     runs = [r for r in results.get(key, []) if r["seed"] != seed]
                     results[key] = runs + [{"seed": seed, "acc": acc, "wall_s": round(wall, 1), "epochs": epochs,
-                                            "flags": flags, "machine": machine(), "torch": torch.__version__}]
+                                            "flags": flags, "machine": machine(), "torch": torch.__version__,
+                                            "threads": opts.threads or torch.get_num_threads()}]
                     write_text_atomic(json.dumps(results, indent=1) + "\n", path)
     md = table(results, machine())
     write_text_atomic(md, os.path.join(folder, "reproduce.md"))

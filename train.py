@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import distributed
-from common import (Parser, UserError, checkpoint_path, load_checkpoint, make_checkpoint, non_negative, positive,
-                    rng_state, save_atomic)
+from common import (MODEL_OPTIONS, Parser, UserError, checkpoint_path, load_checkpoint, make_checkpoint, model_kwargs,
+                    non_negative, positive, rng_state, save_atomic)
 from data import DATASETS, Augment, Batches, dataset_info, load_split, normalization, split_off_val
 from evaluate import predict_logits, score
 from models import count_params, get_model, list_models, model_options
@@ -44,6 +44,9 @@ def build_parser():
     g.add_argument("--model", default="cnn", choices=list_models(), help="architecture (default: cnn)")
     g.add_argument("--dropout", type=non_negative(float), help="dropout probability, for models that have "
                    "dropout (default: the model's own)")
+    g.add_argument("--width", type=positive(int), help="maps in the first stage, for vgg and resnet (default: "
+                   "the model's own)")
+    g.add_argument("--depth", type=positive(int), help="blocks per stage, for resnet (default: the model's own)")
     g.add_argument("--dataset", default="mnist", choices=list(DATASETS), help="(default: mnist)")
     g.add_argument("--data-dir", help="folder holding the IDX files, flat or as <Name>/raw/ "
                    "(default: search ./data, then download)")
@@ -135,12 +138,12 @@ def check_args(args):
     """Cross-flag checks that argparse cannot do alone."""
     def bad(message):
         raise UserError(message, 2)
-    if args.dropout is not None:
-        if "dropout" not in model_options(args.model):
-            bad(f"--dropout: model {args.model!r} has no dropout; models with dropout: "
-                f"{', '.join(m for m in list_models() if 'dropout' in model_options(m))}")
-        if args.dropout >= 1:
-            bad(f"--dropout must be below 1, got {args.dropout}")
+    for option in MODEL_OPTIONS:
+        if getattr(args, option) is not None and option not in model_options(args.model):
+            bad(f"--{option}: model {args.model!r} has no {option} option; models with one: "
+                f"{', '.join(m for m in list_models() if option in model_options(m))}")
+    if args.dropout is not None and args.dropout >= 1:
+        bad(f"--dropout must be below 1, got {args.dropout}")
     for flag in ("label_smoothing", "erase", "ema"):
         if getattr(args, flag) >= 1:
             bad(f"--{flag.replace('_', '-')} must be below 1, got {getattr(args, flag)}")
@@ -431,10 +434,7 @@ def main(argv):
     splits = {"val": (val_images, val_labels), "test": (test_images, test_labels)}
 
     # Model and everything that steps it.
-    kwargs = {"in_channels": 1, "num_classes": len(info.classes)}
-    if args.dropout is not None:
-        kwargs["dropout"] = args.dropout
-    model = get_model(args.model, **kwargs).to(device)
+    model = get_model(args.model, **model_kwargs(args, len(info.classes))).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)

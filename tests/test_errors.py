@@ -78,10 +78,19 @@ def files(tmp_path_factory):
     write_malicious_checkpoint(f.evil, f.marker)
     f.file = str(tmp / "a-file")
     rewrite(str(tmp), "a-file", b"x")
+    from PIL import Image
+    f.blank = str(tmp / "blank.png")
+    Image.new("L", (64, 64), 255).save(f.blank)
+    f.dot = str(tmp / "dot.png")
+    Image.new("L", (1, 1), 0).save(f.dot)
+    f.fake_png = str(tmp / "photo.png")
+    rewrite(str(tmp), "photo.png", b"this is text with a .png name")
+    f.no_images = str(tmp / "no-images")
+    os.makedirs(f.no_images)
     return f
 
 
-T, E, D, M = "train", "evaluate", "data", "models"
+T, E, D, M, P, X = "train", "evaluate", "data", "models", "predict", "export"
 TRAIN = ["--epochs", "1", "--progress", "off"]
 CASES = [
     # (id, script, argv(f), exit code, message pattern)
@@ -154,6 +163,22 @@ CASES = [
     ("data truncated", D, lambda f: ["--stats", "mnist", "--data-dir", f.truncated], 1, r"is truncated"),
     ("data nothing asked", D, lambda f: [], 2, r"give --stats NAME or --show NAME"),
     ("models unknown", M, lambda f: ["--summary", "resnet9000"], 2, r"unknown model 'resnet9000'"),
+    ("width on cnn", T, lambda f: ["--model", "cnn", "--width", "64"], 2, r"--width: model 'cnn' has no width option"),
+    ("predict missing image", P, lambda f: [f.tmp + "/gone.png", "--ckpt", f.ckpt], 2, r"gone.png does not exist"),
+    ("predict blank image", P, lambda f: [f.blank, "--ckpt", f.ckpt], 1, r"blank.png looks blank"),
+    ("predict 1x1 image", P, lambda f: [f.dot, "--ckpt", f.ckpt], 1, r"dot.png is only 1x1 pixels"),
+    ("predict not an image", P, lambda f: [f.fake_png, "--ckpt", f.ckpt], 1, r"photo.png is not an image"),
+    ("predict folder without images", P, lambda f: [f.no_images, "--ckpt", f.ckpt], 2, r"holds no PNG or JPEG"),
+    ("predict bad checkpoint", P, lambda f: [f.blank, "--ckpt", f.text], 1, r"truncated or another kind of file"),
+    ("predict malicious checkpoint", P, lambda f: [f.blank, "--ckpt", f.evil], 1, r"refusing to load"),
+    ("predict zero top", P, lambda f: [f.blank, "--top", "0"], 2, r"--top: must be greater than 0"),
+    ("export unknown format", X, lambda f: [f.ckpt, "--format", "tflite"], 2, r"--format: invalid choice"),
+    ("export no format", X, lambda f: [f.ckpt], 2, r"required: --format"),
+    ("export missing checkpoint", X, lambda f: [f.tmp + "/gone.pt", "--format", "pt2"], 2, r"does not exist"),
+    ("export onto itself", X, lambda f: [f.ckpt, "--format", "ckpt", "--out", f.ckpt], 2, r"is the checkpoint itself"),
+    ("export into a missing folder", X, lambda f: [f.ckpt, "--format", "pt2", "--out", f.tmp + "/no/m.pt2"], 2,
+     r"the folder .*no does not exist"),
+    ("export newer format", X, lambda f: [f.newer, "--format", "pt2"], 1, r"newer than this toolkit reads"),
 ]
 
 
@@ -183,7 +208,7 @@ def test_bad_input(case, script, argv, code, pattern, files, tmp_path, monkeypat
 
 def test_table_is_large_enough():
     assert len(CASES) >= 30
-    assert {c[1] for c in CASES} >= {T, E, D, M}
+    assert {c[1] for c in CASES} >= {T, E, D, M, P, X}
 
 
 def test_errors_from_a_real_process_have_no_traceback(files):
