@@ -53,7 +53,11 @@ ROWS = [  # id, model, dataset, its recipe, it reported, our target (mean of 3),
      None),   # one "ours" command serves both 003 rows
     ("004", "tiny", "MNIST", "SGD 0.01, momentum 0.9, batch 64, 20 epochs", "99.12 (best epoch)", 99.40,
      "--model tiny --optimizer sgd --lr 0.01 --momentum 0.9 --scheduler none --batch-size 64 --epochs 20",
-     f"--model tiny {OURS} --batch-size 128 --epochs 15 --augment"),
+     # 9.9k parameters underfit the shared recipe (99.0 % train accuracy under full augmentation): a higher
+     # lr, milder augmentation and no smoothing did better on a --val 10000 split (99.38 % against 99.21 %
+     # for SGD 0.05 with Nesterov), chosen there, not on the test set.
+     "--model tiny --optimizer adam --lr 1e-2 --scheduler onecycle --batch-size 128 --epochs 15 "
+     "--augment --rotate 7 --translate 0.05 --scale 0.05"),
 ]
 ROW_IDS = [row[0] for row in ROWS]
 
@@ -87,13 +91,26 @@ def run_one(flags, seed, out, opts):
 
 
 def load_results(path):
+    """Recorded runs by 'row/kind'. Runs of a command whose flags have changed since are left out:
+    they answer another question."""
     if not os.path.exists(path):
         return {}
     try:
         with open(path) as f:
-            return json.load(f)
+            recorded = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is not a results file ({e}); move it away to start afresh") from None
+    current = {f"{rid}/{kind}": flags for rid, *_, nb, ours in ROWS for kind, flags in (("notebook", nb), ("ours", ours))}
+    return {key: [r for r in runs if r.get("flags") == current.get(key)] for key, runs in recorded.items()}
+
+
+def record(path, key, run):
+    """Add one run to the file, re-reading it first so that two reproduce.py processes sharing a
+    results folder keep each other's runs."""
+    results = load_results(path)
+    results[key] = [r for r in results.get(key, []) if r["seed"] != run["seed"]] + [run]
+    write_text_atomic(json.dumps(results, indent=1) + "\n", path)
+    return results
 
 
 def cell(runs):
@@ -102,7 +119,7 @@ def cell(runs):
         return "not run", ""
     accs = [r["acc"] for r in runs]
     std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    return (f"{statistics.mean(accs):.2f} ± {std:.2f} % ({len(accs)} seeds)",
+    return (f"{statistics.mean(accs):.2f} ± {std:.2f} % ({len(accs)} seed{'s' if len(accs) > 1 else ''})",
             f"{statistics.median(r['wall_s'] for r in runs):.0f} s")
 
 
@@ -167,11 +184,9 @@ def main(argv):
                     acc, wall, epochs = run_one(flags, seed, os.path.join(folder, "runs", f"{rid}-{kind}-{seed}"),
                                                 opts)
                     print(f"{key} seed {seed}: {acc:.2f} % after {epochs} epochs, {wall:.0f} s", flush=True)
-                    runs = [r for r in results.get(key, []) if r["seed"] != seed]
-                    results[key] = runs + [{"seed": seed, "acc": acc, "wall_s": round(wall, 1), "epochs": epochs,
-                                            "flags": flags, "machine": machine(), "torch": torch.__version__,
-                                            "threads": opts.threads or torch.get_num_threads()}]
-                    write_text_atomic(json.dumps(results, indent=1) + "\n", path)
+                    results = record(path, key, {"seed": seed, "acc": acc, "wall_s": round(wall, 1), "epochs": epochs,
+                                                 "flags": flags, "machine": machine(), "torch": torch.__version__,
+                                                 "threads": opts.threads or torch.get_num_threads()})
     md = table(results, machine())
     write_text_atomic(md, os.path.join(folder, "reproduce.md"))
     print(md, end="")
