@@ -104,10 +104,10 @@ def load_results(path):
     return {key: [r for r in runs if r.get("flags") == current.get(key)] for key, runs in recorded.items()}
 
 
-def record(path, key, run):
-    """Add one run to the file, re-reading it first so that two reproduce.py processes sharing a
-    results folder keep each other's runs."""
-    results = load_results(path)
+def record(path, key, run, load=None):
+    """Add one run to the file (replacing one of the same seed), re-reading it first with `load` so
+    that two processes sharing a results folder keep each other's runs."""
+    results = (load or load_results)(path)
     results[key] = [r for r in results.get(key, []) if r["seed"] != run["seed"]] + [run]
     write_text_atomic(json.dumps(results, indent=1) + "\n", path)
     return results

@@ -1,0 +1,145 @@
+"""Beyond the notebooks: the strongest recipes here, over seeds, with test-time augmentation and ensembles.
+
+    python top.py                        # every row, 2 seeds each; writes results/top.md
+    python top.py mnist --seeds 5        # five MNIST models, then their ensemble
+    python top.py --table                # rebuild the table from the runs recorded so far
+
+Like reproduce.py, each finished run is recorded in results/top.json as it ends, so a long run can
+be stopped and continued. Every accuracy is measured after the last epoch, never at the best test
+epoch: single models with and without --tta, and the ensemble (mean softmax) of all seeds of a row,
+all through evaluate.py.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import torch
+
+from common import Parser, UserError, non_negative, positive, run, write_text_atomic
+from models import count_params, get_model
+from reproduce import ROOT, machine, record, run_one
+
+TOP = [  # id, dataset, target for one model, target for an ensemble of <= 5, flags
+    ("mnist", "MNIST", 99.70, 99.78,
+     "--model vgg --width 32 --epochs 15 --augment --batch-size 128 --optimizer adam --lr 3e-3 "
+     "--scheduler onecycle --label-smoothing 0.1"),
+    ("fashion", "Fashion-MNIST", 94.5, 95.3,
+     "--model resnet --width 32 --depth 2 --dataset fashion-mnist --epochs 30 --augment --erase 0.25 "
+     "--batch-size 128 --optimizer adamw --lr 3e-3 --weight-decay 0.05 --scheduler onecycle --label-smoothing 0.1"),
+]
+TOP_IDS = [row[0] for row in TOP]
+
+
+def evaluate(paths, opts, tta):
+    """Test accuracy of one checkpoint, or of the ensemble of several, as evaluate.py reports it."""
+    out = os.path.join(os.path.dirname(paths[0]), f"eval-{len(paths)}{'-tta' if tta else ''}")
+    argv = [sys.executable, "evaluate.py", *paths, "--out", out, "--device", opts.device]
+    argv += (["--tta"] if tta else []) + (["--data-dir", opts.data_dir] if opts.data_dir else [])
+    env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads)) if opts.threads else None
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise UserError(f"evaluating failed: {' '.join(argv[1:])}\n  {proc.stderr.strip()[-300:]}")
+    results = json.load(open(os.path.join(out, "report.json")))["results"]
+    return results["ensemble" if len(paths) > 1 else paths[0]]["accuracy"]
+
+
+def runs_of(results, rid):
+    return sorted(results.get(f"{rid}/run", []), key=lambda r: r["seed"])
+
+
+def table(results):
+    lines = [f"Machine: {machine()}. Test accuracy after the last epoch; mean ± std over seeds.", "",
+             "| row | model | params | epochs | one model | one model + TTA | ensemble | ensemble + TTA "
+             "| time per run | target (one / ensemble) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for rid, dataset, single, ensemble, flags in TOP:
+        runs = runs_of(results, rid)
+        ens = {r["tta"]: r for r in results.get(f"{rid}/ensemble", [])}
+
+        def stat(key):
+            values = [r[key] for r in runs if key in r]
+            if not values:
+                return "not run"
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            return f"{statistics.mean(values):.2f} ± {std:.2f} % ({len(values)})"
+        model = flags.split("--model ")[1].split(" --dataset")[0].split(" --epochs")[0]
+        lines.append(
+            f"| {rid} | `{model}` | {runs[0]['params']:,} | {runs[0]['epochs']} | {stat('acc')} | {stat('tta_acc')} | "
+            + " | ".join(f"{ens[t]['acc']:.2f} % ({ens[t]['models']})" if t in ens else "not run" for t in (False, True))
+            + f" | {statistics.median(r['wall_s'] for r in runs) / 60:.0f} min | ≥ {single:g} % / ≥ {ensemble:g} % |"
+            if runs else f"| {rid} | `{model}` | | | not run | | | | | ≥ {single:g} % / ≥ {ensemble:g} % |")
+    lines += ["", "Commands (`top.py` adds `--seed S --out DIR`; the ensemble is "
+              "`python evaluate.py DIR_0/last.pt DIR_1/last.pt ...`, with `--tta` for the last column):", ""]
+    lines += [f"- {rid}: `python train.py {flags}`" for rid, *_, flags in TOP]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    p = Parser(prog="top.py", description="Train the strongest recipes over seeds; evaluate them with TTA and "
+               "as ensembles; write the table.")
+    p.add_argument("rows", nargs="*", metavar="ROW", help=f"rows to run (default: all): {', '.join(TOP_IDS)}")
+    p.add_argument("--seeds", type=positive(int), default=2, help="seeds 0..N-1 per row (default: 2)")
+    p.add_argument("--first-seed", type=non_negative(int), default=0, help="(default: 0)")
+    p.add_argument("--results", default="results", help="folder for top.json, top.md and the runs (default: results)")
+    p.add_argument("--device", default="auto", help="passed to train.py and evaluate.py (default: auto)")
+    p.add_argument("--data-dir", help="passed to train.py and evaluate.py (default: their search)")
+    p.add_argument("--threads", type=positive(int), help="CPU threads per run (OMP_NUM_THREADS) (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="each row on 512 images for 1 epoch, into RESULTS/quick")
+    p.add_argument("--table", action="store_true", help="only rebuild the table from the recorded runs")
+    opts = p.parse_args(argv)
+    unknown = [r for r in opts.rows if r not in TOP_IDS]
+    if unknown:
+        raise UserError(f"unknown row {unknown[0]!r}; choose from: {', '.join(TOP_IDS)}", 2)
+    folder = os.path.join(opts.results, "quick") if opts.quick else opts.results
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "top.json")
+    results = load(path)
+    for rid, *_, flags in ([] if opts.table else TOP):
+        if opts.rows and rid not in opts.rows:
+            continue
+        done = {r["seed"] for r in runs_of(results, rid)}
+        for seed in range(opts.first_seed, opts.first_seed + opts.seeds):
+            if seed in done:
+                continue
+            out = os.path.join(folder, "top-runs", f"{rid}-{seed}")
+            acc, wall, epochs = run_one(flags, seed, out, opts)
+            ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+            tta = evaluate([os.path.join(out, "last.pt")], opts, tta=True)
+            params = count_params(get_model(ckpt["model"]["name"], **ckpt["model"]["kwargs"]))
+            print(f"{rid} seed {seed}: {acc:.2f} % ({tta:.2f} % with TTA) after {epochs} epochs, {wall / 60:.1f} min",
+                  flush=True)
+            results = record(path, f"{rid}/run", {"seed": seed, "acc": acc, "tta_acc": tta, "wall_s": round(wall, 1),
+                                                  "epochs": epochs, "params": params, "flags": flags,
+                                                  "machine": machine(), "threads": opts.threads or torch.get_num_threads()},
+                             load)
+        runs = runs_of(results, rid)
+        if len(runs) > 1:
+            paths = [os.path.join(folder, "top-runs", f"{rid}-{r['seed']}", "last.pt") for r in runs][:5]
+            for tta in (False, True):
+                acc = evaluate(paths, opts, tta)
+                print(f"{rid} ensemble of {len(paths)}{' with TTA' if tta else ''}: {acc:.2f} %", flush=True)
+                # "seed" is what record() replaces by: one entry without TTA (0) and one with (1)
+                record(path, f"{rid}/ensemble", {"seed": int(tta), "tta": tta, "acc": acc, "models": len(paths),
+                                                 "flags": flags}, load)
+            results = load(path)
+    md = table(results)
+    write_text_atomic(md, os.path.join(folder, "top.md"))
+    print(md, end="")
+    return 0
+
+
+def load(path):
+    """top.json, keeping only runs of the current commands (see reproduce.load_results)."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        recorded = json.load(open(path))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not a results file ({e}); move it away to start afresh") from None
+    current = {rid: flags for rid, *_, flags in TOP}
+    return {key: [r for r in runs if r.get("flags") == current.get(key.split("/")[0])] for key, runs in recorded.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
