@@ -113,6 +113,17 @@ def record(path, key, run, load=None):
     return results
 
 
+def open_results(opts, row_ids, name, load):
+    """Check the rows asked for, then (results folder, results file, the runs recorded in it)."""
+    unknown = [r for r in opts.rows if r not in row_ids]
+    if unknown:
+        raise UserError(f"unknown row {unknown[0]!r}; choose from: {', '.join(row_ids)}", 2)
+    folder = os.path.join(opts.results, "quick") if opts.quick else opts.results
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    return folder, path, load(path)
+
+
 def cell(runs):
     """'mean ± std' of accuracy and the median wall time, from the runs recorded for one command."""
     if not runs:
@@ -162,13 +173,7 @@ def main(argv):
                    "each run; e.g. 1 to leave the other cores free (default: torch's own choice)")
     p.add_argument("--table", action="store_true", help="only rebuild the table from the recorded runs")
     opts = p.parse_args(argv)
-    unknown = [r for r in opts.rows if r not in ROW_IDS]
-    if unknown:
-        raise UserError(f"unknown row {unknown[0]!r}; choose from: {', '.join(ROW_IDS)}", 2)
-    folder = os.path.join(opts.results, "quick") if opts.quick else opts.results
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "reproduce.json")
-    results = load_results(path)
+    folder, path, results = open_results(opts, ROW_IDS, "reproduce.json", load_results)
     if not opts.table:
         for rid, *_, nb_flags, ours_flags in ROWS:
             if opts.rows and rid not in opts.rows:

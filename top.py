@@ -19,7 +19,7 @@ import torch
 
 from common import Parser, UserError, non_negative, positive, run, write_text_atomic
 from models import count_params, get_model
-from reproduce import ROOT, machine, record, run_one
+from reproduce import ROOT, machine, open_results, record, run_one
 
 TOP = [  # id, dataset, target for one model, target for an ensemble of <= 5, flags
     ("mnist", "MNIST", 99.70, 99.78,
@@ -88,13 +88,7 @@ def main(argv):
     p.add_argument("--quick", action="store_true", help="each row on 512 images for 1 epoch, into RESULTS/quick")
     p.add_argument("--table", action="store_true", help="only rebuild the table from the recorded runs")
     opts = p.parse_args(argv)
-    unknown = [r for r in opts.rows if r not in TOP_IDS]
-    if unknown:
-        raise UserError(f"unknown row {unknown[0]!r}; choose from: {', '.join(TOP_IDS)}", 2)
-    folder = os.path.join(opts.results, "quick") if opts.quick else opts.results
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "top.json")
-    results = load(path)
+    folder, path, results = open_results(opts, TOP_IDS, "top.json", load)
     for rid, *_, flags in ([] if opts.table else TOP):
         if opts.rows and rid not in opts.rows:
             continue
