@@ -144,7 +144,7 @@ def check_args(args):
                 f"{', '.join(m for m in list_models() if option in model_options(m))}")
     if args.dropout is not None and args.dropout >= 1:
         bad(f"--dropout must be below 1, got {args.dropout}")
-    for flag in ("label_smoothing", "erase", "ema"):
+    for flag in ("label_smoothing", "erase", "ema", "scale", "momentum"):   # a zoom of 1 would shrink to nothing
         if getattr(args, flag) >= 1:
             bad(f"--{flag.replace('_', '-')} must be below 1, got {getattr(args, flag)}")
     if args.nesterov and (args.optimizer != "sgd" or args.momentum == 0):
@@ -152,6 +152,8 @@ def check_args(args):
     for flag in ("stop_val_acc", "patience"):
         if getattr(args, flag) is not None and not args.val:
             bad(f"--{flag.replace('_', '-')} watches the validation set; add --val N (e.g. --val 5000)")
+    if args.translate > 0.5:
+        bad(f"--translate is a fraction of the image side; above 0.5 the digit can leave it, got {args.translate}")
     if args.stop_val_acc is not None and args.stop_val_acc > 100:
         bad(f"--stop-val-acc is a percentage, at most 100, got {args.stop_val_acc}")
 
