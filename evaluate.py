@@ -125,7 +125,8 @@ def build_parser():
     p.add_argument("--batch-size", type=positive(int), default=1000, help="evaluation batch size (default: 1000)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average the softmax over the image "
                    "shifted one pixel each way (and mirrored, for datasets where that keeps the class)")
-    p.add_argument("--out", help="folder for report.json and confusion.csv")
+    p.add_argument("--out", help="folder for report.json, confusion.csv and the pictures (confusion, mistakes, "
+                   "correct, curves)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -150,12 +151,12 @@ def main(argv):
         label = f"{path} ({ckpt['model']['name']}, {which} weights{', TTA' if args.tta else ''})"
         results[path] = report(label, p.clamp_min(1e-12).log(), labels, info.classes)
         probs.append(p)
+    mean_probs = torch.stack(probs).mean(0)   # the ensemble's prediction; one model's own when alone
     if len(ckpts) > 1:
-        mean_probs = torch.stack(probs).mean(0)
         results["ensemble"] = report(f"ensemble of {len(ckpts)}", mean_probs.clamp_min(1e-12).log(), labels, info.classes)
     if args.out:
         final = results["ensemble"] if len(ckpts) > 1 else results[ckpts[0][0]]
-        write_outputs(args.out, name, results, final, images, labels, torch.stack(probs).mean(0), ckpts)
+        write_outputs(args.out, name, results, final, images, labels, mean_probs, ckpts)
     return 0
 
 
@@ -180,11 +181,10 @@ def write_outputs(out, name, results, final, images, labels, probs, ckpts):
                 f"{final['accuracy']:.2f} %"
         plots.confusion_png(torch.tensor(final["confusion"]), classes, os.path.join(out, "confusion.png"), title)
         written.append("confusion.png")
-        rows = run_history(*ckpts[0])
         if len(ckpts) > 1:
             print("skipped curves.png: it draws one run, and several checkpoints were given")
-        elif rows:
-            plots.curves_png(rows, os.path.join(out, "curves.png"), f"{ckpts[0][0]}")
+        elif run_history(*ckpts[0]):
+            plots.curves_png(run_history(*ckpts[0]), os.path.join(out, "curves.png"), ckpts[0][0])
             written.append("curves.png")
     print(f"wrote {', '.join(written)} in {out}")
 
