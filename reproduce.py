@@ -53,11 +53,12 @@ ROWS = [  # id, model, dataset, its recipe, it reported, our target (mean of 3),
      None),   # one "ours" command serves both 003 rows
     ("004", "tiny", "MNIST", "SGD 0.01, momentum 0.9, batch 64, 20 epochs", "99.12 (best epoch)", 99.40,
      "--model tiny --optimizer sgd --lr 0.01 --momentum 0.9 --scheduler none --batch-size 64 --epochs 20",
-     # 9.9k parameters underfit the shared recipe (99.0 % train accuracy under full augmentation): a higher
-     # lr, milder augmentation and no smoothing did better on a --val 10000 split (99.38 % against 99.21 %
-     # for SGD 0.05 with Nesterov), chosen there, not on the test set.
-     "--model tiny --optimizer adam --lr 1e-2 --scheduler onecycle --batch-size 128 --epochs 15 "
-     "--augment --rotate 7 --translate 0.05 --scale 0.05"),
+     # 9.9k parameters underfit the shared recipe (99.0 % train accuracy under full augmentation, 99.22 %
+     # test). Chosen on a --val 10000 split, mean of seeds 0 and 1, never on the test set: Adam 1e-2 with
+     # milder augmentation and no smoothing 99.28 % (SGD 0.05 Nesterov 99.21 %, seed 0), the same without
+     # augmentation 99.22 %, at lr 2e-2 99.35 %, at batch 64 99.37 %; EMA weights added 0.02-0.03 %.
+     "--model tiny --optimizer adam --lr 1e-2 --scheduler onecycle --batch-size 64 --epochs 15 "
+     "--augment --rotate 7 --translate 0.05 --scale 0.05 --ema 0.999"),
 ]
 ROW_IDS = [row[0] for row in ROWS]
 
@@ -86,8 +87,9 @@ def run_one(flags, seed, out, opts):
     if proc.returncode:
         last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise UserError(f"this run failed: {' '.join(argv[1:])}\n  {last[0]}")
-    history = torch.load(os.path.join(out, "last.pt"), weights_only=True)["history"]
-    return history[-1]["test_acc"], wall, history[-1]["epoch"]
+    last = torch.load(os.path.join(out, "last.pt"), weights_only=True)["history"][-1]
+    # A run with --ema is its EMA weights: evaluate.py, predict.py and export.py use them by default.
+    return last.get("ema_test_acc", last["test_acc"]), wall, last["epoch"]
 
 
 def load_results(path):
