@@ -118,8 +118,8 @@ def pick_device(name):
                             f"device(s), numbered from 0", 2)
     elif device.type == "mps":
         if not torch.backends.mps.is_available():
-            raise UserError(f"--device mps asked for Apple's GPU, but MPS is not available here; "
-                            f"use --device cpu, or auto to take whatever is present", 2)
+            raise UserError("--device mps asked for Apple's GPU, but MPS is not available here; "
+                            "use --device cpu, or auto to take whatever is present", 2)
     elif device.type != "cpu":
         raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps", 2)
     return device

@@ -4,8 +4,8 @@
     python data.py --stats fashion-mnist --data-dir ../shared/datasets
     python data.py --show mnist --augment --out grid.png
 
-Needs torch and numpy; torchvision is imported only to download files or draw grids, since
-importing it costs more start-up time (1.6 s here) than loading MNIST does.
+Needs only torch to import; torchvision is imported when files must be downloaded, and --show
+draws with plots.py (Pillow and torchvision's make_grid) from the same folder.
 """
 import argparse
 import gzip
@@ -327,98 +327,6 @@ def print_stats(name, data_dir=None):
             print(f"  {k}  {cls:<{width}}  {c:>6,}  {100 * c / len(labels):5.2f} %  {'#' * round(50 * c / max(counts))}")
 
 
-def label_grid(images, captions, nrow=8, scale=4, colors=None):
-    """A PIL image of uint8 images [N, 1, H, W], each enlarged `scale` times (nearest neighbour, so
-    pixels stay sharp) with its caption below. Long captions wrap onto more lines."""
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
-    from torchvision.utils import make_grid
-    size = 4 * scale   # font pixels: 16 on 112-pixel tiles fits "T-shirt/top" on one line
-    try:
-        font = ImageFont.load_default(size=size)   # a scalable font since Pillow 10.1
-    except TypeError:
-        font = ImageFont.load_default()
-    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    tile_w = images.shape[-1] * scale
-    lines = [_wrap(c, draw, font, tile_w - 4) for c in captions]
-    line_h = size + 3
-    strip = max(len(ls) for ls in lines) * line_h + 6
-    x = images.float().div(255).repeat_interleave(scale, -2).repeat_interleave(scale, -1).expand(-1, 3, -1, -1)
-    x = F.pad(x, (0, 0, 0, strip), value=1.0)   # white caption strip under each image
-    pad = 4
-    grid = make_grid(x, nrow=nrow, padding=pad, pad_value=1.0)
-    img = Image.fromarray(np.ascontiguousarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()))
-    draw = ImageDraw.Draw(img)
-    tile_h = x.shape[-2]
-    for k, tile_lines in enumerate(lines):
-        row, col = divmod(k, nrow)
-        left, top = pad + col * (tile_w + pad), pad + row * (tile_h + pad) + tile_h - strip + 3
-        for j, line in enumerate(tile_lines):
-            offset = (tile_w - _width(line, draw, font)) / 2
-            _text(draw, (left + offset, top + j * line_h), line, font, (colors or {}).get(k, (20, 20, 20)))
-    return img
-
-
-def _wrap(text, draw, font, width):
-    lines = []
-    for word in text.split(" "):
-        if lines and _width(lines[-1] + " " + word, draw, font) <= width:
-            lines[-1] += " " + word
-        else:
-            while len(word) > 1 and _width(word, draw, font) > width:
-                word = word[:-1]
-            lines.append(word)
-    return lines
-
-
-# Pillow's built-in font has no arrow glyph (it draws a box), so "→" is drawn as a line and a head.
-def _width(text, draw, font):
-    parts = text.split("→")
-    return sum(draw.textlength(p, font=font) for p in parts) + (len(parts) - 1) * font.size
-
-
-def _text(draw, xy, text, font, fill):
-    x, y = xy
-    for k, part in enumerate(text.split("→")):
-        if k:
-            mid, s = y + font.size * 0.55, font.size
-            draw.line([(x + s * 0.15, mid), (x + s * 0.85, mid)], fill=fill, width=max(1, s // 10))
-            draw.polygon([(x + s * 0.9, mid), (x + s * 0.6, mid - s * 0.22), (x + s * 0.6, mid + s * 0.22)], fill=fill)
-            x += s
-        draw.text((x, y), part, fill=fill, font=font)
-        x += draw.textlength(part, font=font)
-
-
-def save_png(img, path):
-    """Write a PIL image as PNG through a temporary file, so a failure leaves no half-written file."""
-    tmp = f"{path}.tmp"
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise DataError(f"cannot write {path} ({e.strerror or e}); choose a writable path") from None
-
-
-def show_samples(name, out, data_dir=None, augment=False, seed=0, n=32):
-    """A labelled grid of random training images; with `augment`, each row of originals is followed
-    by the same images as train.py --augment would change them (flips only where the dataset allows)."""
-    info = dataset_info(name)
-    images, labels = load_split(name, "train", data_dir)
-    pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n // 2 if augment else n]
-    images, captions = images[pick], [info.classes[k] for k in labels[pick].tolist()]
-    if augment:
-        changed = Augment(flip=info.flips)(images.float().div(255), torch.Generator().manual_seed(seed))
-        changed = changed.mul(255).round().clamp(0, 255).byte()
-        rows = [(images[i:i + 8], changed[i:i + 8], captions[i:i + 8]) for i in range(0, len(pick), 8)]
-        images = torch.cat([t for a, b, _ in rows for t in (a, b)])
-        captions = [c for _, _, cs in rows for c in (cs + ["augmented"] * len(cs))]
-    save_png(label_grid(images, captions), out)
-    print(f"wrote {out}: {len(captions)} {name} training images (seed {seed}"
-          f"{'; each row of originals is followed by the same images augmented' if augment else ''})")
-
-
 class OneLineParser(argparse.ArgumentParser):
     """Reports a bad argument in one line, without the usage block, like the other scripts."""
 
@@ -442,6 +350,10 @@ def main(argv=None):
         if args.stats:
             print_stats(args.stats, args.data_dir)
         if args.show:
+            try:   # drawing lives in plots.py (Pillow and torchvision's grid), beside this file
+                from plots import show_samples
+            except ImportError as e:
+                raise DataError(f"--show needs plots.py and Pillow beside data.py ({e})") from None
             show_samples(args.show, args.out, args.data_dir, args.augment, args.seed)
     except DataError as e:
         print(f"data.py: error: {e}", file=sys.stderr)

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from common import Parser, UserError, build_model, load_checkpoint, pick_device, positive, run
-from data import normalize, save_png
+from data import normalize
+from plots import save_png
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(HERE, "weights", "mnist.pt")
