@@ -27,3 +27,23 @@ def test_unknown_row_is_refused(tmp_path):
     result = run_cli(["reproduce.py", "007", "--results", str(tmp_path)])
     assert result.returncode == 2 and "unknown row '007'" in result.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_top_table_summarizes_seeds_tta_and_ensembles(tmp_path, capsys):
+    """top.py's table from recorded runs: mean ± std over seeds, and runs of an older command left out."""
+    import top
+    from conftest import run_script
+    rid, _, _, _, flags = top.TOP[0]
+    run = {"epochs": 15, "params": 288170, "flags": flags, "machine": "test", "threads": 1}
+    recorded = {f"{rid}/run": [{**run, "seed": 0, "acc": 99.60, "tta_acc": 99.64, "wall_s": 600},
+                               {**run, "seed": 1, "acc": 99.70, "tta_acc": 99.72, "wall_s": 720},
+                               {**run, "seed": 2, "acc": 10.0, "tta_acc": 10.0, "wall_s": 1, "flags": "--old"}],
+                f"{rid}/ensemble": [{"seed": 0, "tta": False, "acc": 99.75, "models": 2, "flags": flags}]}
+    (tmp_path / "top.json").write_text(json.dumps(recorded))
+    code, out, err = run_script("top", ["--table", "--results", str(tmp_path)], capsys)
+    assert code == 0, err
+    line = next(row for row in out.splitlines() if row.startswith(f"| {rid} |"))
+    assert "| 288,170 | 15 | 99.65 ± 0.07 % (2) | 99.68 ± 0.06 % (2) | 99.75 % (2) | not run | 11 min |" in line
+    assert (tmp_path / "top.md").read_text() == out
+    code, _, err = run_script("top", ["cifar", "--results", str(tmp_path)], capsys)
+    assert code == 2 and "unknown row 'cifar'" in err
