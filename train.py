@@ -144,7 +144,9 @@ def check_args(args):
                 f"{', '.join(m for m in list_models() if option in model_options(m))}")
     if args.dropout is not None and args.dropout >= 1:
         bad(f"--dropout must be below 1, got {args.dropout}")
-    for flag in ("label_smoothing", "erase", "ema", "scale", "momentum"):   # a zoom of 1 would shrink to nothing
+    # Fractions that must stay below 1: at 1, smoothing erases the labels, a zoom can shrink an image to
+    # nothing, and momentum or EMA never forget.
+    for flag in ("label_smoothing", "erase", "ema", "scale", "momentum"):
         if getattr(args, flag) >= 1:
             bad(f"--{flag.replace('_', '-')} must be below 1, got {getattr(args, flag)}")
     if args.nesterov and (args.optimizer != "sgd" or args.momentum == 0):
