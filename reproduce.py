@@ -93,27 +93,39 @@ def run_one(flags, seed, out, opts):
     return last.get("ema_test_acc", last["test_acc"]), wall, last["epoch"]
 
 
-def load_results(path):
-    """Recorded runs by 'row/kind'. Runs of a command whose flags have changed since are left out:
-    they answer another question."""
+COMMANDS = {f"{rid}/{kind}": flags for rid, *_, nb, ours in ROWS for kind, flags in (("notebook", nb), ("ours", ours))}
+
+
+def read_runs(path):
+    """Every run recorded in a results file, by 'row/kind', as written."""
     if not os.path.exists(path):
         return {}
     try:
         with open(path) as f:
-            recorded = json.load(f)
+            return json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is not a results file ({e}); move it away to start afresh") from None
-    current = {f"{rid}/{kind}": flags for rid, *_, nb, ours in ROWS for kind, flags in (("notebook", nb), ("ours", ours))}
-    return {key: [r for r in runs if r.get("flags") == current.get(key)] for key, runs in recorded.items()}
 
 
-def record(path, key, run, load=None):
-    """Add one run to the file (replacing one of the same seed), re-reading it first with `load` so
-    that two processes sharing a results folder keep each other's runs."""
-    results = (load or load_results)(path)
-    results[key] = [r for r in results.get(key, []) if r["seed"] != run["seed"]] + [run]
-    write_text_atomic(json.dumps(results, indent=1) + "\n", path)
-    return results
+def current_only(recorded, commands):
+    """The runs of today's commands; a run of a command whose flags have changed since answers
+    another question. It stays in the file, only out of the table."""
+    return {key: [r for r in runs if r.get("flags") == commands.get(key)] for key, runs in recorded.items()}
+
+
+def load_results(path):
+    return current_only(read_runs(path), COMMANDS)
+
+
+def record(path, key, run, commands=COMMANDS):
+    """Add one run to the file, replacing a run of the same seed and flags, and return the current runs.
+    The file is re-read just before and rewritten with every other run as it stands, so processes
+    sharing it (even ones started with other commands) never drop each other's runs."""
+    recorded = read_runs(path)
+    same = (run["seed"], run.get("flags"))
+    recorded[key] = [r for r in recorded.get(key, []) if (r["seed"], r.get("flags")) != same] + [run]
+    write_text_atomic(json.dumps(recorded, indent=1) + "\n", path)
+    return current_only(recorded, commands)
 
 
 def open_results(opts, row_ids, name, load):

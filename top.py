@@ -19,7 +19,7 @@ import torch
 
 from common import Parser, UserError, non_negative, positive, run, write_text_atomic
 from models import count_params, get_model
-from reproduce import ROOT, machine, open_results, record, run_one
+from reproduce import ROOT, current_only, machine, open_results, read_runs, record, run_one
 
 TOP = [  # id, dataset, target for one model, target for an ensemble of <= 5, flags
     ("mnist", "MNIST", 99.70, 99.78,
@@ -30,6 +30,7 @@ TOP = [  # id, dataset, target for one model, target for an ensemble of <= 5, fl
      "--batch-size 128 --optimizer adamw --lr 3e-3 --weight-decay 0.05 --scheduler onecycle --label-smoothing 0.1"),
 ]
 TOP_IDS = [row[0] for row in TOP]
+COMMANDS = {f"{rid}/{kind}": flags for rid, *_, flags in TOP for kind in ("run", "ensemble")}
 
 
 def evaluate(paths, opts, tta):
@@ -106,7 +107,7 @@ def main(argv):
             results = record(path, f"{rid}/run", {"seed": seed, "acc": acc, "tta_acc": tta, "wall_s": round(wall, 1),
                                                   "epochs": epochs, "params": params, "flags": flags,
                                                   "machine": machine(), "threads": opts.threads or torch.get_num_threads()},
-                             load)
+                             COMMANDS)
         runs = runs_of(results, rid)
         if len(runs) > 1:
             paths = [os.path.join(folder, "top-runs", f"{rid}-{r['seed']}", "last.pt") for r in runs][:5]
@@ -115,7 +116,7 @@ def main(argv):
                 print(f"{rid} ensemble of {len(paths)}{' with TTA' if tta else ''}: {acc:.2f} %", flush=True)
                 # "seed" is what record() replaces by: one entry without TTA (0) and one with (1)
                 record(path, f"{rid}/ensemble", {"seed": int(tta), "tta": tta, "acc": acc, "models": len(paths),
-                                                 "flags": flags}, load)
+                                                 "flags": flags}, COMMANDS)
             results = load(path)
     md = table(results)
     write_text_atomic(md, os.path.join(folder, "top.md"))
@@ -124,15 +125,8 @@ def main(argv):
 
 
 def load(path):
-    """top.json, keeping only runs of the current commands (see reproduce.load_results)."""
-    if not os.path.exists(path):
-        return {}
-    try:
-        recorded = json.load(open(path))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not a results file ({e}); move it away to start afresh") from None
-    current = {rid: flags for rid, *_, flags in TOP}
-    return {key: [r for r in runs if r.get("flags") == current.get(key.split("/")[0])] for key, runs in recorded.items()}
+    """top.json's runs of the current commands (see reproduce.current_only)."""
+    return current_only(read_runs(path), COMMANDS)
 
 
 if __name__ == "__main__":

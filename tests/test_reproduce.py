@@ -47,3 +47,16 @@ def test_top_table_summarizes_seeds_tta_and_ensembles(tmp_path, capsys):
     assert (tmp_path / "top.md").read_text() == out
     code, _, err = run_script("top", ["cifar", "--results", str(tmp_path)], capsys)
     assert code == 2 and "unknown row 'cifar'" in err
+
+
+def test_processes_with_other_commands_keep_each_others_runs(tmp_path):
+    """A reproduce.py started before a recipe changed must not drop the runs of the new recipe."""
+    from reproduce import load_results, record
+    path = str(tmp_path / "reproduce.json")
+    new, old = {"004/ours": "--new"}, {"004/ours": "--old", "000/ours": "--x"}
+    record(path, "004/ours", {"seed": 0, "acc": 99.4, "flags": "--new"}, commands=new)
+    current = record(path, "000/ours", {"seed": 0, "acc": 99.5, "flags": "--x"}, commands=old)
+    assert current["004/ours"] == []                       # the old process does not count the new run...
+    kept = json.load(open(path))
+    assert [r["flags"] for r in kept["004/ours"]] == ["--new"] and kept["000/ours"][0]["acc"] == 99.5   # ...nor drop it
+    assert load_results(path).get("000/ours") == []         # neither command is today's in reproduce.py
