@@ -51,7 +51,9 @@ def runs_of(results, rid):
 
 
 def table(results):
-    lines = [f"Machine: {machine()}. Test accuracy after the last epoch; mean ± std over seeds.", "",
+    threads = sorted({r.get("threads", "?") for rid, *_ in TOP for r in runs_of(results, rid)}, key=str)
+    lines = [f"Machine: {machine()}; {'/'.join(map(str, threads))} CPU thread(s) per run. Test accuracy after the "
+             "last epoch; mean ± std over seeds (their number in brackets).", "",
              "| row | model | params | epochs | one model | one model + TTA | ensemble | ensemble + TTA "
              "| time per run | target (one / ensemble) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for rid, dataset, single, ensemble, flags in TOP:
