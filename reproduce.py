@@ -5,7 +5,8 @@
     python reproduce.py --quick               # each command for a few steps: checks that all of them run
 
 Each finished run is recorded in results/reproduce.json as soon as it ends, so an interrupted
-reproduction continues where it stopped, and the table is rebuilt from every run recorded so far.
+reproduction continues where it stopped (a run stopped part way resumes from its last checkpoint),
+and the table is rebuilt from every run recorded so far.
 Accuracy is the test accuracy after the last epoch (never the best epoch).
 """
 import json
@@ -73,24 +74,42 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores"
 
 
-def run_one(flags, seed, out, opts):
-    """Train once; (final test accuracy, wall seconds, epochs run)."""
-    argv = [sys.executable, "train.py", *flags.split(), "--seed", str(seed), "--out", out, "--overwrite",
-            "--progress", "off", "--device", opts.device]
-    if opts.data_dir:
-        argv += ["--data-dir", opts.data_dir]
+def run_one(flags, seed, out, opts, resume=True):
+    """Train once; (final test accuracy, wall seconds, epochs run). A run folder left by a stopped
+    run of the same command is resumed rather than started over; its wall time is then None,
+    because the stopped part was not timed."""
+    common = ["--progress", "off", "--device", opts.device] + (["--data-dir", opts.data_dir] if opts.data_dir else [])
     if opts.quick:   # argparse keeps the last value, so these override the recipe's own
-        argv += ["--subset", "512", "--epochs", "1"]
+        common += ["--subset", "512", "--epochs", "1"]
     env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads)) if opts.threads else None
-    t0 = time.perf_counter()
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
+    fresh = [*flags.split(), "--seed", str(seed), "--out", out, "--overwrite"]
+    # train.py refuses (exit 2) a --resume whose flags differ from the saved run's: then start over.
+    attempts = [["--resume", out, *flags.split(), "--seed", str(seed)], fresh] if resume and resumable(out) else [fresh]
+    for args in attempts:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "train.py", *args, *common], cwd=ROOT, capture_output=True,
+                              text=True, env=env)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 2 or args is fresh:
+            break
     if proc.returncode:
         last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise UserError(f"this run failed: {' '.join(argv[1:])}\n  {last[0]}")
+        raise UserError(f"this run failed: train.py {' '.join(args + common)}\n  {last[0]}")
+    if args is not fresh:
+        print(f"continued the stopped run in {out}", flush=True)
     last = torch.load(os.path.join(out, "last.pt"), weights_only=True)["history"][-1]
     # A run with --ema is its EMA weights: evaluate.py, predict.py and export.py use them by default.
-    return last.get("ema_test_acc", last["test_acc"]), wall, last["epoch"]
+    return last.get("ema_test_acc", last["test_acc"]), (wall if args is fresh else None), last["epoch"]
+
+
+def resumable(out):
+    return any(os.path.exists(os.path.join(out, name)) for name in ("last.pt", "args.json"))
+
+
+def median_wall(runs):
+    """Median wall time of the runs timed from start to end (None if none were)."""
+    walls = [r["wall_s"] for r in runs if r.get("wall_s") is not None]
+    return statistics.median(walls) if walls else None
 
 
 COMMANDS = {f"{rid}/{kind}": flags for rid, *_, nb, ours in ROWS for kind, flags in (("notebook", nb), ("ours", ours))}
@@ -146,7 +165,7 @@ def cell(runs):
     accs = [r["acc"] for r in runs]
     std = statistics.stdev(accs) if len(accs) > 1 else 0.0
     return (f"{statistics.mean(accs):.2f} ± {std:.2f} % ({len(accs)} seed{'s' if len(accs) > 1 else ''})",
-            f"{statistics.median(r['wall_s'] for r in runs):.0f} s")
+            "not timed" if median_wall(runs) is None else f"{median_wall(runs):.0f} s")
 
 
 def table(results, machine_name):
@@ -202,9 +221,10 @@ def main(argv):
                     if seed in done and not opts.redo:
                         continue
                     acc, wall, epochs = run_one(flags, seed, os.path.join(folder, "runs", f"{rid}-{kind}-{seed}"),
-                                                opts)
-                    print(f"{key} seed {seed}: {acc:.2f} % after {epochs} epochs, {wall:.0f} s", flush=True)
-                    results = record(path, key, {"seed": seed, "acc": acc, "wall_s": round(wall, 1), "epochs": epochs,
+                                                opts, resume=not opts.redo)
+                    print(f"{key} seed {seed}: {acc:.2f} % after {epochs} epochs"
+                          + (f", {wall:.0f} s" if wall is not None else ""), flush=True)
+                    results = record(path, key, {"seed": seed, "acc": acc, "wall_s": wall and round(wall, 1), "epochs": epochs,
                                                  "flags": flags, "machine": machine(), "torch": torch.__version__,
                                                  "threads": opts.threads or torch.get_num_threads()})
     md = table(results, machine())

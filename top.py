@@ -4,8 +4,8 @@
     python top.py mnist --seeds 5        # five MNIST models, then their ensemble
     python top.py --table                # rebuild the table from the runs recorded so far
 
-Like reproduce.py, each finished run is recorded in results/top.json as it ends, so a long run can
-be stopped and continued. Every accuracy is measured after the last epoch, never at the best test
+Like reproduce.py, each finished run is recorded in results/top.json as it ends, and a run stopped
+part way (Ctrl-C, a reboot) resumes from its last checkpoint: a long run can be stopped and continued. Every accuracy is measured after the last epoch, never at the best test
 epoch: single models with and without --tta, and the ensemble (mean softmax) of all seeds of a row,
 all through evaluate.py.
 """
@@ -19,7 +19,7 @@ import torch
 
 from common import Parser, UserError, non_negative, positive, run, write_text_atomic
 from models import count_params, get_model
-from reproduce import ROOT, current_only, machine, open_results, read_runs, record, run_one
+from reproduce import ROOT, current_only, machine, median_wall, open_results, read_runs, record, run_one
 
 TOP = [  # id, dataset, target for one model, target for an ensemble of <= 5, flags
     ("mnist", "MNIST", 99.70, 99.78,
@@ -70,12 +70,16 @@ def table(results):
         lines.append(
             f"| {rid} | `{model}` | {runs[0]['params']:,} | {runs[0]['epochs']} | {stat('acc')} | {stat('tta_acc')} | "
             + " | ".join(f"{ens[t]['acc']:.2f} % ({ens[t]['models']})" if t in ens else "not run" for t in (False, True))
-            + f" | {statistics.median(r['wall_s'] for r in runs) / 60:.0f} min | ≥ {single:g} % / ≥ {ensemble:g} % |"
+            + f" | {minutes(median_wall(runs))} | ≥ {single:g} % / ≥ {ensemble:g} % |"
             if runs else f"| {rid} | `{model}` | | | not run | | | | | ≥ {single:g} % / ≥ {ensemble:g} % |")
     lines += ["", "Commands (`top.py` adds `--seed S --out DIR`; the ensemble is "
               "`python evaluate.py DIR_0/last.pt DIR_1/last.pt ...`, with `--tta` for the last column):", ""]
     lines += [f"- {rid}: `python train.py {flags}`" for rid, *_, flags in TOP]
     return "\n".join(lines) + "\n"
+
+
+def minutes(seconds):
+    return "not timed" if seconds is None else f"{seconds / 60:.0f} min"
 
 
 def main(argv):
@@ -104,9 +108,9 @@ def main(argv):
             ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
             tta = evaluate([os.path.join(out, "last.pt")], opts, tta=True)
             params = count_params(get_model(ckpt["model"]["name"], **ckpt["model"]["kwargs"]))
-            print(f"{rid} seed {seed}: {acc:.2f} % ({tta:.2f} % with TTA) after {epochs} epochs, {wall / 60:.1f} min",
-                  flush=True)
-            results = record(path, f"{rid}/run", {"seed": seed, "acc": acc, "tta_acc": tta, "wall_s": round(wall, 1),
+            print(f"{rid} seed {seed}: {acc:.2f} % ({tta:.2f} % with TTA) after {epochs} epochs"
+                  + (f", {wall / 60:.1f} min" if wall is not None else ""), flush=True)
+            results = record(path, f"{rid}/run", {"seed": seed, "acc": acc, "tta_acc": tta, "wall_s": wall and round(wall, 1),
                                                   "epochs": epochs, "params": params, "flags": flags,
                                                   "machine": machine(), "threads": opts.threads or torch.get_num_threads()},
                              COMMANDS)

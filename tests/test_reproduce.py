@@ -1,8 +1,13 @@
 """reproduce.py --quick runs every notebook and "ours" command for a few steps, so none can rot."""
 import json
 import os
+import signal
+import subprocess
+import sys
 
-from conftest import HAS_FASHION, SHARED, run_cli
+import pytest
+
+from conftest import HAS_FASHION, ROOT, SHARED, run_cli
 from reproduce import ROW_IDS, ROWS
 
 
@@ -60,3 +65,24 @@ def test_processes_with_other_commands_keep_each_others_runs(tmp_path):
     kept = json.load(open(path))
     assert [r["flags"] for r in kept["004/ours"]] == ["--new"] and kept["000/ours"][0]["acc"] == 99.5   # ...nor drop it
     assert load_results(path).get("000/ours") == []         # neither command is today's in reproduce.py
+
+
+@pytest.mark.parametrize("stopped_seed,continued", [(0, True), (3, False)])
+def test_a_stopped_run_is_continued_unless_its_command_differs(tmp_path, stopped_seed, continued):
+    """A run folder left by Ctrl-C is resumed (and its time reported as not measured); one left by a
+    different command (here another seed) is started over."""
+    flags = next(ours for rid, *_, nb, ours in ROWS if rid == "000")
+    folder = tmp_path / "quick" / "runs" / "000-ours-0"
+    proc = subprocess.Popen([sys.executable, "train.py", *flags.split(), "--seed", str(stopped_seed), "--out",
+                             str(folder), "--subset", "512", "--epochs", "1", "--progress", "off"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    next(line for line in proc.stdout if "run folder" in line)
+    proc.send_signal(signal.SIGINT)   # handled: stops after the current step with a checkpoint
+    assert proc.wait(timeout=120) == 130
+    result = run_cli(["reproduce.py", "000", "--which", "ours", "--quick", "--seeds", "1", "--results", str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    assert ("continued the stopped run" in result.stdout) == continued
+    run = json.load(open(tmp_path / "quick" / "reproduce.json"))["000/ours"][0]
+    assert (run["wall_s"] is None) == continued and run["epochs"] == 1
+    assert ("not timed" in (tmp_path / "quick" / "reproduce.md").read_text()) == continued
