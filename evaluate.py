@@ -154,6 +154,11 @@ def main(argv):
     mean_probs = torch.stack(probs).mean(0)   # the ensemble's prediction; one model's own when alone
     if len(ckpts) > 1:
         results["ensemble"] = report(f"ensemble of {len(ckpts)}", mean_probs.clamp_min(1e-12).log(), labels, info.classes)
+        # Averaging can only fix images that some model gets right: the gap between these two is its room.
+        wrong = torch.stack([p.argmax(1) != labels for p in probs])
+        results["ensemble"].update(missed_by_all=int(wrong.all(0).sum()), missed_by_any=int(wrong.any(0).sum()))
+        print(f"test images missed by all {len(ckpts)} models: {results['ensemble']['missed_by_all']}; "
+              f"by at least one: {results['ensemble']['missed_by_any']}")
     if args.out:
         final = results["ensemble"] if len(ckpts) > 1 else results[ckpts[0][0]]
         write_outputs(args.out, name, results, final, images, labels, mean_probs, ckpts)

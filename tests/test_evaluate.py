@@ -1,0 +1,97 @@
+"""evaluate.py beyond one checkpoint: test-time augmentation and ensembles, checked against an
+independent computation from the models themselves."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import build_model, load_checkpoint
+from conftest import run_cli, write_idx_set
+from data import load_split, normalize
+from evaluate import tta_views
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ens")
+    data = write_idx_set(str(tmp / "synth"), n_train=300, n_test=200)
+    runs = []
+    for seed in (0, 1):
+        out = str(tmp / f"run{seed}")
+        result = run_cli(["train.py", "--model", "fast", "--epochs", "2", "--seed", str(seed), "--data-dir", data,
+                          "--out", out, "--progress", "off"])
+        assert result.returncode == 0, result.stderr
+        runs.append(os.path.join(out, "last.pt"))
+    return data, runs
+
+
+def probs_of(path, images, shifts=((0, 0),)):
+    """Softmax of one checkpoint's model, averaged over the images moved by each (dy, dx)."""
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt)[0].eval()
+    out = []
+    for dy, dx in shifts:
+        h, w = images.shape[-2:]   # move by (dy, dx), zeros coming in at the edge
+        moved = F.pad(images, (1, 1, 1, 1))[..., 1 - dy:1 - dy + h, 1 - dx:1 - dx + w]
+        with torch.no_grad():
+            out.append(model(normalize(moved, ckpt["data"]["mean"], ckpt["data"]["std"])).softmax(1))
+    return torch.stack(out).mean(0)
+
+
+def accuracy(probs, labels):
+    return 100.0 * (probs.argmax(1) == labels).sum().item() / len(labels)
+
+
+def evaluate(args, tmp_path):
+    out = str(tmp_path / "report")
+    result = run_cli(["evaluate.py", *args, "--out", out])
+    assert result.returncode == 0, result.stderr
+    return json.load(open(os.path.join(out, "report.json")))["results"], result.stdout
+
+
+def test_tta_views_are_the_image_and_its_one_pixel_shifts():
+    x = torch.randint(1, 255, (2, 1, 5, 5), dtype=torch.uint8)
+    views = tta_views(x, flips=False)
+    assert len(views) == 5 and torch.equal(views[0], x)
+    down = torch.cat([torch.zeros_like(x[..., :1, :]), x[..., :-1, :]], dim=-2)
+    right = torch.cat([torch.zeros_like(x[..., :1]), x[..., :-1]], dim=-1)
+    up = torch.cat([x[..., 1:, :], torch.zeros_like(x[..., :1, :])], dim=-2)
+    left = torch.cat([x[..., 1:], torch.zeros_like(x[..., :1])], dim=-1)
+    assert sorted(v.flatten().tolist() for v in views[1:]) == sorted(v.flatten().tolist() for v in (down, up, right, left))
+    mirrored = tta_views(x, flips=True)
+    assert len(mirrored) == 6 and torch.equal(mirrored[-1], x.flip(-1))
+
+
+def test_ensemble_averages_the_softmax_and_reports_each_model(two_runs, tmp_path):
+    data, (a, b) = two_runs
+    results, stdout = evaluate([a, b, "--data-dir", data], tmp_path)
+    images, labels = load_split("mnist", "test", data)
+    pa, pb = probs_of(a, images), probs_of(b, images)
+    assert results[a]["accuracy"] == pytest.approx(accuracy(pa, labels))
+    assert results[b]["accuracy"] == pytest.approx(accuracy(pb, labels))
+    assert results["ensemble"]["accuracy"] == pytest.approx(accuracy((pa + pb) / 2, labels))
+    mean_loss = F.nll_loss(((pa + pb) / 2).clamp_min(1e-12).log(), labels).item()   # of the mean softmax, not logits
+    assert results["ensemble"]["loss"] == pytest.approx(mean_loss, rel=1e-4)
+    wrong_a, wrong_b = pa.argmax(1) != labels, pb.argmax(1) != labels
+    assert results["ensemble"]["missed_by_all"] == int((wrong_a & wrong_b).sum())
+    assert results["ensemble"]["missed_by_any"] == int((wrong_a | wrong_b).sum())
+    assert "ensemble of 2: test loss" in stdout and "missed by all 2 models" in stdout
+
+
+def test_an_ensemble_of_one_model_twice_is_that_model(two_runs, tmp_path):
+    data, (a, _) = two_runs
+    results, _ = evaluate([a, a, "--data-dir", data], tmp_path)
+    assert results["ensemble"]["accuracy"] == results[a]["accuracy"]
+    assert results["ensemble"]["loss"] == pytest.approx(results[a]["loss"], rel=1e-5)
+
+
+def test_tta_averages_the_shifted_images(two_runs, tmp_path):
+    data, (a, _) = two_runs
+    results, stdout = evaluate([a, "--tta", "--data-dir", data], tmp_path)
+    images, labels = load_split("mnist", "test", data)
+    shifted = probs_of(a, images, ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)))
+    assert results[a]["accuracy"] == pytest.approx(accuracy(shifted, labels))
+    assert results[a]["loss"] == pytest.approx(F.nll_loss(shifted.clamp_min(1e-12).log(), labels).item(), rel=1e-4)
+    assert "TTA" in stdout
