@@ -11,6 +11,7 @@ Accuracy is the test accuracy after the last epoch (never the best epoch).
 """
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -87,11 +88,12 @@ def run_one(flags, seed, out, opts, resume=True):
     attempts = [["--resume", out, *flags.split(), "--seed", str(seed)], fresh] if resume and resumable(out) else [fresh]
     for args in attempts:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "train.py", *args, *common], cwd=ROOT, capture_output=True,
-                              text=True, env=env)
+        proc = train(args + common, env)
         wall = time.perf_counter() - t0
         if proc.returncode != 2 or args is fresh:
             break
+    if proc.returncode == 130:
+        raise UserError(f"stopped part way; the same command continues the run in {out}", 130)
     if proc.returncode:
         last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise UserError(f"this run failed: train.py {' '.join(args + common)}\n  {last[0]}")
@@ -100,6 +102,20 @@ def run_one(flags, seed, out, opts, resume=True):
     last = torch.load(os.path.join(out, "last.pt"), weights_only=True)["history"][-1]
     # A run with --ema is its EMA weights: evaluate.py, predict.py and export.py use them by default.
     return last.get("ema_test_acc", last["test_acc"]), (wall if args is fresh else None), last["epoch"]
+
+
+def train(args, env):
+    """Run train.py to the end. Ctrl-C is passed on to it once per press, so it saves at the end of
+    its step and exits 130 (pressed twice, it quits at once); left to the terminal, subprocess.run
+    would kill it a quarter second later, before it could save."""
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    previous = signal.signal(signal.SIGINT, lambda *_: proc.send_signal(signal.SIGINT))
+    try:
+        stdout, stderr = proc.communicate()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def resumable(out):

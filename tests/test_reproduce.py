@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -86,3 +87,20 @@ def test_a_stopped_run_is_continued_unless_its_command_differs(tmp_path, stopped
     run = json.load(open(tmp_path / "quick" / "reproduce.json"))["000/ours"][0]
     assert (run["wall_s"] is None) == continued and run["epochs"] == 1
     assert ("not timed" in (tmp_path / "quick" / "reproduce.md").read_text()) == continued
+
+
+def test_ctrl_c_stops_the_run_with_a_note_and_the_same_command_continues_it(tmp_path):
+    args = [sys.executable, "reproduce.py", "000", "--which", "ours", "--quick", "--seeds", "1", "--results", str(tmp_path)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = tmp_path / "quick" / "runs" / "000-ours-0" / "args.json"
+    deadline = time.time() + 120
+    while not started.exists() and time.time() < deadline:   # train.py has begun: stop it now
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "stopped part way; the same command continues the run" in err, err
+    assert not (tmp_path / "quick" / "reproduce.json").exists()
+    again = run_cli(args[1:])
+    assert again.returncode == 0, again.stderr
+    assert "continued the stopped run" in again.stdout
+    assert json.load(open(tmp_path / "quick" / "reproduce.json"))["000/ours"][0]["epochs"] == 1
