@@ -240,7 +240,8 @@ def main(argv):
                                                 opts, resume=not opts.redo)
                     print(f"{key} seed {seed}: {acc:.2f} % after {epochs} epochs"
                           + (f", {wall:.0f} s" if wall is not None else ""), flush=True)
-                    results = record(path, key, {"seed": seed, "acc": acc, "wall_s": wall and round(wall, 1), "epochs": epochs,
+                    wall_s = None if wall is None else round(wall, 1)
+                    results = record(path, key, {"seed": seed, "acc": acc, "wall_s": wall_s, "epochs": epochs,
                                                  "flags": flags, "machine": machine(), "torch": torch.__version__,
                                                  "threads": opts.threads or torch.get_num_threads()})
     md = table(results, machine())

@@ -5,9 +5,10 @@
     python top.py --table                # rebuild the table from the runs recorded so far
 
 Like reproduce.py, each finished run is recorded in results/top.json as it ends, and a run stopped
-part way (Ctrl-C, a reboot) resumes from its last checkpoint: a long run can be stopped and continued. Every accuracy is measured after the last epoch, never at the best test
-epoch: single models with and without --tta, and the ensemble (mean softmax) of all seeds of a row,
-all through evaluate.py.
+part way (Ctrl-C, a reboot) resumes from its last checkpoint, so a long run can be stopped and
+continued. Every accuracy is measured after the last epoch, never at the best test epoch: single
+models with and without --tta, and the ensemble (mean softmax) of all seeds of a row, all through
+evaluate.py.
 """
 import json
 import os
@@ -110,7 +111,8 @@ def main(argv):
             params = count_params(get_model(ckpt["model"]["name"], **ckpt["model"]["kwargs"]))
             print(f"{rid} seed {seed}: {acc:.2f} % ({tta:.2f} % with TTA) after {epochs} epochs"
                   + (f", {wall / 60:.1f} min" if wall is not None else ""), flush=True)
-            results = record(path, f"{rid}/run", {"seed": seed, "acc": acc, "tta_acc": tta, "wall_s": wall and round(wall, 1),
+            wall_s = None if wall is None else round(wall, 1)
+            results = record(path, f"{rid}/run", {"seed": seed, "acc": acc, "tta_acc": tta, "wall_s": wall_s,
                                                   "epochs": epochs, "params": params, "flags": flags,
                                                   "machine": machine(), "threads": opts.threads or torch.get_num_threads()},
                              COMMANDS)
