@@ -76,7 +76,7 @@ def machine():
 
 
 def run_one(flags, seed, out, opts, resume=True):
-    """Train once; (final test accuracy, wall seconds, epochs run). A run folder left by a stopped
+    """Train once; (final test accuracy, wall seconds to 0.1 s, epochs run). A run folder left by a stopped
     run of the same command is resumed rather than started over; its wall time is then None,
     because the stopped part was not timed."""
     common = ["--progress", "off", "--device", opts.device] + (["--data-dir", opts.data_dir] if opts.data_dir else [])
@@ -101,7 +101,7 @@ def run_one(flags, seed, out, opts, resume=True):
         print(f"continued the stopped run in {out}", flush=True)
     last = torch.load(os.path.join(out, "last.pt"), weights_only=True)["history"][-1]
     # A run with --ema is its EMA weights: evaluate.py, predict.py and export.py use them by default.
-    return last.get("ema_test_acc", last["test_acc"]), (wall if args is fresh else None), last["epoch"]
+    return last.get("ema_test_acc", last["test_acc"]), (round(wall, 1) if args is fresh else None), last["epoch"]
 
 
 def train(args, env):
@@ -180,8 +180,9 @@ def cell(runs):
         return "not run", ""
     accs = [r["acc"] for r in runs]
     std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    wall = median_wall(runs)
     return (f"{statistics.mean(accs):.2f} ± {std:.2f} % ({len(accs)} seed{'s' if len(accs) > 1 else ''})",
-            "not timed" if median_wall(runs) is None else f"{median_wall(runs):.0f} s")
+            "not timed" if wall is None else f"{wall:.0f} s")
 
 
 def table(results, machine_name):
@@ -240,8 +241,7 @@ def main(argv):
                                                 opts, resume=not opts.redo)
                     print(f"{key} seed {seed}: {acc:.2f} % after {epochs} epochs"
                           + (f", {wall:.0f} s" if wall is not None else ""), flush=True)
-                    wall_s = None if wall is None else round(wall, 1)
-                    results = record(path, key, {"seed": seed, "acc": acc, "wall_s": wall_s, "epochs": epochs,
+                    results = record(path, key, {"seed": seed, "acc": acc, "wall_s": wall, "epochs": epochs,
                                                  "flags": flags, "machine": machine(), "torch": torch.__version__,
                                                  "threads": opts.threads or torch.get_num_threads()})
     md = table(results, machine())

@@ -111,8 +111,7 @@ def main(argv):
             params = count_params(get_model(ckpt["model"]["name"], **ckpt["model"]["kwargs"]))
             print(f"{rid} seed {seed}: {acc:.2f} % ({tta:.2f} % with TTA) after {epochs} epochs"
                   + (f", {wall / 60:.1f} min" if wall is not None else ""), flush=True)
-            wall_s = None if wall is None else round(wall, 1)
-            results = record(path, f"{rid}/run", {"seed": seed, "acc": acc, "tta_acc": tta, "wall_s": wall_s,
+            results = record(path, f"{rid}/run", {"seed": seed, "acc": acc, "tta_acc": tta, "wall_s": wall,
                                                   "epochs": epochs, "params": params, "flags": flags,
                                                   "machine": machine(), "threads": opts.threads or torch.get_num_threads()},
                              COMMANDS)
