@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import HAS_FASHION, ROOT, SHARED, run_cli
+from conftest import HAS_FASHION, ROOT, SHARED, run_cli, run_script
 from reproduce import ROW_IDS, ROWS
 
 
@@ -38,7 +38,6 @@ def test_unknown_row_is_refused(tmp_path):
 def test_top_table_summarizes_seeds_tta_and_ensembles(tmp_path, capsys):
     """top.py's table from recorded runs: mean ± std over seeds, and runs of an older command left out."""
     import top
-    from conftest import run_script
     rid, _, _, _, flags = top.TOP[0]
     run = {"epochs": 15, "params": 288170, "flags": flags, "machine": "test", "threads": 1}
     recorded = {f"{rid}/run": [{**run, "seed": 0, "acc": 99.60, "tta_acc": 99.64, "wall_s": 600},
@@ -53,6 +52,43 @@ def test_top_table_summarizes_seeds_tta_and_ensembles(tmp_path, capsys):
     assert (tmp_path / "top.md").read_text() == out
     code, _, err = run_script("top", ["cifar", "--results", str(tmp_path)], capsys)
     assert code == 2 and "unknown row 'cifar'" in err
+
+
+def test_a_mix_ensembles_the_first_seeds_of_each_row_once_all_have_run(tmp_path, monkeypatch, capsys):
+    """top.py's cross-row ensemble takes the first N seeds of each member row, and waits for them."""
+    import shutil
+    import top
+    mid, dataset, target, _ = top.MIXES[0]
+    (first, n_first), (second, n_second) = members = (top.TOP_IDS[0], 1), (top.TOP_IDS[1], 2)   # 3 models: quicker
+    monkeypatch.setattr(top, "MIXES", [(mid, dataset, target, members)])
+    monkeypatch.setitem(top.COMMANDS, f"{mid}/ensemble", f"{n_first} x {top.FLAGS[first]} + {n_second} x {top.FLAGS[second]}")
+    recorded = {}
+    for rid, seeds in ((first, n_first + 1), (second, n_second - 1)):   # one more, then one fewer than needed
+        recorded[f"{rid}/run"] = [{"seed": s, "acc": 99.0, "tta_acc": 99.0, "wall_s": 60, "epochs": 1,
+                                    "params": 1, "flags": top.FLAGS[rid]} for s in range(seeds)]
+        for s in range(n_first if rid == first else seeds):          # the extra seed has no checkpoint at all
+            os.makedirs(tmp_path / "top-runs" / f"{rid}-{s}")
+            shutil.copy(os.path.join(ROOT, "weights", "mnist.pt"), tmp_path / "top-runs" / f"{rid}-{s}" / "last.pt")
+    (tmp_path / "top.json").write_text(json.dumps(recorded))
+    args = [mid, "--results", str(tmp_path), "--data-dir", SHARED]
+    code, out, err = run_script("top", args, capsys)
+    assert code == 0 and f"needs {n_second} runs of {second}, {n_second - 1} recorded" in out, err
+    assert f"{mid}/ensemble" not in json.load(open(tmp_path / "top.json"))
+
+    recorded[f"{second}/run"].append({**recorded[f"{second}/run"][0], "seed": n_second - 1})
+    os.makedirs(tmp_path / "top-runs" / f"{second}-{n_second - 1}")
+    shutil.copy(os.path.join(ROOT, "weights", "mnist.pt"), tmp_path / "top-runs" / f"{second}-{n_second - 1}" / "last.pt")
+    (tmp_path / "top.json").write_text(json.dumps(recorded))
+    code, out, err = run_script("top", args, capsys)
+    assert code == 0, err
+    ens = {r["tta"]: r for r in json.load(open(tmp_path / "top.json"))[f"{mid}/ensemble"]}
+    assert ens[False]["models"] == n_first + n_second and ens[False]["acc"] == 99.47   # copies of one model
+    assert ens[True]["acc"] > 99.0
+    report = json.load(open(tmp_path / "top-runs" / mid / "report.json"))
+    assert sorted(os.path.basename(os.path.dirname(p)) for p in report["results"] if p != "ensemble") == sorted(
+        [f"{first}-{s}" for s in range(n_first)] + [f"{second}-{s}" for s in range(n_second)])
+    line = next(row for row in open(tmp_path / "top.md").read().splitlines() if row.startswith(f"| {mid} |"))
+    assert f"| {n_first + n_second} | 99.47 % |" in line
 
 
 def test_processes_with_other_commands_keep_each_others_runs(tmp_path):
