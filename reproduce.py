@@ -59,7 +59,9 @@ ROWS = [  # id, model, dataset, its recipe, it reported, our target (mean of 3),
      # test). Chosen on a --val 10000 split, mean of seeds 0 and 1, never on the test set: Adam 1e-2 with
      # milder augmentation and no smoothing 99.28 % (SGD 0.05 Nesterov 99.21 %, seed 0), the same without
      # augmentation 99.22 %, at lr 2e-2 99.35 %, at batch 64 99.37 %, at batch 32 99.39 %; EMA weights
-     # added 0.02-0.08 % (batch 32 with EMA: 99.42 %; batch 64, lr 2e-2 with EMA: 99.35 %).
+     # added 0.02-0.08 % (batch 32 with EMA: 99.42 %; batch 64, lr 2e-2 with EMA: 99.35 %). A later check,
+     # seeds 0-2 each: this recipe 99.41 %, with label smoothing 0.1 99.42 %, with the default (stronger)
+     # augmentation 99.35 %, both 99.39 %, batch 16 99.29 % (seed 0): all within the noise, so it stays.
      "--model tiny --optimizer adam --lr 1e-2 --scheduler onecycle --batch-size 32 --epochs 15 "
      "--augment --rotate 7 --translate 0.05 --scale 0.05 --ema 0.999"),
 ]
