@@ -2,6 +2,7 @@
 
     python top.py                        # every row, 2 seeds each; writes results/top.md
     python top.py mnist --seeds 5        # five MNIST models, then their ensemble
+    python top.py mnist-mix              # the ensemble across rows (MIXES), once its members have run
     python top.py --table                # rebuild the table from the runs recorded so far
 
 Like reproduce.py, each finished run is recorded in results/top.json as it ends, and a run stopped
@@ -78,6 +79,7 @@ def ensemble(path, key, paths, opts, out=None):
 
 
 def run_mix(results, path, folder, mix, opts):
+    """Evaluate one ensemble across rows, or say which member row still lacks runs."""
     mid, _, _, members = mix
     paths = []
     for rid, n in members:
