@@ -44,9 +44,14 @@ MIXES = [  # id, dataset, target, (row, number of its seeds) ...
 FLAGS = {rid: flags for rid, *_, flags in TOP}
 TOP_IDS = [row[0] for row in TOP] + [mix[0] for mix in MIXES]
 COMMANDS = {f"{rid}/{kind}": flags for rid, flags in FLAGS.items() for kind in ("run", "ensemble")}
-# A mix's results stand only while every member row keeps its command.
-COMMANDS.update({f"{mid}/ensemble": " + ".join(f"{n} x {FLAGS[rid]}" for rid, n in members)
-                 for mid, _, _, members in MIXES})
+
+
+def mix_command(members):
+    """What a mix's results are recorded under: they stand only while every member row keeps its command."""
+    return " + ".join(f"{n} x {FLAGS[rid]}" for rid, n in members)
+
+
+COMMANDS.update({f"{mid}/ensemble": mix_command(members) for mid, _, _, members in MIXES})
 
 
 def evaluate(paths, opts, tta, out=None):
@@ -67,15 +72,19 @@ def runs_of(results, rid):
     return sorted(results.get(f"{rid}/run", []), key=lambda r: r["seed"])
 
 
+def run_dir(folder, rid, seed):
+    return os.path.join(folder, "top-runs", f"{rid}-{seed}")
+
+
 def ensemble(path, key, paths, opts, out=None):
     """Evaluate the ensemble of PATHS without and with TTA; record both under KEY."""
     for tta in (False, True):
         acc = evaluate(paths, opts, tta, out)
         print(f"{key.split('/')[0]} ensemble of {len(paths)}{' with TTA' if tta else ''}: {acc:.2f} %", flush=True)
         # "seed" is what record() replaces by: one entry without TTA (0) and one with (1)
-        record(path, key, {"seed": int(tta), "tta": tta, "acc": acc, "models": len(paths),
-                           "flags": COMMANDS[key]}, COMMANDS)
-    return load(path)
+        results = record(path, key, {"seed": int(tta), "tta": tta, "acc": acc, "models": len(paths),
+                                     "flags": COMMANDS[key]}, COMMANDS)
+    return results
 
 
 def run_mix(results, path, folder, mix, opts):
@@ -88,7 +97,7 @@ def run_mix(results, path, folder, mix, opts):
             print(f"{mid}: needs {n} runs of {rid}, {len(runs)} recorded; run `python top.py {rid} --seeds {n}` "
                   "first", flush=True)
             return results
-        paths += [os.path.join(folder, "top-runs", f"{rid}-{r['seed']}", "last.pt") for r in runs[:n]]
+        paths += [os.path.join(run_dir(folder, rid, r["seed"]), "last.pt") for r in runs[:n]]
     return ensemble(path, f"{mid}/ensemble", paths, opts, os.path.join(folder, "top-runs", mid))
 
 
@@ -116,7 +125,7 @@ def table(results):
             if runs else f"| {rid} | `{model}` | | | not run | | | | | ≥ {single:g} % / ≥ {ensemble:g} % |")
     lines += ["", "Ensembles across rows (the first seeds of each; `python top.py ID` evaluates one):", "",
               "| ensemble | models | params | ensemble | ensemble + TTA | target |", "|---|---|---|---|---|---|"]
-    for mid, dataset, target, members in MIXES:
+    for mid, _, target, members in MIXES:
         ens = {r["tta"]: r for r in results.get(f"{mid}/ensemble", [])}
         ran = all(runs_of(results, rid) for rid, _ in members)
         params = f"{sum(n * runs_of(results, rid)[0]['params'] for rid, n in members):,}" if ran else ""
@@ -154,7 +163,7 @@ def main(argv):
         for seed in range(opts.first_seed, opts.first_seed + opts.seeds):
             if seed in done:
                 continue
-            out = os.path.join(folder, "top-runs", f"{rid}-{seed}")
+            out = run_dir(folder, rid, seed)
             acc, wall, epochs = run_one(flags, seed, out, opts)
             ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
             tta = evaluate([os.path.join(out, "last.pt")], opts, tta=True)
@@ -167,7 +176,7 @@ def main(argv):
                              COMMANDS)
         runs = runs_of(results, rid)
         if len(runs) > 1:
-            paths = [os.path.join(folder, "top-runs", f"{rid}-{r['seed']}", "last.pt") for r in runs][:5]
+            paths = [os.path.join(run_dir(folder, rid, r["seed"]), "last.pt") for r in runs[:5]]
             results = ensemble(path, f"{rid}/ensemble", paths, opts)
     for mix in ([] if opts.table else MIXES):
         if not opts.rows or mix[0] in opts.rows:

@@ -61,7 +61,7 @@ def test_a_mix_ensembles_the_first_seeds_of_each_row_once_all_have_run(tmp_path,
     mid, dataset, target, _ = top.MIXES[0]
     (first, n_first), (second, n_second) = members = (top.TOP_IDS[0], 1), (top.TOP_IDS[1], 2)   # 3 models: quicker
     monkeypatch.setattr(top, "MIXES", [(mid, dataset, target, members)])
-    monkeypatch.setitem(top.COMMANDS, f"{mid}/ensemble", f"{n_first} x {top.FLAGS[first]} + {n_second} x {top.FLAGS[second]}")
+    monkeypatch.setitem(top.COMMANDS, f"{mid}/ensemble", top.mix_command(members))
     recorded = {}
     for rid, seeds in ((first, n_first + 1), (second, n_second - 1)):   # one more, then one fewer than needed
         recorded[f"{rid}/run"] = [{"seed": s, "acc": 99.0, "tta_acc": 99.0, "wall_s": 60, "epochs": 1,
