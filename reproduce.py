@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from common import Parser, UserError, non_negative, positive, run, write_text_atomic
+from common import Parser, UserError, non_negative, pick_device, positive, run, write_text_atomic
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FASHION = "--dataset fashion-mnist"
@@ -68,13 +68,41 @@ ROWS = [  # id, model, dataset, its recipe, it reported, our target (mean of 3),
 ROW_IDS = [row[0] for row in ROWS]
 
 
-def machine():
+def machine(device="cpu"):
+    """What a run on DEVICE is timed on: the GPU it uses, else the CPU."""
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)} (CUDA)"
+    if dev.type == "mps":
+        return "Apple GPU (MPS)"
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         cpu = "CPU"
     return f"{cpu}, {os.cpu_count()} cores"
+
+
+def machine_list(runs):
+    """The machines the runs were timed on, in a fixed order, for a table's header and time cells."""
+    return sorted({r.get("machine", "?") for r in runs if r.get("wall_s") is not None})
+
+
+def wall_by_machine(runs, machines, fmt):
+    """Median wall time per machine, formatted by FMT; tagged [i] (the machine's place in MACHINES)
+    where the table has runs from more than one, since a GPU's minutes are not a CPU's."""
+    cells = []
+    for i, name in enumerate(machines, 1):
+        wall = median_wall([r for r in runs if r.get("machine", "?") == name])
+        if wall is not None:
+            cells.append(fmt(wall) + (f" [{i}]" if len(machines) > 1 else ""))
+    return ", ".join(cells) or "not timed"
+
+
+def machines_line(machines):
+    if len(machines) == 1:
+        return f"Machine: {machines[0]}"
+    return "Machines: " + "; ".join(f"[{i}] {name}" for i, name in enumerate(machines, 1))
 
 
 def run_one(flags, seed, out, opts, resume=True):
@@ -176,27 +204,28 @@ def open_results(opts, row_ids, name, load):
     return folder, path, load(path)
 
 
-def cell(runs):
-    """'mean ± std' of accuracy and the median wall time, from the runs recorded for one command."""
+def cell(runs, machines):
+    """'mean ± std' of accuracy and the median wall time per machine, from the runs recorded for one command."""
     if not runs:
         return "not run", ""
     accs = [r["acc"] for r in runs]
     std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    wall = median_wall(runs)
     return (f"{statistics.mean(accs):.2f} ± {std:.2f} % ({len(accs)} seed{'s' if len(accs) > 1 else ''})",
-            "not timed" if wall is None else f"{wall:.0f} s")
+            wall_by_machine(runs, machines, lambda s: f"{s:.0f} s"))
 
 
-def table(results, machine_name):
-    threads = sorted({r.get("threads", "?") for runs in results.values() for r in runs}, key=str)
-    lines = [f"Machine: {machine_name}; {'/'.join(map(str, threads))} CPU thread(s) per run. Accuracy: final-epoch "
+def table(results):
+    every = [r for runs in results.values() for r in runs]
+    threads = sorted({r.get("threads", "?") for r in every}, key=str)
+    machines = machine_list(every) or [machine()]
+    lines = [f"{machines_line(machines)}; {'/'.join(map(str, threads))} CPU thread(s) per run. Accuracy: final-epoch "
              "test accuracy, mean ± std over seeds; time: median wall time of one whole `train.py` process.", "",
              "| row | model | dataset | recipe | notebook reported | notebook replayed | time | ours | time | target |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for rid, model, dataset, recipe, reported, target, _, ours_flags in ROWS:
-        nb_acc, nb_time = cell(results.get(f"{rid}/notebook", []))
+        nb_acc, nb_time = cell(results.get(f"{rid}/notebook", []), machines)
         ours_key = f"{rid}/ours" if ours_flags else f"{rid.split('-')[0]}/ours"
-        ours_acc, ours_time = cell(results.get(ours_key, []))
+        ours_acc, ours_time = cell(results.get(ours_key, []), machines)
         if not ours_flags:
             ours_acc, ours_time = "(as above)", ""
         lines.append(f"| {rid} | `{model}` | {dataset} | {recipe} | {reported} % | {nb_acc} | {nb_time} | "
@@ -244,9 +273,9 @@ def main(argv):
                     print(f"{key} seed {seed}: {acc:.2f} % after {epochs} epochs"
                           + (f", {wall:.0f} s" if wall is not None else ""), flush=True)
                     results = record(path, key, {"seed": seed, "acc": acc, "wall_s": wall, "epochs": epochs,
-                                                 "flags": flags, "machine": machine(), "torch": torch.__version__,
+                                                 "flags": flags, "machine": machine(opts.device), "torch": torch.__version__,
                                                  "threads": opts.threads or torch.get_num_threads()})
-    md = table(results, machine())
+    md = table(results)
     write_text_atomic(md, os.path.join(folder, "reproduce.md"))
     print(md, end="")
     return 0
