@@ -153,7 +153,7 @@ def table(results):
 
 
 def minutes(seconds):
-    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds / 60:.1f} min"
+    return f"{seconds / 60:.1f} min" if seconds < 600 else f"{seconds / 60:.0f} min"
 
 
 def main(argv):

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 # Plain SGD on a model with neither BatchNorm nor dropout: the only per-rank state is the batch,
 # so two ranks averaging their shares' gradients must step exactly like one process.
 SGD = ["--model", "cnn", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0", "--scheduler", "none",
-       "--batch-size", "50", "--seed", "4", "--progress", "off"]
+       "--batch-size", "50", "--seed", "4", "--progress", "off", "--device", "cpu"]   # gloo, even beside a GPU
 
 
 def torchrun(args, nproc=2):

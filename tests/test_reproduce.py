@@ -54,6 +54,25 @@ def test_top_table_summarizes_seeds_tta_and_ensembles(tmp_path, capsys):
     assert code == 2 and "unknown row 'cifar'" in err
 
 
+def test_runs_from_two_machines_are_timed_apart_and_ensembled_where_their_checkpoints_are(tmp_path, capsys):
+    """Seeds run on a GPU machine and on a CPU count together for accuracy, but each machine gets its
+    own time; an ensemble whose checkpoints stayed on the other machine is skipped with a note."""
+    import top
+    rid, _, _, _, flags = top.TOP[0]
+    run = {"epochs": 15, "params": 288170, "flags": flags, "threads": 1, "acc": 99.7, "tta_acc": 99.7}
+    recorded = {f"{rid}/run": [{**run, "seed": 0, "machine": "cpu box", "wall_s": 600},
+                               {**run, "seed": 1, "machine": "cpu box", "wall_s": 720},
+                               {**run, "seed": 2, "machine": "H100 (CUDA)", "wall_s": 150}]}
+    (tmp_path / "top.json").write_text(json.dumps(recorded))
+    code, out, err = run_script("top", [rid, "--seeds", "3", "--results", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert f"{rid}: no ensemble here, 3 of its checkpoints are missing" in out
+    assert "Machines: [1] H100 (CUDA); [2] cpu box;" in out
+    line = next(row for row in out.splitlines() if row.startswith(f"| {rid} |"))
+    assert "| 99.70 ± 0.00 % (3) |" in line and "| not run | not run | 2.5 min [1], 11 min [2] |" in line
+    assert f"{rid}/ensemble" not in json.load(open(tmp_path / "top.json"))
+
+
 def test_a_mix_ensembles_the_first_seeds_of_each_row_once_all_have_run(tmp_path, monkeypatch, capsys):
     """top.py's cross-row ensemble takes the first N seeds of each member row, and waits for them."""
     import shutil
@@ -70,7 +89,7 @@ def test_a_mix_ensembles_the_first_seeds_of_each_row_once_all_have_run(tmp_path,
             os.makedirs(tmp_path / "top-runs" / f"{rid}-{s}")
             shutil.copy(os.path.join(ROOT, "weights", "mnist.pt"), tmp_path / "top-runs" / f"{rid}-{s}" / "last.pt")
     (tmp_path / "top.json").write_text(json.dumps(recorded))
-    args = [mid, "--results", str(tmp_path), "--data-dir", SHARED]
+    args = [mid, "--results", str(tmp_path)]   # MNIST: the copy in ./data
     code, out, err = run_script("top", args, capsys)
     assert code == 0 and f"needs {n_second} runs of {second}, {n_second - 1} recorded" in out, err
     assert f"{mid}/ensemble" not in json.load(open(tmp_path / "top.json"))

@@ -34,7 +34,7 @@ def test_fast_path_matches_plain_loop(synth, tmp_path, capsys):
     code, _, err = run_script("train", ["--model", "fast", "--optimizer", "sgd", "--lr", "0.05", "--scheduler",
                                         "none", "--epochs", "1", "--batch-size", "64", "--seed", "3",
                                         "--channels-last", "on", "--data-dir", synth, "--out", out,
-                                        "--progress", "off"], capsys)
+                                        "--progress", "off", "--device", "cpu"], capsys)   # as the reference
     assert code == 0, err
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     mean, std = ckpt["data"]["mean"], ckpt["data"]["std"]
