@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Parser, UserError, build_model, load_checkpoint,
-                    checkpoint_path, load_file, pick_device, positive, run, write_text_atomic)
+                    checkpoint_path, load_file, non_negative, pick_device, positive, run, write_text_atomic)
 from data import DATASETS, Batches, dataset_info, load_split, normalization
 from models import list_models
 
@@ -123,6 +123,8 @@ def build_parser():
     p.add_argument("--weights", choices=["auto", "raw", "ema"], default="auto",
                    help="which weights of a run trained with --ema (default: auto, EMA when present)")
     p.add_argument("--batch-size", type=positive(int), default=1000, help="evaluation batch size (default: 1000)")
+    p.add_argument("--subset", type=non_negative(int), default=0,
+                   help="evaluate on the first N test images only, for a quick check (default: all)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average the softmax over the image "
                    "shifted one pixel each way (and mirrored, for datasets where that keeps the class)")
     p.add_argument("--out", help="folder for report.json, confusion.csv and the pictures (confusion, mistakes, "
@@ -143,6 +145,8 @@ def main(argv):
             raise UserError(f"{path} predicts {ckpt['model']['kwargs']['num_classes']} classes, "
                             f"but {name} has {len(info.classes)}", 2)
     images, labels = load_split(name, "test", args.data_dir, device)
+    if args.subset:
+        images, labels = images[:args.subset], labels[:args.subset]
     results, probs = {}, []
     for path, ckpt in ckpts:
         model, which = build_model(ckpt, args.weights, path)
@@ -173,7 +177,8 @@ def write_outputs(out, name, results, final, images, labels, probs, ckpts):
     except OSError as e:
         raise UserError(f"cannot create --out {out} ({e.strerror}); choose a writable folder") from None
     classes = dataset_info(name).classes
-    write_text_atomic(json.dumps({"dataset": name, "results": results}, indent=1), os.path.join(out, "report.json"))
+    write_text_atomic(json.dumps({"dataset": name, "test_images": len(labels), "results": results}, indent=1),
+                      os.path.join(out, "report.json"))
     csv = "true\\predicted," + ",".join(classes) + "\n" + "".join(
         f"{c}," + ",".join(map(str, row)) + "\n" for c, row in zip(classes, final["confusion"]))
     write_text_atomic(csv, os.path.join(out, "confusion.csv"))

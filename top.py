@@ -67,6 +67,7 @@ def evaluate(paths, opts, tta, out=None):
     out = (out or os.path.join(os.path.dirname(paths[0]), f"eval-{len(paths)}")) + ("-tta" if tta else "")
     argv = [sys.executable, "evaluate.py", *paths, "--out", out, "--device", opts.device]
     argv += (["--tta"] if tta else []) + (["--data-dir", opts.data_dir] if opts.data_dir else [])
+    argv += ["--subset", "512"] if opts.quick else []   # as train.py's test set in quick mode
     env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads)) if opts.threads else None
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -166,7 +167,8 @@ def main(argv):
     p.add_argument("--device", default="auto", help="passed to train.py and evaluate.py (default: auto)")
     p.add_argument("--data-dir", help="passed to train.py and evaluate.py (default: their search)")
     p.add_argument("--threads", type=positive(int), help="CPU threads per run (OMP_NUM_THREADS) (default: torch's)")
-    p.add_argument("--quick", action="store_true", help="each row on 512 images for 1 epoch, into RESULTS/quick")
+    p.add_argument("--quick", action="store_true", help="each row on 512 images for 1 epoch, tested on 512, into "
+                   "RESULTS/quick; checks that every command runs")
     p.add_argument("--table", action="store_true", help="only rebuild the table from the recorded runs")
     opts = p.parse_args(argv)
     folder, path, results = open_results(opts, TOP_IDS, "top.json", load)
@@ -182,7 +184,7 @@ def main(argv):
             ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
             tta = evaluate([os.path.join(out, "last.pt")], opts, tta=True)
             params = count_params(get_model(ckpt["model"]["name"], **ckpt["model"]["kwargs"]))
-            print(f"{rid} seed {seed}: {acc:.2f} % ({tta:.2f} % with TTA) after {epochs} epochs"
+            print(f"{rid} seed {seed}: {acc:.2f} % ({tta:.2f} % with TTA) after {epochs} epoch{'s' * (epochs != 1)}"
                   + (f", {wall / 60:.1f} min" if wall is not None else ""), flush=True)
             results = record(path, f"{rid}/run", {"seed": seed, "acc": acc, "tta_acc": tta, "wall_s": wall,
                                                   "epochs": epochs, "params": params, "flags": flags,

@@ -171,6 +171,7 @@ CASES = [
     ("eval unknown dataset", E, lambda f: [f.ckpt, "--dataset", "svhn"], 2, r"--dataset: invalid choice"),
     ("eval absent cuda", E, lambda f: [f.ckpt, "--device", "cuda:3"], 2, r"CUDA|device"),
     ("eval zero batch", E, lambda f: [f.ckpt, "--batch-size", "0"], 2, r"--batch-size: must be greater than 0"),
+    ("eval negative subset", E, lambda f: [f.ckpt, "--subset", "-5"], 2, r"--subset: must be 0 or more"),
     ("eval bad data", E, lambda f: [f.ckpt, "--data-dir", f.magic], 1, r"magic number"),
     ("data unknown dataset", D, lambda f: ["--stats", "cifar"], 2, r"invalid choice: 'cifar'"),
     ("data missing dir", D, lambda f: ["--stats", "mnist", "--data-dir", f.tmp + "/nowhere"], 2, r"does not exist"),

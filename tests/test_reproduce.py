@@ -35,6 +35,21 @@ def test_unknown_row_is_refused(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_top_quick_mode_runs_every_row(tmp_path):
+    """top.py --quick trains each row for a few steps and tests it on 512 images, so no row can rot."""
+    import top
+    rows = [rid for rid, dataset, *_ in top.TOP if HAS_FASHION or dataset == "MNIST"]
+    result = run_cli(["top.py", *rows, "--quick", "--seeds", "1", "--results", str(tmp_path)]
+                     + (["--data-dir", SHARED] if HAS_FASHION else []))
+    assert result.returncode == 0, result.stderr
+    recorded = json.load(open(tmp_path / "quick" / "top.json"))
+    assert sorted(key.split("/")[0] for key in recorded) == sorted(rows)
+    for rid in rows:
+        assert f"{rid} seed 0: " in result.stdout and recorded[f"{rid}/run"][0]["epochs"] == 1
+        report = json.load(open(tmp_path / "quick" / "top-runs" / f"{rid}-0" / "eval-1-tta" / "report.json"))
+        assert report["test_images"] == 512
+
+
 def test_top_table_summarizes_seeds_tta_and_ensembles(tmp_path, capsys):
     """top.py's table from recorded runs: mean ± std over seeds, and runs of an older command left out."""
     import top
