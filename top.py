@@ -37,7 +37,7 @@ TOP = [  # id, dataset, target for one model, target for an ensemble of <= 5, fl
      "--model resnet --width 32 --depth 2 --dataset fashion-mnist --epochs 30 --augment --erase 0.25 "
      "--batch-size 128 --optimizer adamw --lr 3e-3 --weight-decay 0.05 --scheduler onecycle --label-smoothing 0.1"),
     # The same at twice the width (4x the parameters), in bf16: a row for a GPU. Fixed before any run of
-    # it, as the step in capacity that five seeds of "fashion" (94.4 % each) cannot make up by averaging.
+    # it, as the step in capacity that five seeds of "fashion" (94.4 % on average) cannot make up by averaging.
     ("fashion-wide", "Fashion-MNIST", 94.5, 95.3,
      "--model resnet --width 64 --depth 2 --dataset fashion-mnist --epochs 30 --augment --erase 0.25 "
      "--batch-size 128 --optimizer adamw --lr 3e-3 --weight-decay 0.05 --scheduler onecycle --label-smoothing 0.1 "
