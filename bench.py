@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import Parser, UserError, pick_device, positive, run, write_text_atomic
+from common import Parser, UserError, machine, pick_device, positive, run, write_text_atomic
 from data import Batches, dataset_info, load_split
 from evaluate import predict_logits
 from models import get_model, list_models
@@ -230,17 +230,6 @@ def print_table(report, opts):
         print(f"{name}: {r['command']}")
 
 
-def machine():
-    import platform
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
-
-
 def main(argv):
     p = Parser(prog="bench.py", description="Measure training, data-pipeline and evaluation speed.")
     p.add_argument("--model", default="cnn", choices=list_models(), help="model for sections 1, 2, 4 (default: cnn)")
@@ -258,9 +247,7 @@ def main(argv):
                    "that everything runs; the figures mean nothing")
     opts = p.parse_args(argv)
     device = pick_device(opts.device)
-    report = {"machine": machine() if device.type == "cpu" else str(torch.cuda.get_device_name(device)
-                                                                    if device.type == "cuda" else device),
-              "torch": torch.__version__, "device": str(device), "options": vars(opts)}
+    report = {"machine": machine(opts.device), "torch": torch.__version__, "device": str(device), "options": vars(opts)}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         if "pipelines" not in opts.skip:
             print("timing the training loop on four feeds ...", flush=True)

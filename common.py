@@ -125,6 +125,22 @@ def pick_device(name):
     return device
 
 
+
+def machine(device="cpu"):
+    """What work on DEVICE (a --device name) is timed on, for reports: the GPU it uses, else the CPU."""
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)} (CUDA)"
+    if dev.type == "mps":
+        return "Apple GPU (MPS)"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        cpu = platform.processor() or platform.machine() or "CPU"
+    return f"{cpu}, {os.cpu_count()} cores"
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from common import Parser, UserError, non_negative, pick_device, positive, run, write_text_atomic
+from common import Parser, UserError, machine, non_negative, positive, run, write_text_atomic
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FASHION = "--dataset fashion-mnist"
@@ -68,24 +68,14 @@ ROWS = [  # id, model, dataset, its recipe, it reported, our target (mean of 3),
 ROW_IDS = [row[0] for row in ROWS]
 
 
-def machine(device="cpu"):
-    """What a run on DEVICE is timed on: the GPU it uses, else the CPU."""
-    dev = pick_device(device)
-    if dev.type == "cuda":
-        return f"{torch.cuda.get_device_name(dev)} (CUDA)"
-    if dev.type == "mps":
-        return "Apple GPU (MPS)"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = "CPU"
-    return f"{cpu}, {os.cpu_count()} cores"
-
-
-def machine_list(runs):
-    """The machines the runs were timed on, in a fixed order, for a table's header and time cells."""
-    return sorted({r.get("machine", "?") for r in runs if r.get("wall_s") is not None})
+def table_head(runs):
+    """(the machines the runs were timed on, in a fixed order; the table's opening words naming them
+    and the CPU threads per run)."""
+    machines = sorted({r.get("machine", "?") for r in runs if r.get("wall_s") is not None}) or [machine()]
+    threads = sorted({r.get("threads", "?") for r in runs}, key=str)
+    named = (f"Machine: {machines[0]}" if len(machines) == 1 else
+             "Machines: " + "; ".join(f"[{i}] {name}" for i, name in enumerate(machines, 1)))
+    return machines, f"{named}; {'/'.join(map(str, threads))} CPU thread(s) per run."
 
 
 def wall_by_machine(runs, machines, fmt):
@@ -97,12 +87,6 @@ def wall_by_machine(runs, machines, fmt):
         if wall is not None:
             cells.append(fmt(wall) + (f" [{i}]" if len(machines) > 1 else ""))
     return ", ".join(cells) or "not timed"
-
-
-def machines_line(machines):
-    if len(machines) == 1:
-        return f"Machine: {machines[0]}"
-    return "Machines: " + "; ".join(f"[{i}] {name}" for i, name in enumerate(machines, 1))
 
 
 def run_one(flags, seed, out, opts, resume=True):
@@ -215,10 +199,8 @@ def cell(runs, machines):
 
 
 def table(results):
-    every = [r for runs in results.values() for r in runs]
-    threads = sorted({r.get("threads", "?") for r in every}, key=str)
-    machines = machine_list(every) or [machine()]
-    lines = [f"{machines_line(machines)}; {'/'.join(map(str, threads))} CPU thread(s) per run. Accuracy: final-epoch "
+    machines, head = table_head([r for runs in results.values() for r in runs])
+    lines = [f"{head} Accuracy: final-epoch "
              "test accuracy, mean ± std over seeds; time: median wall time of one whole `train.py` process.", "",
              "| row | model | dataset | recipe | notebook reported | notebook replayed | time | ours | time | target |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -273,7 +255,8 @@ def main(argv):
                     print(f"{key} seed {seed}: {acc:.2f} % after {epochs} epochs"
                           + (f", {wall:.0f} s" if wall is not None else ""), flush=True)
                     results = record(path, key, {"seed": seed, "acc": acc, "wall_s": wall, "epochs": epochs,
-                                                 "flags": flags, "machine": machine(opts.device), "torch": torch.__version__,
+                                                 "flags": flags, "machine": machine(opts.device),
+                                                 "torch": torch.__version__,
                                                  "threads": opts.threads or torch.get_num_threads()})
     md = table(results)
     write_text_atomic(md, os.path.join(folder, "reproduce.md"))

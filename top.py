@@ -19,10 +19,9 @@ import sys
 
 import torch
 
-from common import Parser, UserError, non_negative, positive, run, write_text_atomic
+from common import Parser, UserError, machine, non_negative, positive, run, write_text_atomic
 from models import count_params, get_model
-from reproduce import (ROOT, current_only, machine, machine_list, machines_line, open_results, read_runs, record,
-                       run_one, wall_by_machine)
+from reproduce import ROOT, current_only, open_results, read_runs, record, run_one, table_head, wall_by_machine
 
 TOP = [  # id, dataset, target for one model, target for an ensemble of <= 5, flags
     ("mnist", "MNIST", 99.70, 99.78,
@@ -86,14 +85,15 @@ def run_dir(folder, rid, seed):
 
 def ensemble(path, key, paths, opts, out=None):
     """Evaluate the ensemble of PATHS without and with TTA; record both under KEY."""
+    rid = key.split("/")[0]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:   # e.g. seeds trained on another machine, recorded in a copy of top.json
-        print(f"{key.split('/')[0]}: no ensemble here, {len(missing)} of its checkpoints are missing ({missing[0]}); "
-              f"copy their run folders here, then run `python top.py {key.split('/')[0]}` again", flush=True)
+        print(f"{rid}: no ensemble here, {len(missing)} of its checkpoints are missing ({missing[0]}); "
+              f"copy their run folders here, then run `python top.py {rid}` again", flush=True)
         return load(path)
     for tta in (False, True):
         acc = evaluate(paths, opts, tta, out)
-        print(f"{key.split('/')[0]} ensemble of {len(paths)}{' with TTA' if tta else ''}: {acc:.2f} %", flush=True)
+        print(f"{rid} ensemble of {len(paths)}{' with TTA' if tta else ''}: {acc:.2f} %", flush=True)
         # "seed" is what record() replaces by: one entry without TTA (0) and one with (1)
         results = record(path, key, {"seed": int(tta), "tta": tta, "acc": acc, "models": len(paths),
                                      "flags": COMMANDS[key]}, COMMANDS)
@@ -115,10 +115,8 @@ def run_mix(results, path, folder, mix, opts):
 
 
 def table(results):
-    every = [r for rid, *_ in TOP for r in runs_of(results, rid)]
-    threads = sorted({r.get("threads", "?") for r in every}, key=str)
-    machines = machine_list(every) or [machine()]
-    lines = [f"{machines_line(machines)}; {'/'.join(map(str, threads))} CPU thread(s) per run. Test accuracy after the "
+    machines, head = table_head([r for rid, *_ in TOP for r in runs_of(results, rid)])
+    lines = [f"{head} Test accuracy after the "
              "last epoch; mean ± std over seeds (their number in brackets).", "",
              "| row | model | params | epochs | one model | one model + TTA | ensemble | ensemble + TTA "
              "| time per run | target (one / ensemble) |", "|---|---|---|---|---|---|---|---|---|---|"]
