@@ -26,6 +26,9 @@ FASHION = "--dataset fashion-mnist"
 # A better recipe for every row: Adam with a one-cycle schedule, label smoothing, and on-device augmentation
 # where the budget has more than one epoch. No option was chosen by looking at test accuracy of these runs.
 OURS = "--optimizer adam --lr 3e-3 --scheduler onecycle --label-smoothing 0.1"
+# Row 004's recipe, chosen on a validation split (see the comment in its row).
+TINY = ("--optimizer adam --lr 1e-2 --scheduler onecycle --batch-size 32 --epochs 15 "
+        "--augment --rotate 7 --translate 0.05 --scale 0.05 --ema 0.999")
 
 ROWS = [  # id, model, dataset, its recipe, it reported, our target (mean of 3), notebook flags, our flags
     ("000", "cnn", "MNIST", "RAdam 1.5e-3, decoupled wd, exp decay 0.9, batch 600, 5 epochs", "99.31", 99.35,
@@ -62,8 +65,11 @@ ROWS = [  # id, model, dataset, its recipe, it reported, our target (mean of 3),
      # added 0.02-0.08 % (batch 32 with EMA: 99.42 %; batch 64, lr 2e-2 with EMA: 99.35 %). A later check,
      # seeds 0-2 each: this recipe 99.41 %, with label smoothing 0.1 99.42 %, with the default (stronger)
      # augmentation 99.35 %, both 99.39 %, batch 16 99.29 % (seed 0): all within the noise, so it stays.
-     "--model tiny --optimizer adam --lr 1e-2 --scheduler onecycle --batch-size 32 --epochs 15 "
-     "--augment --rotate 7 --translate 0.05 --scale 0.05 --ema 0.999"),
+     f"--model tiny {TINY}"),
+    # The notebook's own next step: another model under 10k parameters, row 004's recipe unchanged. Chosen
+    # on the same --val 10000 split before any test run: 99.46, 99.47, 99.49 % (seeds 0-2), tiny 99.41 %.
+    ("004-tiny2", "tiny2", "MNIST", "the notebook's next step: no hidden linear layer, wider first layers",
+     None, 99.40, None, f"--model tiny2 {TINY}"),
 ]
 ROW_IDS = [row[0] for row in ROWS]
 
@@ -204,17 +210,17 @@ def table(results):
              "test accuracy, mean ± std over seeds; time: median wall time of one whole `train.py` process.", "",
              "| row | model | dataset | recipe | notebook reported | notebook replayed | time | ours | time | target |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for rid, model, dataset, recipe, reported, target, _, ours_flags in ROWS:
-        nb_acc, nb_time = cell(results.get(f"{rid}/notebook", []), machines)
-        ours_key = f"{rid}/ours" if ours_flags else f"{rid.split('-')[0]}/ours"
-        ours_acc, ours_time = cell(results.get(ours_key, []), machines)
-        if not ours_flags:
-            ours_acc, ours_time = "(as above)", ""
-        lines.append(f"| {rid} | `{model}` | {dataset} | {recipe} | {reported} % | {nb_acc} | {nb_time} | "
-                     f"{ours_acc} | {ours_time} | ≥ {target:g} % |")
+    # A row without one of the two commands shares the row above's: one "ours" serves both 003 rows,
+    # and 004-tiny2 has no notebook of its own.
+    for rid, model, dataset, recipe, reported, target, nb_flags, ours_flags in ROWS:
+        nb_acc, nb_time = cell(results.get(f"{rid}/notebook", []), machines) if nb_flags else ("(as above)", "")
+        ours_acc, ours_time = cell(results.get(f"{rid}/ours", []), machines) if ours_flags else ("(as above)", "")
+        lines.append(f"| {rid} | `{model}` | {dataset} | {recipe} | {reported + ' %' if reported else '(as above)'} "
+                     f"| {nb_acc} | {nb_time} | {ours_acc} | {ours_time} | ≥ {target:g} % |")
     lines += ["", "Commands (`reproduce.py` adds `--seed S --out DIR`):", ""]
     for rid, *_, nb_flags, ours_flags in ROWS:
-        lines.append(f"- {rid} notebook: `python train.py {nb_flags}`")
+        if nb_flags:
+            lines.append(f"- {rid} notebook: `python train.py {nb_flags}`")
         if ours_flags:
             lines.append(f"- {rid} ours: `python train.py {ours_flags}`")
     return "\n".join(lines) + "\n"

@@ -17,6 +17,13 @@ def test_notebook_parameter_counts(name, params):
     assert count_params(get_model(name)) == params
 
 
+def test_tiny2_keeps_notebook_004s_budget_with_wider_first_layers():
+    model = get_model("tiny2")
+    assert count_params(model) == 9_074 < 10_000
+    shapes = [s for _, s, _ in summary(model) if len(s) == 3]
+    assert shapes[0] == (8, 28, 28) and (16, 28, 28) in shapes and (20, 8, 8) in shapes
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_forward_gives_logits_for_any_class_count(name):
     model = get_model(name, in_channels=1, num_classes=7).eval()

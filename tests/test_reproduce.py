@@ -24,6 +24,8 @@ def test_quick_mode_runs_every_command_and_writes_the_table(tmp_path):
     assert all(len(runs) == 1 and 0 <= runs[0]["acc"] <= 100 for runs in recorded.values())
     table = open(tmp_path / "quick" / "reproduce.md").read()
     assert all(f"| {rid} |" in table for rid in rows) and "python train.py" in table
+    # a row with no notebook of its own shares the row above's, and lists no notebook command
+    assert "| 004-tiny2 | `tiny2` | MNIST |" in table and "- 004-tiny2 notebook" not in table
     # A second call finds every run recorded and only rebuilds the table.
     again = run_cli(args + (["--data-dir", SHARED] if HAS_FASHION else []))
     assert again.returncode == 0 and "seed 0:" not in again.stdout
