@@ -11,8 +11,9 @@
 3. time to accuracy: whole-process wall time of the README's speed commands, over seeds.
 4. evaluation: images/s on the test set, and the whole `python evaluate.py CKPT` process.
 
-Every timing is the median of several repeats; this machine is shared and noisy.
+Every timing is the median of several repeats, and ratios are taken within a repeat.
 """
+import argparse
 import itertools
 import json
 import os
@@ -22,25 +23,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
-from types import SimpleNamespace
 
 import torch
 
-from common import Parser, UserError, machine, pick_device, positive, run, write_text_atomic
+from common import Parser, UserError, machine, pick_device, positive, recipe_flags, run, write_text_atomic
 from data import Batches, dataset_info, load_split
-from evaluate import predict_logits
+from loop import Run, build_optimizer, predict_logits, train_one_epoch
 from models import get_model, list_models
-from train import DEFAULT_LR, build_optimizer, build_parser, train_one_epoch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# The README's speed commands; bench.py adds --seed, --out and --progress off.
-RECIPES = {
-    "fast": "python train.py --model fast --epochs 2 --batch-size 128 --scheduler onecycle --lr 1e-2 "
-            "--label-smoothing 0.1",
-    "strong": "python train.py --model cnn --epochs 5 --augment --batch-size 256 --scheduler onecycle --lr 6e-3 "
-              "--label-smoothing 0.1",
-}
+# The speed recipes; bench.py adds --seed, --out and --progress off.
+RECIPES = {"fast": "recipes/fast.args", "strong": "recipes/strong.args"}
 TARGETS = {"fast": (99.0, 10.0), "strong": (99.4, 45.0)}   # (mean accuracy %, median wall s) on a 2-core CPU
 
 
@@ -81,17 +74,25 @@ def notebook_loader(images, labels, batch_size, mean, std, seed, workers):
                                        num_workers=workers, generator=torch.Generator().manual_seed(seed))
 
 
+def loop_args(opts):
+    """The settings train_one_epoch reads, as train.py would resolve them for a plain Adam run at a
+    constant learning rate (no schedule, penalty, clipping or saving)."""
+    return argparse.Namespace(optimizer="adam", lr=1e-3, weight_decay=0.0, scheduler="none", warmup=0, epochs=1,
+                              label_smoothing=0.0, l1=0.0, l2=0.0, clip_grad=0.0, save_every=0,
+                              batch_size=opts.batch_size)
+
+
 def time_loop(model_name, make_feed, args, device, channels_last, steps):
     """Seconds for `steps` steps of train.py's training loop, after two warm-up steps."""
     torch.manual_seed(0)
     model = get_model(model_name).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    r = SimpleNamespace(model=model, step_model=model, device=device, optimizer=build_optimizer(model, args),
-                        channels_last=channels_last, ema=None, autocast=nullcontext(), scaler=None,
-                        interrupted=False, out=None, save=None, progress=0, dist=None)
+    info = dataset_info("mnist")
+    run = Run(args, model, model, build_optimizer(model, args), device, info, (info.mean, info.std),
+              channels_last=channels_last)
     for feed in (make_feed(2), make_feed(steps)):
-        row = train_one_epoch(r, feed, 1, 0, {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}, args)
+        row = train_one_epoch(run, feed, 1)
     return row["seconds"]   # train_one_epoch reads the loss back at its end, which waits for the device
 
 
@@ -99,9 +100,7 @@ def bench_pipelines(opts, device, report):
     """Sections 1 and 2: one loop, four feeds, repeats interleaved so slow spells hit every feed."""
     images, labels = load_split("mnist", "train", opts.data_dir, device)
     info = dataset_info("mnist")
-    args = build_parser().parse_args(["--model", opts.model, "--batch-size", str(opts.batch_size),
-                                      "--scheduler", "none"])
-    args.lr = DEFAULT_LR[args.optimizer]
+    args = loop_args(opts)
     cl = device.type == "cpu"   # what train.py's --channels-last auto picks here without --amp
     ours = Batches(images, labels, opts.batch_size, info.mean, info.std, shuffle=True, seed=0, channels_last=cl)
     staged = list(itertools.islice(ours.epoch(1), opts.steps))   # made before the clock starts
@@ -127,7 +126,7 @@ def bench_pipelines(opts, device, report):
     report["throughput"] = {name: opts.steps * opts.batch_size / s for name, s in med.items()}
     report["loop_seconds"] = times   # every repeat, for anyone who doubts a median
     # Ratios are taken within each repeat, between feeds timed seconds apart, and then the median:
-    # a slow spell of this shared machine then slows both sides of a ratio instead of one.
+    # a slow spell of a busy machine then slows both sides of a ratio instead of one.
     def paired(a, b):
         return statistics.median(x / y for x, y in zip(times[a], times[b]))
     report["throughput_ratio"] = paired("DataLoader (notebooks)", "ours")
@@ -144,9 +143,9 @@ def bench_pipelines(opts, device, report):
     report["batch_pct_of_step"] = 100 * report["batch_ms"] / 1000 / (med["staged in advance"] / opts.steps)
 
 
-def run_recipe(command, seed, out, device, quick=False):
-    """Whole-process wall time and final test accuracy of one README command."""
-    argv = command.split()[1:] + ["--seed", str(seed), "--out", out, "--overwrite", "--progress", "off"]
+def run_recipe(recipe, seed, out, device, quick=False):
+    """Whole-process wall time and final test accuracy of one recipe."""
+    argv = ["train.py", "@" + recipe, "--seed", str(seed), "--out", out, "--overwrite", "--progress", "off"]
     argv += ["--device", device] + (["--subset", "1000", "--epochs", "1"] if quick else [])
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
@@ -160,16 +159,17 @@ def run_recipe(command, seed, out, device, quick=False):
 def bench_recipes(opts, report, tmp):
     """Section 3: each recipe over seeds; the machine's start-up costs are part of the figure."""
     report["recipes"] = {}
-    for name, command in RECIPES.items():
+    for name, recipe in RECIPES.items():
         if name in opts.skip:
             continue
         walls, accs = [], []
         for seed in range(opts.seeds):
-            wall, acc = run_recipe(command, seed, os.path.join(tmp, f"{name}-{seed}"), opts.device, opts.quick)
+            wall, acc = run_recipe(recipe, seed, os.path.join(tmp, f"{name}-{seed}"), opts.device, opts.quick)
             walls.append(wall)
             accs.append(acc)
             print(f"  {name} seed {seed}: {acc:.2f} % in {wall:.1f} s", flush=True)
-        report["recipes"][name] = {"command": command, "seeds": opts.seeds, "wall_s": walls, "acc": accs,
+        report["recipes"][name] = {"command": f"python train.py @{recipe}", "flags": recipe_flags(recipe),
+                                   "seeds": opts.seeds, "wall_s": walls, "acc": accs,
                                    "median_wall_s": statistics.median(walls), "mean_acc": statistics.mean(accs),
                                    "min_acc": min(accs)}
 

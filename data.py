@@ -1,11 +1,14 @@
 """MNIST-style datasets held on the device as one uint8 tensor, batched without a DataLoader.
 
     python data.py --stats mnist                       # counts, pixel statistics, class balance
-    python data.py --stats fashion-mnist --data-dir ../shared/datasets
+    python data.py --stats fashion-mnist --data-dir DIR
     python data.py --show mnist --augment --out grid.png
 
-Needs only torch to import; torchvision is imported when files must be downloaded, and --show
-draws with plots.py (Pillow and torchvision's make_grid) from the same folder.
+    from data import load_split, Batches
+    images, labels = load_split("mnist", "train", device="cuda")   # uint8 [60000, 1, 28, 28] on the GPU
+
+Needs only torch to import, so it can be copied into another project alone; torchvision is imported
+when files must be downloaded, and --show draws with plots.py (Pillow and torchvision's make_grid).
 """
 import argparse
 import gzip
@@ -327,6 +330,25 @@ def print_stats(name, data_dir=None):
             print(f"  {k}  {cls:<{width}}  {c:>6,}  {100 * c / len(labels):5.2f} %  {'#' * round(50 * c / max(counts))}")
 
 
+def show_samples(name, out, data_dir=None, augment=False, seed=0, n=32):
+    """A labelled grid of random training images; with `augment`, each row of originals is followed
+    by the same images as train.py --augment would change them (flips only where the dataset allows)."""
+    from plots import label_grid, save_png   # Pillow and torchvision, beside this file
+    info = dataset_info(name)
+    images, labels = load_split(name, "train", data_dir)
+    pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n // 2 if augment else n]
+    images, captions = images[pick], [info.classes[k] for k in labels[pick].tolist()]
+    if augment:
+        changed = Augment(flip=info.flips)(images.float().div(255), torch.Generator().manual_seed(seed))
+        changed = changed.mul(255).round().clamp(0, 255).byte()
+        rows = [(images[i:i + 8], changed[i:i + 8], captions[i:i + 8]) for i in range(0, len(pick), 8)]
+        images = torch.cat([t for a, b, _ in rows for t in (a, b)])
+        captions = [c for _, _, cs in rows for c in (cs + ["augmented"] * len(cs))]
+    save_png(label_grid(images, captions), out)
+    print(f"wrote {out}: {len(captions)} {name} training images (seed {seed}"
+          f"{'; each row of originals is followed by the same images augmented' if augment else ''})")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Reports a bad argument in one line, without the usage block, like the other scripts."""
 
@@ -350,14 +372,13 @@ def main(argv=None):
         if args.stats:
             print_stats(args.stats, args.data_dir)
         if args.show:
-            try:   # drawing lives in plots.py (Pillow and torchvision's grid), beside this file
-                from plots import show_samples
-            except ImportError as e:
-                raise DataError(f"--show needs plots.py and Pillow beside data.py ({e})") from None
             show_samples(args.show, args.out, args.data_dir, args.augment, args.seed)
-    except DataError as e:
-        print(f"data.py: error: {e}", file=sys.stderr)
-        return e.code
+    except BrokenPipeError:   # piped into `head`: stop quietly, and leave the final flush nowhere to fail
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (DataError, OSError, ImportError) as e:
+        message = f"cannot write {args.out} ({e.strerror})" if isinstance(e, OSError) and e.strerror else str(e)
+        print(f"data.py: error: {message}", file=sys.stderr)
+        return getattr(e, "code", 1)
     return 0
 
 

@@ -13,7 +13,7 @@ rank 0 alone prints and writes files, and the ranks exchange what they need at f
   error instead, so the others stop at once with rank 0 printing one message; nobody waits on a
   rank that is gone.
 - training: DDP averages the gradients; the divergence and Ctrl-C/SIGTERM flags are all-reduced at
-  the same steps on every rank, metric sums are all-reduced, and evaluation is sharded.
+  the same steps on every rank, metric sums are all-reduced, and evaluation is sharded (loop.py).
 """
 import datetime
 import functools
@@ -25,12 +25,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from common import UserError, _describe, pick_device as pick_one_device, run, set_rng_state
+from checkpoint import set_rng_state
+from common import UserError, describe_error, pick_device as pick_one_device, run
 from data import dataset_info, find_split
-from evaluate import predict_logits
 
 # How long a rank waits in a collective before giving up: long enough for another rank to download
 # a dataset, short enough that a rank stuck without an error message does not hold a GPU for hours.
@@ -140,7 +139,7 @@ def _failure(e):
     """(message, exit code) of an exception, to send to the other ranks."""
     if isinstance(e, SystemExit):
         return None, e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    return _describe(e)
+    return describe_error(e)
 
 
 def exchange(world, payload=None, failure=None):
@@ -168,7 +167,7 @@ def on_rank0(world, fn, *args):
     try:
         result = fn(*args)
     except Exception as e:
-        exchange(world, failure=_describe(e))
+        exchange(world, failure=describe_error(e))
         world.shared = True
         raise
     return exchange(world, result)[0]
@@ -284,18 +283,8 @@ def sum_all(world, device, *values):
     return t.tolist()
 
 
-def evaluate(world, model, images, labels, norm, channels_last=False, autocast=None):
-    """(mean loss, accuracy %) of the model on a split, each rank scoring one slice. The per-image
-    losses and the correct counts are summed over the ranks and divided by the split's size, so the
-    accuracy is exactly that of one process scoring the same weights."""
-    # BatchNorm's running statistics move on each rank's own batches; use rank 0's, which are saved.
+def share_buffers(model):
+    """Give every rank rank 0's BatchNorm statistics, which move on each rank's own batches: rank 0's
+    are the ones saved, so evaluation uses them too."""
     for buffer in model.buffers():
         dist.broadcast(buffer, 0)
-    n = len(labels)
-    lo, hi = n * world.rank // world.size, n * (world.rank + 1) // world.size
-    sums = [0.0, 0]
-    if hi > lo:
-        logits = predict_logits(model, images[lo:hi], *norm, channels_last=channels_last, autocast=autocast)
-        sums = [F.cross_entropy(logits, labels[lo:hi], reduction="sum"), (logits.argmax(1) == labels[lo:hi]).sum()]
-    loss_sum, correct = sum_all(world, labels.device, *sums)
-    return loss_sum / n, 100.0 * int(correct) / n

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on its test set: loss, accuracy, per-class metrics, confusion matrix.
 
     python evaluate.py runs/mnist-cnn-20261122-101500/last.pt
-    python evaluate.py last.pt --dataset fashion-mnist --data-dir ../shared/datasets --out report/
+    python evaluate.py weights/fashion-mnist.pt --data-dir DIR --out report/   # tables and pictures
     python evaluate.py a.pt b.pt c.pt          # each model, then the ensemble (mean of softmax)
 
 The checkpoint alone rebuilds the model: architecture, normalization and class names live in it.
@@ -9,30 +9,15 @@ The checkpoint alone rebuilds the model: architecture, normalization and class n
 import json
 import os
 import sys
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
-from common import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Parser, UserError, build_model, load_checkpoint,
-                    checkpoint_path, load_file, non_negative, pick_device, positive, run, write_text_atomic)
-from data import DATASETS, Batches, dataset_info, load_split, normalization
+from checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, build_model, checkpoint_path, load_checkpoint, load_file
+from common import Parser, UserError, non_negative, pick_device, positive, run, write_text_atomic
+from data import DATASETS, dataset_info, load_split, normalization
+from loop import predict_logits, score
 from models import list_models
-
-
-@torch.inference_mode()
-def predict_logits(model, images, mean, std, batch_size=1000, channels_last=False, autocast=None):
-    """Logits (float32) for uint8 images held on the model's device, in large batches."""
-    was_training = model.training
-    model.eval()
-    labels = torch.zeros(len(images), dtype=torch.long, device=images.device)
-    batches = Batches(images, labels, batch_size, mean, std, channels_last=channels_last)
-    outs = []
-    for x, _ in batches.epoch():
-        with autocast or nullcontext():
-            outs.append(model(x).float())
-    model.train(was_training)
-    return torch.cat(outs) if outs else torch.zeros(0, 0, device=images.device)
 
 
 def tta_views(images, flips):
@@ -50,13 +35,6 @@ def predict_probs(model, images, mean, std, batch_size=1000, tta=False, flips=Fa
     """Softmax probabilities, averaged over the test-time views when `tta` is set."""
     views = tta_views(images, flips) if tta else [images]
     return torch.stack([predict_logits(model, v.contiguous(), mean, std, batch_size).softmax(1) for v in views]).mean(0)
-
-
-def score(logits, labels):
-    """(mean cross-entropy, accuracy in %) of logits against labels."""
-    loss = F.cross_entropy(logits, labels).item()
-    acc = 100.0 * (logits.argmax(1) == labels).sum().item() / max(len(labels), 1)
-    return loss, acc
 
 
 def confusion(pred, labels, num_classes):

@@ -13,7 +13,8 @@ import warnings
 
 import torch
 
-from common import Parser, UserError, build_model, load_checkpoint, positive, run, save_atomic
+from checkpoint import build_model, load_checkpoint, save_checkpoint
+from common import Parser, UserError, positive, run
 from data import load_split, normalize
 
 FORMATS = {"pt2": ".pt2", "onnx": ".onnx", "ckpt": ".pt"}
@@ -104,7 +105,7 @@ def main(argv):
         slim = slim_checkpoint(ckpt)
         slim["state_dict"] = model.state_dict()   # the chosen weights become the checkpoint's own
         slim.pop("ema_state_dict", None)
-        save_atomic(slim, out)
+        save_checkpoint(slim, out)
         reloaded, _ = build_model(load_checkpoint(out), path=out)
         exported = reloaded.eval()
     elif args.format == "pt2":

@@ -5,13 +5,12 @@
 
 Image grids need only torchvision and Pillow (which torchvision installs). The two plots with axes
 need matplotlib; without it they are skipped with one line saying so, and the grids are still drawn.
+Every picture is written to a temporary file and renamed, so a failed write leaves no half a PNG.
 """
 import os
 
 import torch
 import torch.nn.functional as F
-
-from data import Augment, DataError, dataset_info, load_split
 
 RED, GREEN = (190, 20, 20), (20, 110, 40)
 
@@ -79,33 +78,20 @@ def _text(draw, xy, text, font, fill):
 
 
 def save_png(img, path):
-    """Write a PIL image as PNG through a temporary file, so a failure leaves no half-written file."""
+    """Write a PIL image as PNG through a temporary file (removed if the write fails)."""
+    _save_through_tmp(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def _save_through_tmp(path, save):
     tmp = f"{path}.tmp"
     try:
-        img.save(tmp, format="PNG")
+        save(tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except OSError as e:   # name the file asked for, not the temporary one
+        raise OSError(e.errno, e.strerror or str(e), path) from None
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise DataError(f"cannot write {path} ({e.strerror or e}); choose a writable path") from None
-
-
-def show_samples(name, out, data_dir=None, augment=False, seed=0, n=32):
-    """A labelled grid of random training images; with `augment`, each row of originals is followed
-    by the same images as train.py --augment would change them (flips only where the dataset allows)."""
-    info = dataset_info(name)
-    images, labels = load_split(name, "train", data_dir)
-    pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n // 2 if augment else n]
-    images, captions = images[pick], [info.classes[k] for k in labels[pick].tolist()]
-    if augment:
-        changed = Augment(flip=info.flips)(images.float().div(255), torch.Generator().manual_seed(seed))
-        changed = changed.mul(255).round().clamp(0, 255).byte()
-        rows = [(images[i:i + 8], changed[i:i + 8], captions[i:i + 8]) for i in range(0, len(pick), 8)]
-        images = torch.cat([t for a, b, _ in rows for t in (a, b)])
-        captions = [c for _, _, cs in rows for c in (cs + ["augmented"] * len(cs))]
-    save_png(label_grid(images, captions), out)
-    print(f"wrote {out}: {len(captions)} {name} training images (seed {seed}"
-          f"{'; each row of originals is followed by the same images augmented' if augment else ''})")
 
 
 def have_matplotlib():
@@ -120,14 +106,10 @@ def have_matplotlib():
 def save_figure(fig, path):
     """Save a matplotlib figure through a temporary file, then close it."""
     import matplotlib.pyplot as plt
-    tmp = f"{path}.tmp"
     try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        _save_through_tmp(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def confusion_png(cm, classes, path, title):

@@ -14,7 +14,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import Parser, UserError, build_model, load_checkpoint, pick_device, positive, run
+from checkpoint import build_model, load_checkpoint
+from common import Parser, UserError, pick_device, positive, run
 from data import normalize
 from plots import save_png
 

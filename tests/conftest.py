@@ -1,4 +1,6 @@
-"""Shared helpers: tiny synthetic IDX datasets, script runners, and disk snapshots."""
+"""Shared helpers: tiny synthetic IDX datasets, trained runs shared by the whole session, script
+runners, and disk snapshots. Tests marked `slow` start real processes or train for real; the quick
+tier is `python -m pytest -q -m "not slow"`."""
 import gzip
 import hashlib
 import os
@@ -10,9 +12,15 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(1, os.path.join(ROOT, "experiments"))
 
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "datasets")
 HAS_FASHION = os.path.isdir(os.path.join(SHARED, "FashionMNIST", "raw"))
+FASHION_ARGS = ["--data-dir", SHARED] if HAS_FASHION else []
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts real processes or trains on real data (left out by -m 'not slow')")
 
 
 def idx_bytes(tensor, magic):
@@ -40,17 +48,58 @@ def write_idx_set(folder, n_train=300, n_test=100, gz=False, seed=0, images=None
 
 @pytest.fixture
 def synth(tmp_path):
-    """A folder with a small synthetic dataset in flat layout."""
+    """A folder with a small synthetic dataset in flat layout, for tests that change it."""
     return write_idx_set(str(tmp_path / "synth"))
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    """A small synthetic dataset (300 train, 200 test images) shared by the session: do not change it."""
+    return write_idx_set(str(tmp_path_factory.mktemp("data") / "synth"), n_train=300, n_test=200)
+
+
+@pytest.fixture(scope="session")
+def synth_run(synth_data, tmp_path_factory):
+    """A `fast` model trained 3 epochs on the synthetic set with a validation split: (data, run folder)."""
+    out = str(tmp_path_factory.mktemp("runs") / "synth")
+    code = main_of("train", ["--model", "fast", "--epochs", "3", "--val", "50", "--data-dir", synth_data,
+                             "--out", out, "--progress", "off"])
+    assert code == 0
+    return synth_data, out
+
+
+@pytest.fixture(scope="session")
+def mnist_run(tmp_path_factory):
+    """A real MNIST run of a few hundred steps: 300 steps of 128 images, tested on all 10,000.
+    (run folder, what it printed)."""
+    out = str(tmp_path_factory.mktemp("runs") / "mnist")
+    code, stdout, err = capture(lambda: main_of("train", ["--model", "cnn", "--epochs", "1", "--subset", "38400",
+                                                          "--out", out, "--progress", "off"]))
+    assert code == 0, err
+    return out, stdout
+
+
+def main_of(module, argv):
+    """Exit code of a script's main through common.run, in this process."""
+    import importlib
+
+    from common import run
+    return run(importlib.import_module(module).main, list(argv))
+
+
+def capture(call):
+    """(result, stdout, stderr) of call(), without pytest's capsys (usable in session fixtures)."""
+    import contextlib
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        result = call()
+    return result, out.getvalue(), err.getvalue()
 
 
 def run_script(module, argv, capsys):
     """Run a script's main through common.run in this process: (exit code, stdout, stderr)."""
-    import importlib
-
-    from common import run
-    mod = importlib.import_module(module)
-    code = run(mod.main, list(argv))
+    code = main_of(module, argv)
     out, err = capsys.readouterr()
     return code, out, err
 

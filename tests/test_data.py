@@ -79,6 +79,7 @@ def test_missing_files_name_every_place_searched(tmp_path, monkeypatch):
         data.find_split(data.DATASETS["mnist"], "train", str(tmp_path / "nope"))
 
 
+@pytest.mark.slow
 def test_failed_download_leaves_no_folders(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     problem = data._download(data.DATASETS["kmnist"], str(tmp_path / "dl"))  # offline: fails

@@ -10,7 +10,8 @@ import torch
 from conftest import ROOT, run_cli, write_idx_set
 from runlog import read_log
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")]
 
 # Plain SGD on a model with neither BatchNorm nor dropout: the only per-rank state is the batch,
 # so two ranks averaging their shares' gradients must step exactly like one process.

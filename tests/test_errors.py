@@ -226,6 +226,7 @@ def test_table_is_large_enough():
     assert {c[1] for c in CASES} >= {T, E, D, M, P, X}
 
 
+@pytest.mark.slow
 def test_errors_from_a_real_process_have_no_traceback(files):
     """The same style end to end, through the script's own __main__."""
     result = run_cli(["train.py", "--resume", files.cut])

@@ -7,24 +7,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import build_model, load_checkpoint
-from conftest import run_cli, write_idx_set
+from checkpoint import build_model, load_checkpoint
+from conftest import main_of, run_script
 from data import load_split, normalize
 from evaluate import tta_views
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
+def two_runs(synth_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ens")
-    data = write_idx_set(str(tmp / "synth"), n_train=300, n_test=200)
     runs = []
     for seed in (0, 1):
         out = str(tmp / f"run{seed}")
-        result = run_cli(["train.py", "--model", "fast", "--epochs", "2", "--seed", str(seed), "--data-dir", data,
-                          "--out", out, "--progress", "off"])
-        assert result.returncode == 0, result.stderr
+        assert main_of("train", ["--model", "fast", "--epochs", "2", "--seed", str(seed), "--data-dir", synth_data,
+                                 "--out", out, "--progress", "off"]) == 0
         runs.append(os.path.join(out, "last.pt"))
-    return data, runs
+    return synth_data, runs
 
 
 def probs_of(path, images, shifts=((0, 0),)):
@@ -44,11 +42,11 @@ def accuracy(probs, labels):
     return 100.0 * (probs.argmax(1) == labels).sum().item() / len(labels)
 
 
-def evaluate(args, tmp_path):
+def evaluate(args, tmp_path, capsys):
     out = str(tmp_path / "report")
-    result = run_cli(["evaluate.py", *args, "--out", out])
-    assert result.returncode == 0, result.stderr
-    return json.load(open(os.path.join(out, "report.json")))["results"], result.stdout
+    code, stdout, err = run_script("evaluate", [*args, "--out", out], capsys)
+    assert code == 0, err
+    return json.load(open(os.path.join(out, "report.json")))["results"], stdout
 
 
 def test_tta_views_are_the_image_and_its_one_pixel_shifts():
@@ -64,9 +62,9 @@ def test_tta_views_are_the_image_and_its_one_pixel_shifts():
     assert len(mirrored) == 6 and torch.equal(mirrored[-1], x.flip(-1))
 
 
-def test_ensemble_averages_the_softmax_and_reports_each_model(two_runs, tmp_path):
+def test_ensemble_averages_the_softmax_and_reports_each_model(two_runs, tmp_path, capsys):
     data, (a, b) = two_runs
-    results, stdout = evaluate([a, b, "--data-dir", data], tmp_path)
+    results, stdout = evaluate([a, b, "--data-dir", data], tmp_path, capsys)
     images, labels = load_split("mnist", "test", data)
     pa, pb = probs_of(a, images), probs_of(b, images)
     assert results[a]["accuracy"] == pytest.approx(accuracy(pa, labels))
@@ -80,16 +78,16 @@ def test_ensemble_averages_the_softmax_and_reports_each_model(two_runs, tmp_path
     assert "ensemble of 2: test loss" in stdout and "missed by all 2 models" in stdout
 
 
-def test_an_ensemble_of_one_model_twice_is_that_model(two_runs, tmp_path):
+def test_an_ensemble_of_one_model_twice_is_that_model(two_runs, tmp_path, capsys):
     data, (a, _) = two_runs
-    results, _ = evaluate([a, a, "--data-dir", data], tmp_path)
+    results, _ = evaluate([a, a, "--data-dir", data], tmp_path, capsys)
     assert results["ensemble"]["accuracy"] == results[a]["accuracy"]
     assert results["ensemble"]["loss"] == pytest.approx(results[a]["loss"], rel=1e-5)
 
 
-def test_tta_averages_the_shifted_images(two_runs, tmp_path):
+def test_tta_averages_the_shifted_images(two_runs, tmp_path, capsys):
     data, (a, _) = two_runs
-    results, stdout = evaluate([a, "--tta", "--data-dir", data], tmp_path)
+    results, stdout = evaluate([a, "--tta", "--data-dir", data], tmp_path, capsys)
     images, labels = load_split("mnist", "test", data)
     shifted = probs_of(a, images, ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)))
     assert results[a]["accuracy"] == pytest.approx(accuracy(shifted, labels))

@@ -1,4 +1,6 @@
-"""reproduce.py --quick runs every notebook and "ours" command for a few steps, so none can rot."""
+"""The experiment tools: reproduce.py and top.py run their recipes through train.py, record every run
+in their ledger, and rebuild their tables from it. (Every recipe file itself is trained a few steps in
+test_train.py.)"""
 import json
 import os
 import signal
@@ -8,54 +10,54 @@ import time
 
 import pytest
 
-from conftest import HAS_FASHION, ROOT, SHARED, run_cli, run_script
-from reproduce import ROW_IDS, ROWS
+from conftest import ROOT, run_cli, run_script
+from reproduce import ROWS
+
+REPRODUCE = os.path.join("experiments", "reproduce.py")
 
 
-def test_quick_mode_runs_every_command_and_writes_the_table(tmp_path):
-    rows = [r for r in ROW_IDS if HAS_FASHION or r != "001"]   # 001 trains on Fashion-MNIST
-    args = ["reproduce.py", *rows, "--quick", "--seeds", "1", "--results", str(tmp_path)]
-    result = run_cli(args + (["--data-dir", SHARED] if HAS_FASHION else []))
+@pytest.mark.slow
+def test_quick_mode_runs_the_commands_and_writes_the_table(tmp_path):
+    rows = ["000", "004-tiny2"]   # a row with both commands, and one that shares the row above's notebook
+    args = [REPRODUCE, *rows, "--quick", "--seeds", "1", "--results", str(tmp_path)]
+    result = run_cli(args)
     assert result.returncode == 0, result.stderr
     recorded = json.load(open(tmp_path / "quick" / "reproduce.json"))
-    expected = {f"{rid}/{kind}" for rid, *_, nb, ours in ROWS if rid in rows
-                for kind, flags in (("notebook", nb), ("ours", ours)) if flags}
-    assert set(recorded) == expected
+    assert set(recorded) == {"000/notebook", "000/ours", "004-tiny2/ours"}
     assert all(len(runs) == 1 and 0 <= runs[0]["acc"] <= 100 for runs in recorded.values())
+    assert recorded["000/ours"][0]["recipe"] == "000-ours"
     table = open(tmp_path / "quick" / "reproduce.md").read()
-    assert all(f"| {rid} |" in table for rid in rows) and "python train.py" in table
+    assert all(f"| {row.id} |" in table for row in ROWS) and "`python train.py @recipes/000-ours.args`" in table
     # a row with no notebook of its own shares the row above's, and lists no notebook command
     assert "| 004-tiny2 | `tiny2` | MNIST |" in table and "- 004-tiny2 notebook" not in table
     # A second call finds every run recorded and only rebuilds the table.
-    again = run_cli(args + (["--data-dir", SHARED] if HAS_FASHION else []))
+    again = run_cli(args)
     assert again.returncode == 0 and "seed 0:" not in again.stdout
 
 
-def test_unknown_row_is_refused(tmp_path):
-    result = run_cli(["reproduce.py", "007", "--results", str(tmp_path)])
-    assert result.returncode == 2 and "unknown row '007'" in result.stderr
+def test_unknown_row_is_refused(tmp_path, capsys):
+    code, _, err = run_script("reproduce", ["007", "--results", str(tmp_path)], capsys)
+    assert code == 2 and "unknown row '007'" in err
     assert not os.listdir(tmp_path)
 
 
-def test_top_quick_mode_runs_every_row(tmp_path):
-    """top.py --quick trains each row for a few steps and tests it on 512 images, so no row can rot."""
-    import top
-    rows = [rid for rid, dataset, *_ in top.TOP if HAS_FASHION or dataset == "MNIST"]
-    result = run_cli(["top.py", *rows, "--quick", "--seeds", "1", "--results", str(tmp_path)]
-                     + (["--data-dir", SHARED] if HAS_FASHION else []))
+@pytest.mark.slow
+def test_top_quick_mode_trains_evaluates_and_records(tmp_path):
+    """top.py --quick trains a row for a few steps and tests it on 512 images, with and without TTA."""
+    result = run_cli([os.path.join("experiments", "top.py"), "mnist", "--quick", "--seeds", "1",
+                      "--results", str(tmp_path)])
     assert result.returncode == 0, result.stderr
     recorded = json.load(open(tmp_path / "quick" / "top.json"))
-    assert sorted(key.split("/")[0] for key in recorded) == sorted(rows)
-    for rid in rows:
-        assert f"{rid} seed 0: " in result.stdout and recorded[f"{rid}/run"][0]["epochs"] == 1
-        report = json.load(open(tmp_path / "quick" / "top-runs" / f"{rid}-0" / "eval-1-tta" / "report.json"))
-        assert report["test_images"] == 512
+    assert list(recorded) == ["mnist/run"]
+    assert "mnist seed 0: " in result.stdout and recorded["mnist/run"][0]["epochs"] == 1
+    report = json.load(open(tmp_path / "quick" / "top-runs" / "mnist-0" / "eval-1-tta" / "report.json"))
+    assert report["test_images"] == 512
 
 
 def test_top_table_summarizes_seeds_tta_and_ensembles(tmp_path, capsys):
     """top.py's table from recorded runs: mean ± std over seeds, and runs of an older command left out."""
     import top
-    rid, _, _, _, flags = top.TOP[0]
+    rid, flags = top.TOP[0].id, top.FLAGS[top.TOP[0].id]
     run = {"epochs": 15, "params": 288170, "flags": flags, "machine": "test", "threads": 1}
     recorded = {f"{rid}/run": [{**run, "seed": 0, "acc": 99.60, "tta_acc": 99.64, "wall_s": 600},
                                {**run, "seed": 1, "acc": 99.70, "tta_acc": 99.72, "wall_s": 720},
@@ -75,7 +77,7 @@ def test_runs_from_two_machines_are_timed_apart_and_ensembled_where_their_checkp
     """Seeds run on a GPU machine and on a CPU count together for accuracy, but each machine gets its
     own time; an ensemble whose checkpoints stayed on the other machine is skipped with a note."""
     import top
-    rid, _, _, _, flags = top.TOP[0]
+    rid, flags = top.TOP[0].id, top.FLAGS[top.TOP[0].id]
     run = {"epochs": 15, "params": 288170, "flags": flags, "threads": 1, "acc": 99.7, "tta_acc": 99.7}
     recorded = {f"{rid}/run": [{**run, "seed": 0, "machine": "cpu box", "wall_s": 600},
                                {**run, "seed": 1, "machine": "cpu box", "wall_s": 720},
@@ -90,70 +92,75 @@ def test_runs_from_two_machines_are_timed_apart_and_ensembled_where_their_checkp
     assert f"{rid}/ensemble" not in json.load(open(tmp_path / "top.json"))
 
 
+@pytest.mark.slow
 def test_a_mix_ensembles_the_first_seeds_of_each_row_once_all_have_run(tmp_path, monkeypatch, capsys):
-    """top.py's cross-row ensemble takes the first N seeds of each member row, and waits for them."""
+    """top.py's cross-row ensemble takes the first N seeds of each member row, and waits for them.
+    (--quick: evaluated on the first 512 test images.)"""
     import shutil
     import top
-    mid, dataset, target, _ = top.MIXES[0]
+    mix = top.MIXES[0]
     (first, n_first), (second, n_second) = members = (top.TOP_IDS[0], 1), (top.TOP_IDS[1], 2)   # 3 models: quicker
-    monkeypatch.setattr(top, "MIXES", [(mid, dataset, target, members)])
-    monkeypatch.setitem(top.COMMANDS, f"{mid}/ensemble", top.mix_command(members))
+    monkeypatch.setattr(top, "MIXES", [top.Mix(mix.id, mix.dataset, mix.target, members)])
+    monkeypatch.setitem(top.COMMANDS, f"{mix.id}/ensemble", top.mix_command(members))
+    mid, folder = mix.id, tmp_path / "quick"
     recorded = {}
     for rid, seeds in ((first, n_first + 1), (second, n_second - 1)):   # one more, then one fewer than needed
         recorded[f"{rid}/run"] = [{"seed": s, "acc": 99.0, "tta_acc": 99.0, "wall_s": 60, "epochs": 1,
                                     "params": 1, "flags": top.FLAGS[rid]} for s in range(seeds)]
         for s in range(n_first if rid == first else seeds):          # the extra seed has no checkpoint at all
-            os.makedirs(tmp_path / "top-runs" / f"{rid}-{s}")
-            shutil.copy(os.path.join(ROOT, "weights", "mnist.pt"), tmp_path / "top-runs" / f"{rid}-{s}" / "last.pt")
-    (tmp_path / "top.json").write_text(json.dumps(recorded))
-    args = [mid, "--results", str(tmp_path)]   # MNIST: the copy in ./data
+            os.makedirs(folder / "top-runs" / f"{rid}-{s}")
+            shutil.copy(os.path.join(ROOT, "weights", "mnist.pt"), folder / "top-runs" / f"{rid}-{s}" / "last.pt")
+    (folder / "top.json").write_text(json.dumps(recorded))
+    args = [mid, "--results", str(tmp_path), "--quick"]   # MNIST: the copy in ./data
     code, out, err = run_script("top", args, capsys)
     assert code == 0 and f"needs {n_second} runs of {second}, {n_second - 1} recorded" in out, err
-    assert f"{mid}/ensemble" not in json.load(open(tmp_path / "top.json"))
+    assert f"{mid}/ensemble" not in json.load(open(folder / "top.json"))
 
     recorded[f"{second}/run"].append({**recorded[f"{second}/run"][0], "seed": n_second - 1})
-    os.makedirs(tmp_path / "top-runs" / f"{second}-{n_second - 1}")
-    shutil.copy(os.path.join(ROOT, "weights", "mnist.pt"), tmp_path / "top-runs" / f"{second}-{n_second - 1}" / "last.pt")
-    (tmp_path / "top.json").write_text(json.dumps(recorded))
+    os.makedirs(folder / "top-runs" / f"{second}-{n_second - 1}")
+    shutil.copy(os.path.join(ROOT, "weights", "mnist.pt"), folder / "top-runs" / f"{second}-{n_second - 1}" / "last.pt")
+    (folder / "top.json").write_text(json.dumps(recorded))
     code, out, err = run_script("top", args, capsys)
     assert code == 0, err
-    ens = {r["tta"]: r for r in json.load(open(tmp_path / "top.json"))[f"{mid}/ensemble"]}
-    assert ens[False]["models"] == n_first + n_second and ens[False]["acc"] == 99.47   # copies of one model
-    assert ens[True]["acc"] > 99.0
-    report = json.load(open(tmp_path / "top-runs" / mid / "report.json"))
-    assert sorted(os.path.basename(os.path.dirname(p)) for p in report["results"] if p != "ensemble") == sorted(
+    ens = {r["tta"]: r for r in json.load(open(folder / "top.json"))[f"{mid}/ensemble"]}
+    single = json.load(open(folder / "top-runs" / mid / "report.json"))["results"]
+    alone = next(v for k, v in single.items() if k != "ensemble")["accuracy"]
+    assert ens[False]["models"] == n_first + n_second and ens[False]["acc"] == alone   # copies of one model
+    assert ens[True]["acc"] > 95.0
+    assert sorted(os.path.basename(os.path.dirname(p)) for p in single if p != "ensemble") == sorted(
         [f"{first}-{s}" for s in range(n_first)] + [f"{second}-{s}" for s in range(n_second)])
-    line = next(row for row in open(tmp_path / "top.md").read().splitlines() if row.startswith(f"| {mid} |"))
-    assert f"| {n_first + n_second} | 99.47 % |" in line
+    line = next(row for row in open(folder / "top.md").read().splitlines() if row.startswith(f"| {mid} |"))
+    assert f"| {n_first + n_second} | {alone:.2f} % |" in line
 
 
 def test_processes_with_other_commands_keep_each_others_runs(tmp_path):
     """A reproduce.py started before a recipe changed must not drop the runs of the new recipe."""
-    from reproduce import load_results, record
+    import reproduce
+    from ledger import current_only, read_runs, record
     path = str(tmp_path / "reproduce.json")
     new, old = {"004/ours": "--new"}, {"004/ours": "--old", "000/ours": "--x"}
-    record(path, "004/ours", {"seed": 0, "acc": 99.4, "flags": "--new"}, commands=new)
-    current = record(path, "000/ours", {"seed": 0, "acc": 99.5, "flags": "--x"}, commands=old)
+    record(path, "004/ours", {"seed": 0, "acc": 99.4, "flags": "--new"}, new)
+    current = record(path, "000/ours", {"seed": 0, "acc": 99.5, "flags": "--x"}, old)
     assert current["004/ours"] == []                       # the old process does not count the new run...
     kept = json.load(open(path))
     assert [r["flags"] for r in kept["004/ours"]] == ["--new"] and kept["000/ours"][0]["acc"] == 99.5   # ...nor drop it
-    assert load_results(path).get("000/ours") == []         # neither command is today's in reproduce.py
+    assert current_only(read_runs(path), reproduce.COMMANDS).get("000/ours") == []   # neither is today's command
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stopped_seed,continued", [(0, True), (3, False)])
 def test_a_stopped_run_is_continued_unless_its_command_differs(tmp_path, stopped_seed, continued):
     """A run folder left by Ctrl-C is resumed (and its time reported as not measured); one left by a
     different command (here another seed) is started over."""
-    flags = next(ours for rid, *_, nb, ours in ROWS if rid == "000")
     folder = tmp_path / "quick" / "runs" / "000-ours-0"
-    proc = subprocess.Popen([sys.executable, "train.py", *flags.split(), "--seed", str(stopped_seed), "--out",
+    proc = subprocess.Popen([sys.executable, "train.py", "@recipes/000-ours.args", "--seed", str(stopped_seed), "--out",
                              str(folder), "--subset", "512", "--epochs", "1", "--progress", "off"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     next(line for line in proc.stdout if "run folder" in line)
     proc.send_signal(signal.SIGINT)   # handled: stops after the current step with a checkpoint
     assert proc.wait(timeout=120) == 130
-    result = run_cli(["reproduce.py", "000", "--which", "ours", "--quick", "--seeds", "1", "--results", str(tmp_path)])
+    result = run_cli([REPRODUCE, "000", "--which", "ours", "--quick", "--seeds", "1", "--results", str(tmp_path)])
     assert result.returncode == 0, result.stderr
     assert ("continued the stopped run" in result.stdout) == continued
     run = json.load(open(tmp_path / "quick" / "reproduce.json"))["000/ours"][0]
@@ -161,8 +168,9 @@ def test_a_stopped_run_is_continued_unless_its_command_differs(tmp_path, stopped
     assert ("not timed" in (tmp_path / "quick" / "reproduce.md").read_text()) == continued
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_run_with_a_note_and_the_same_command_continues_it(tmp_path):
-    args = [sys.executable, "reproduce.py", "000", "--which", "ours", "--quick", "--seeds", "1", "--results", str(tmp_path)]
+    args = [sys.executable, REPRODUCE, "000", "--which", "ours", "--quick", "--seeds", "1", "--results", str(tmp_path)]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     started = tmp_path / "quick" / "runs" / "000-ours-0" / "args.json"
     deadline = time.time() + 120

@@ -12,6 +12,8 @@ import torch
 from conftest import ROOT, run_cli
 from runlog import read_log
 
+pytestmark = pytest.mark.slow   # real processes, killed and resumed
+
 # Dropout, augmentation with erasing, EMA and a validation split: every source of randomness.
 RECIPE = ["--model", "convnet", "--dropout", "0.3", "--augment", "--erase", "0.3", "--ema", "0.9",
           "--epochs", "3", "--subset", "1000", "--batch-size", "50", "--val", "300",

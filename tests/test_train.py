@@ -6,23 +6,16 @@ import re
 import pytest
 import torch
 
+import loop
 import train
-from common import build_model, load_checkpoint
-from conftest import run_cli, run_script
+from checkpoint import build_model, load_checkpoint
+from conftest import ROOT, run_script
 from runlog import read_log
 
 QUICK = ["--epochs", "2", "--batch-size", "50", "--progress", "off"]
 
 
-@pytest.fixture(scope="module")
-def mnist_run(tmp_path_factory):
-    """A real MNIST run of a few hundred steps: 300 steps of 128 images, tested on all 10,000."""
-    out = str(tmp_path_factory.mktemp("mnist") / "run")
-    result = run_cli(["train.py", "--model", "cnn", "--epochs", "1", "--subset", "38400", "--out", out])
-    assert result.returncode == 0, result.stderr
-    return out, result.stdout
-
-
+@pytest.mark.slow
 def test_a_short_real_run_learns(mnist_run):
     out, stdout = mnist_run
     rows = read_log(os.path.join(out, "log.csv"))
@@ -31,19 +24,21 @@ def test_a_short_real_run_learns(mnist_run):
     assert f"checkpoint {out}/last.pt" in stdout
 
 
-def test_evaluate_prints_the_same_accuracy(mnist_run, tmp_path):
+@pytest.mark.slow
+def test_evaluate_prints_the_same_accuracy(mnist_run, tmp_path, capsys):
     out, stdout = mnist_run
     trained = re.search(r"done: test accuracy ([\d.]+) %", stdout).group(1)
-    result = run_cli(["evaluate.py", os.path.join(out, "last.pt"), "--out", str(tmp_path / "rep")])
-    assert result.returncode == 0, result.stderr
-    assert f"accuracy {trained} %" in result.stdout
-    assert "precision" in result.stdout and "true \\ predicted" in result.stdout
+    code, printed, err = run_script("evaluate", [os.path.join(out, "last.pt"), "--out", str(tmp_path / "rep")], capsys)
+    assert code == 0, err
+    assert f"accuracy {trained} %" in printed
+    assert "precision" in printed and "true \\ predicted" in printed
     report = json.load(open(tmp_path / "rep" / "report.json"))
     assert f"{next(iter(report['results'].values()))['accuracy']:.2f}" == trained
     rows = open(tmp_path / "rep" / "confusion.csv").read().splitlines()
     assert len(rows) == 11 and sum(int(v) for r in rows[1:] for v in r.split(",")[1:]) == 10000
 
 
+@pytest.mark.slow
 def test_checkpoint_describes_itself(mnist_run):
     ckpt = torch.load(os.path.join(mnist_run[0], "last.pt"), weights_only=True)   # plain types only
     assert ckpt["model"] == {"name": "cnn", "kwargs": {"in_channels": 1, "num_classes": 10}}
@@ -56,12 +51,13 @@ def test_checkpoint_describes_itself(mnist_run):
     assert json.load(open(os.path.join(mnist_run[0], "args.json")))["model"] == "cnn"
 
 
-def test_bare_state_dict_evaluates_with_model_flag(mnist_run, tmp_path):
+@pytest.mark.slow
+def test_bare_state_dict_evaluates_with_model_flag(mnist_run, tmp_path, capsys):
     ckpt = torch.load(os.path.join(mnist_run[0], "last.pt"), weights_only=True)
     torch.save(ckpt["state_dict"], tmp_path / "weights.pth")   # as the notebooks saved their models
-    result = run_cli(["evaluate.py", str(tmp_path / "weights.pth"), "--model", "cnn"])
-    assert result.returncode == 0, result.stderr
-    assert f"accuracy {ckpt['metrics']['test_acc']:.2f} %" in result.stdout
+    code, printed, err = run_script("evaluate", [str(tmp_path / "weights.pth"), "--model", "cnn"], capsys)
+    assert code == 0, err
+    assert f"accuracy {ckpt['metrics']['test_acc']:.2f} %" in printed
 
 
 def log_of(out):
@@ -95,16 +91,16 @@ def test_recipes_run_and_learn(capsys, synth, tmp_path, flags):
 def test_lr_schedules_have_their_shapes():
     from types import SimpleNamespace
     a = SimpleNamespace(scheduler="exp", gamma=0.9, step_size=2, warmup=0)
-    assert train.lr_factor(0, 10, 50, a) == 1 and train.lr_factor(25, 10, 50, a) == pytest.approx(0.81)
+    assert loop.lr_factor(0, 10, 50, a) == 1 and loop.lr_factor(25, 10, 50, a) == pytest.approx(0.81)
     a.scheduler = "step"
-    assert [train.lr_factor(s, 10, 50, a) for s in (0, 19, 20, 45)] == pytest.approx([1, 1, 0.9, 0.81])
+    assert [loop.lr_factor(s, 10, 50, a) for s in (0, 19, 20, 45)] == pytest.approx([1, 1, 0.9, 0.81])
     a.scheduler = "cosine"
-    assert train.lr_factor(25, 10, 50, a) == pytest.approx(0.5)
+    assert loop.lr_factor(25, 10, 50, a) == pytest.approx(0.5)
     a.scheduler = "onecycle"
-    f = [train.lr_factor(s, 10, 100, a) for s in range(100)]
+    f = [loop.lr_factor(s, 10, 100, a) for s in range(100)]
     assert f[0] == pytest.approx(0.04) and max(f) == pytest.approx(1, abs=1e-3) and f[-1] < 1e-3
     a.scheduler, a.warmup = "none", 2
-    assert train.lr_factor(4, 10, 50, a) == pytest.approx(0.25) and train.lr_factor(30, 10, 50, a) == 1
+    assert loop.lr_factor(4, 10, 50, a) == pytest.approx(0.25) and loop.lr_factor(30, 10, 50, a) == 1
 
 
 def test_l1_l2_penalties_match_their_formulas():
@@ -112,7 +108,7 @@ def test_l1_l2_penalties_match_their_formulas():
     model = torch.nn.Linear(3, 2)
     expected = 0.1 * sum(p.abs().sum() for p in model.parameters()) + 0.01 * sum(
         (p ** 2).sum() for p in model.parameters())
-    assert train.penalty(model, SimpleNamespace(l1=0.1, l2=0.01)).item() == pytest.approx(expected.item())
+    assert loop.penalty(model, SimpleNamespace(l1=0.1, l2=0.01)).item() == pytest.approx(expected.item())
 
 
 def test_eval_untrained_logs_epoch_zero(capsys, synth, tmp_path):
@@ -181,13 +177,69 @@ def test_divergence_stops_with_advice_and_keeps_the_last_good_checkpoint(capsys,
 def test_divergence_after_a_good_epoch_keeps_it(capsys, synth, tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     calls = {"n": 0}
-    real = train.F.cross_entropy
+    real = loop.F.cross_entropy
 
     def poisoned(*a, **k):   # finite for the first epoch (6 steps), then nan
         calls["n"] += 1
         loss = real(*a, **k)
         return loss * float("nan") if calls["n"] > 6 else loss
-    monkeypatch.setattr(train.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(loop.F, "cross_entropy", poisoned)
     code, _, err = run_script("train", ["--data-dir", synth, "--out", out, *QUICK], capsys)
     assert code == 1 and "at epoch 2, step 1 of 6" in err and "still holds the last good state" in err
     assert load_checkpoint(out)["epoch"] == 1 and len(log_of(out)) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe files
+# ---------------------------------------------------------------------------------------------
+
+RECIPES = sorted(f for f in os.listdir(os.path.join(ROOT, "recipes")) if f.endswith(".args"))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_file_parses_and_says_why(name):
+    """Each recipe parses with train.py's own parser, and opens with a comment that says what it is for."""
+    args = train.build_parser().parse_args([f"@recipes/{name}"])
+    train.check_args(args)
+    with open(os.path.join(ROOT, "recipes", name)) as f:
+        assert f.readline().startswith("# "), f"{name} opens without a comment"
+    assert args.model in train.list_models()
+
+
+def test_a_recipe_file_is_read_and_later_flags_override_it(capsys, synth_data, tmp_path):
+    out = str(tmp_path / "run")
+    code, stdout, err = run_script("train", ["@recipes/fast.args", "--epochs", "1", "--seed", "3", "--data-dir",
+                                             synth_data, "--out", out, "--progress", "off"], capsys)
+    assert code == 0, err
+    saved = json.load(open(os.path.join(out, "args.json")))
+    assert saved["model"] == "fast" and saved["scheduler"] == "onecycle" and saved["lr"] == 1e-2   # from the file
+    assert saved["epochs"] == 1 and saved["seed"] == 3                                             # overridden
+    code, _, err = run_script("train", ["--resume", out, "@recipes/fast.args", "--epochs", "1"], capsys)
+    assert code == 0, err   # the same file again is no change of flags
+
+
+def test_a_missing_recipe_file_gets_one_line(capsys):
+    code, _, err = run_script("train", ["@recipes/nope.args"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "argument file recipes/nope.args does not exist" in err
+
+
+def test_recipe_files_are_found_from_another_folder(capsys, synth_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = train.build_parser().parse_args(["@recipes/strong.args"])
+    assert args.model == "cnn" and args.augment
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_trains_a_few_steps(name, synth_data, tmp_path, capsys):
+    """Every named recipe runs end to end (on 64 images, one epoch), so none can rot."""
+    args = train.build_parser().parse_args([f"@recipes/{name}"])
+    data = synth_data if args.dataset == "mnist" else None
+    if data is None:
+        from conftest import FASHION_ARGS
+        if not FASHION_ARGS:
+            pytest.skip("Fashion-MNIST is not available here")
+        data = FASHION_ARGS[1]
+    code, _, err = run_script("train", [f"@recipes/{name}", "--subset", "64", "--epochs", "1", "--data-dir", data,
+                                        "--out", str(tmp_path / "run"), "--progress", "off"], capsys)
+    assert code == 0, err

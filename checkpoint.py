@@ -1,0 +1,148 @@
+"""Checkpoints that describe themselves: made, saved, checked and opened the same way by every command.
+
+A checkpoint holds plain types only (tensors, numbers, strings, lists, dicts), so
+`torch.load(path, weights_only=True)` opens it and no pickled code can run. It names its model and
+options, dataset, normalization and classes, so `build_model(load_checkpoint(path))` needs nothing else.
+"""
+import os
+import pickle
+import warnings
+
+import torch
+
+from common import UserError, write_atomic
+from models import get_model, list_models
+
+CHECKPOINT_FORMAT = "mnist-toolkit-checkpoint"
+CHECKPOINT_VERSION = 1   # bump when the layout changes, and teach load_checkpoint the old one
+
+
+def save_checkpoint(ckpt, path):
+    """torch.save through a temporary file, synced to disk before the rename."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+    write_atomic(path, write)
+
+
+def checkpoint_path(path):
+    """A run folder means its last.pt."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "last.pt")
+        if not os.path.exists(path):
+            raise UserError(f"{os.path.dirname(path)} holds no last.pt; pass a checkpoint file or a run folder", 2)
+    elif not os.path.exists(path):
+        raise UserError(f"checkpoint {path} does not exist; check the path", 2)
+    return path
+
+
+def load_checkpoint(path):
+    """Open a checkpoint with weights_only=True (no pickled code can run) and check its format."""
+    path = checkpoint_path(path)
+    return check_checkpoint(load_file(path), path)
+
+
+def load_file(path):
+    """torch.load(weights_only=True), with every way a file can be wrong turned into one sentence."""
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path} is empty (0 bytes), probably cut off while being written; use another checkpoint")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise UserError(f"refusing to load {path}: it contains pickled Python objects, which could run code "
+                            f"when opened; only checkpoints of plain tensors and values are accepted") from None
+        raise UserError(f"{path} is not a PyTorch checkpoint ({str(e)[:80]})") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, IndexError, OSError) as e:
+        raise UserError(f"{path} is not a readable PyTorch checkpoint: it is truncated or another kind of "
+                        f"file ({type(e).__name__}); use another checkpoint") from None
+    return ckpt
+
+
+def check_checkpoint(ckpt, path):
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise UserError(f"{path} holds bare weights (a state_dict) with no record of the model, dataset or "
+                        f"normalization, so it cannot be rebuilt; evaluate.py accepts it with --model NAME")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is a PyTorch file but not a checkpoint of this toolkit; train one with train.py")
+    version = ckpt.get("version")
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise UserError(f"{path} has checkpoint format {version}, newer than this toolkit reads "
+                        f"({CHECKPOINT_VERSION}); update the toolkit to open it")
+    if version < 1:
+        raise UserError(f"{path} has checkpoint format {version}, which predates the first released "
+                        f"format (1) and cannot be converted")
+    name = ckpt["model"]["name"]
+    if name not in list_models():
+        raise UserError(f"{path} was trained with model {name!r}, which this toolkit does not have "
+                        f"(known: {', '.join(list_models())}); update models.py or use another checkpoint")
+    return ckpt
+
+
+def build_model(ckpt, weights="auto", path="checkpoint"):
+    """Rebuild the model a checkpoint describes and load its weights; `weights` is raw, ema or auto
+    (EMA weights when the run kept them). Returns (model, which weights were loaded)."""
+    spec = ckpt["model"]
+    model = get_model(spec["name"], **spec["kwargs"])
+    use_ema = weights == "ema" or (weights == "auto" and ckpt.get("ema_state_dict") is not None)
+    if use_ema and ckpt.get("ema_state_dict") is None:
+        raise UserError(f"{path} has no EMA weights; the run was trained without --ema", 2)
+    state = ckpt["ema_state_dict"] if use_ema else ckpt["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1:2] or [str(e)[:120]]
+        raise UserError(f"{path}: the weights do not fit model {spec['name']!r} ({first[0].strip()})") from None
+    return model, "ema" if use_ema else "raw"
+
+
+def rng_state(device):
+    """The global RNG states dropout draws from; data order and augmentation are seeded per step."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    elif device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
+
+
+MODEL_OPTIONS = ("dropout", "width", "depth")   # train.py flags that become model keyword arguments
+
+
+def model_kwargs(args, num_classes):
+    """Keyword arguments for get_model: the data's shape, and the model options given on the command line.
+    A saved run may predate an option; getattr treats it as not given."""
+    kwargs = {"in_channels": 1, "num_classes": num_classes}
+    kwargs.update({k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k, None) is not None})
+    return kwargs
+
+
+def make_checkpoint(model, optimizer, args, info, norm, history, epoch, step, partial, extra):
+    """Everything to rebuild the model and to resume the run exactly, in plain types only, so that
+    torch.load(weights_only=True) opens it. `epoch` epochs are complete, plus `step` steps of the
+    next one (a Ctrl-C or --save-every save), whose running sums are in `partial`."""
+    return {
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "torch_version": str(torch.__version__),
+        "model": {"name": args.model, "kwargs": model_kwargs(args, len(info.classes))},
+        "state_dict": model.state_dict(),
+        "data": {"dataset": info.name, "mean": norm[0], "std": norm[1], "classes": list(info.classes),
+                 "input_shape": [1, 28, 28]},
+        "epoch": epoch, "step": step, "partial_epoch": partial,
+        "metrics": history[-1] if history else {}, "history": history,
+        "args": dict(vars(args)),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": {"name": args.scheduler, "note": "the lr is a function of the global step"},
+        **extra,
+    }
