@@ -155,6 +155,22 @@ def add_common_flags(p, what):
 # Tables
 # ---------------------------------------------------------------------------------------------
 
+def publish(md, folder, name):
+    """Write the table to FOLDER/NAME and into FOLDER/README.md, the report, between the lines
+    <!-- begin NAME --> and <!-- end NAME --> where it has them, so the report's tables are always the
+    recorded runs' (a test rebuilds them and compares)."""
+    write_text_atomic(md, os.path.join(folder, name))
+    report = os.path.join(folder, "README.md")
+    if not os.path.exists(report):
+        return
+    with open(report) as f:
+        text = f.read()
+    begin, end = f"<!-- begin {name} -->\n", f"<!-- end {name} -->"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        write_text_atomic(head + begin + md + end + rest.split(end, 1)[1], report)
+
+
 def table_head(runs):
     """(the machines the runs were timed on, in a fixed order; the table's opening words naming them
     and the CPU threads per run)."""

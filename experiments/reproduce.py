@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 
 import ledger
-from common import Parser, positive, run, write_text_atomic
+from common import Parser, positive, run
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def main(argv):
                                                 "flags": COMMANDS[key], "recipe": name, **ledger.stamp(opts)},
                                     COMMANDS)
     md = table(results)
-    write_text_atomic(md, os.path.join(folder, "reproduce.md"))
+    ledger.publish(md, folder, "reproduce.md")
     print(md, end="")
     return 0
 

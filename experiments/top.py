@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 
 import ledger
-from common import Parser, UserError, positive, run, write_text_atomic
+from common import Parser, UserError, positive, run
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ def main(argv):
         if not opts.rows or mix.id in opts.rows:
             results = run_mix(results, path, folder, mix, opts)
     md = table(results)
-    write_text_atomic(md, os.path.join(folder, "top.md"))
+    ledger.publish(md, folder, "top.md")
     print(md, end="")
     return 0
 

@@ -76,8 +76,9 @@ def test_two_processes_step_like_one_with_the_same_global_batch(ddp_run, data, t
 
 
 def test_resume_under_torchrun_continues_the_run(ddp_run, data, tmp_path):
+    """Started as one process, resumed as two: the run goes on as if it had had two all along."""
     out = str(tmp_path / "run")
-    first = torchrun([*SGD, "--epochs", "1", "--data-dir", data, "--out", out])
+    first = run_cli(["train.py", *SGD, "--epochs", "1", "--data-dir", data, "--out", out])
     assert first.returncode == 0, first.stderr
     resumed = torchrun(["--resume", out, "--epochs", "2"])
     assert resumed.returncode == 0, resumed.stderr

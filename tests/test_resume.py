@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, capture, main_of
 from runlog import read_log
 
 pytestmark = pytest.mark.slow   # real processes, killed and resumed
@@ -36,12 +36,26 @@ def _untimed(history, other):
     return [{**row, **{k: o[k] for k in TIMING if k in o}} for row, o in zip(history, other["history"])]
 
 
+@pytest.fixture(autouse=True)
+def nondeterministic_afterwards():
+    """--deterministic in this process (the runs below that need not be killed) must not outlive the test."""
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def train(*argv):
+    """train.py in this process: (exit code, stdout, stderr). Only the runs that are killed need their own."""
+    return capture(lambda: main_of("train", argv))
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+    """The uninterrupted run, and how long its training takes (a process adds its start-up to that)."""
     out = str(tmp_path_factory.mktemp("ref") / "run")
     t0 = time.perf_counter()
-    result = run_cli(["train.py", *RECIPE, "--out", out])
-    assert result.returncode == 0, result.stderr
+    code, _, err = train(*RECIPE, "--out", out)
+    assert code == 0, err
+    torch.use_deterministic_algorithms(False)
     return out, time.perf_counter() - t0
 
 
@@ -72,15 +86,15 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_exact(reference, tmp_path):
     assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["step"] > 0   # inside an epoch
     with open(os.path.join(out, "last.pt.tmp"), "wb") as f:   # what a kill in the middle of a save leaves
         f.write(open(os.path.join(out, "last.pt"), "rb").read()[:1000])
-    resumed = run_cli(["train.py", "--resume", out])
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stdout
+    code, printed, err = train("--resume", out)
+    assert code == 0, err
+    assert "resuming" in printed
     assert same_weights(reference[0], out)
     assert metrics(os.path.join(reference[0], "log.csv")) == metrics(os.path.join(out, "log.csv"))
     assert not os.path.exists(os.path.join(out, "last.pt.tmp"))
 
 
-@pytest.mark.parametrize("seed,save_every", [(1, 4), (3, 1), (5, 9)])
+@pytest.mark.parametrize("seed,save_every", [(1, 4), (3, 1)])
 def test_sigkill_anywhere_then_resume_is_exact(reference, tmp_path, seed, save_every):
     """Killed at a random moment (with --save-every 1, mostly while writing a checkpoint), then
     resumed, killed again, and resumed to the end."""
@@ -89,7 +103,7 @@ def test_sigkill_anywhere_then_resume_is_exact(reference, tmp_path, seed, save_e
     extra = ["--save-every", str(save_every)]
     proc = start(out, extra)
     wait_for_training(proc)
-    time.sleep(rng.uniform(0.2, max(0.5, reference[1] - 3.0)))
+    time.sleep(rng.uniform(0.2, max(0.5, reference[1] - 1.0)))
     proc.kill()
     proc.wait()
     for attempt in range(2):
@@ -101,8 +115,8 @@ def test_sigkill_anywhere_then_resume_is_exact(reference, tmp_path, seed, save_e
             proc.kill()
             proc.wait()
             continue
-        result = run_cli(cmd)
-        assert result.returncode == 0, result.stderr
+        code, _, err = train(*cmd[1:])
+        assert code == 0, err
     assert same_weights(reference[0], out)
     assert metrics(os.path.join(reference[0], "log.csv")) == metrics(os.path.join(out, "log.csv"))
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
@@ -115,19 +129,18 @@ def test_kill_before_the_first_save_starts_over(reference, tmp_path):
     proc.kill()
     proc.wait()
     assert not os.path.exists(os.path.join(out, "last.pt"))
-    result = run_cli(["train.py", "--resume", out])
-    assert result.returncode == 0, result.stderr
+    code, _, err = train("--resume", out)
+    assert code == 0, err
     assert same_weights(reference[0], out)
 
 
 def test_deterministic_runs_give_identical_logs(reference, tmp_path):
     out = str(tmp_path / "again")
-    assert run_cli(["train.py", *RECIPE, "--out", out]).returncode == 0
+    assert train(*RECIPE, "--out", out)[0] == 0
     assert metrics(os.path.join(reference[0], "log.csv")) == metrics(os.path.join(out, "log.csv"))
 
 
 def test_resuming_a_finished_run_says_so(reference):
-    result = run_cli(["train.py", "--resume", reference[0]])
-    assert result.returncode == 0 and "is complete" in result.stdout
-    longer = run_cli(["train.py", "--resume", reference[0], "--epochs", "3"])
-    assert longer.returncode == 0
+    code, printed, _ = train("--resume", reference[0])
+    assert code == 0 and "is complete" in printed
+    assert train("--resume", reference[0], "--epochs", "3")[0] == 0

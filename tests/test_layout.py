@@ -1,0 +1,134 @@
+"""The shape of the toolkit: who imports whom, how long train.py's functions are, what the user's
+guide may say, that the results report holds what the ledgers write, and quiet closed pipes."""
+import ast
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_script
+
+ENTRY = {"train", "evaluate", "predict", "export", "bench", "reproduce", "top"}   # commands, never imported
+SOURCES = sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "experiments", "*.py")))
+LOCAL = {os.path.splitext(os.path.basename(p))[0] for p in SOURCES}
+
+
+def local_imports(path):
+    """The toolkit's own modules that PATH imports, at any depth of its code."""
+    names = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names & LOCAL
+
+
+GRAPH = {os.path.splitext(os.path.basename(p))[0]: local_imports(p) for p in SOURCES}
+
+
+def test_no_command_imports_another_command():
+    offenders = {m: sorted(deps & ENTRY) for m, deps in GRAPH.items() if deps & ENTRY}
+    assert not offenders
+
+
+def test_no_import_cycles():
+    def visit(module, path):
+        if module in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(module):] + [module]))
+        for dep in GRAPH.get(module, ()):
+            visit(dep, path + [module])
+    for module in GRAPH:
+        visit(module, [])
+
+
+def test_models_and_data_copy_out_alone():
+    """models.py needs nothing of ours; data.py needs nothing at import (plots only to draw a grid)."""
+    assert GRAPH["models"] == set()
+    top_level = {n.module for n in ast.parse(open(os.path.join(ROOT, "data.py")).read()).body
+                 if isinstance(n, ast.ImportFrom)} | {a.name for n in ast.parse(open(os.path.join(ROOT, "data.py")).read()).body
+                                                      if isinstance(n, ast.Import) for a in n.names}
+    assert not top_level & LOCAL
+
+
+def test_train_py_functions_are_short():
+    tree = ast.parse(open(os.path.join(ROOT, "train.py")).read())
+    long = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree)
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60}
+    assert not long
+
+
+USER_FILES = ["README.md", "data/README.md"] + [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "*.py"))]
+
+
+@pytest.mark.parametrize("name", USER_FILES)
+def test_user_facing_files_speak_of_the_tool_only(name):
+    """No path outside the repository, and nothing about where or how the toolkit was developed."""
+    text = open(os.path.join(ROOT, name)).read()
+    for phrase in ("../shared", "shared/datasets", r"\blent\b", "development (box|machine)", "shared machine"):
+        assert not re.search(phrase, text, re.IGNORECASE), f"{name}: {phrase}"
+
+
+def test_readme_is_a_short_guide_whose_links_resolve():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    assert len(text.splitlines()) <= 250
+    assert 'python -m pytest -q -m "not slow"' in text and "python -m pytest -q" in text
+    for target in re.findall(r"\]\(([^)#]+)", text):
+        assert os.path.exists(os.path.join(ROOT, target)), target
+    for recipe in re.findall(r"@(recipes/[a-z0-9.-]+\.args)", text):
+        assert os.path.exists(os.path.join(ROOT, recipe)), recipe
+
+
+def test_ci_runs_the_readme_test_command():
+    assert "python -m pytest -q" in open(os.path.join(ROOT, ".ci", "run")).read()
+
+
+def test_results_report_holds_the_tables_the_ledgers_write(tmp_path, capsys):
+    """Rebuilding both tables from the recorded runs leaves results/README.md exactly as it is."""
+    results = os.path.join(ROOT, "results")
+    for name in ("README.md", "reproduce.json", "top.json"):
+        shutil.copy(os.path.join(results, name), tmp_path / name)
+    for script in ("reproduce", "top"):
+        code, _, err = run_script(script, ["--table", "--results", str(tmp_path)], capsys)
+        assert code == 0, err
+        assert (tmp_path / f"{script}.md").read_text() == open(os.path.join(results, f"{script}.md")).read()
+    assert (tmp_path / "README.md").read_text() == open(os.path.join(results, "README.md")).read()
+
+
+def closed_pipe(args):
+    """Run a command whose stdout is a pipe nobody reads: its first write meets a closed pipe."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([sys.executable, *args], cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize("args", [["models.py"], ["data.py", "--stats", "mnist"],
+                                  pytest.param(["evaluate.py", "weights/mnist.pt", "--subset", "100"], marks=pytest.mark.slow),
+                                  pytest.param(["predict.py", "DIGIT"], marks=pytest.mark.slow)])
+def test_commands_exit_quietly_when_their_output_pipe_closes(args, tmp_path):
+    if "DIGIT" in args:
+        from PIL import Image, ImageDraw
+        image = Image.new("L", (64, 64), 255)
+        ImageDraw.Draw(image).line([(32, 8), (32, 56)], fill=0, width=6)   # a one
+        args = [str(tmp_path / "one.png") if a == "DIGIT" else a for a in args]
+        image.save(args[-1])
+    result = closed_pipe(args)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_training_stops_and_saves_when_its_output_pipe_closes(synth_data, tmp_path):
+    out = str(tmp_path / "run")
+    result = closed_pipe(["train.py", "--model", "fast", "--epochs", "1", "--data-dir", synth_data,
+                          "--out", out, "--progress", "off"])
+    assert result.returncode == 141 and "Traceback" not in result.stderr, result.stderr
+    assert f"Continue with: python train.py --resume {out}" in result.stderr
+    assert os.path.exists(os.path.join(out, "last.pt"))
