@@ -28,8 +28,9 @@ import torch
 
 from common import Parser, UserError, machine, pick_device, positive, recipe_flags, run, write_text_atomic
 from data import Batches, dataset_info, load_split
-from loop import Run, build_optimizer, predict_logits, train_one_epoch
+from loop import Run, predict_logits, train_one_epoch
 from models import get_model, list_models
+from optimizers import build_optimizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # The speed recipes; bench.py adds --seed, --out and --progress off.

@@ -33,7 +33,7 @@ class Run:
     args: argparse.Namespace          # the resolved flags; saved in every checkpoint
     model: torch.nn.Module            # the plain module: what is saved and evaluated
     step_model: torch.nn.Module       # what the steps call: the model, compiled, or wrapped in DDP
-    optimizer: torch.optim.Optimizer
+    optimizer: object                 # optimizers.build_optimizer's
     device: torch.device
     info: object                      # data.DatasetInfo of the training set
     norm: tuple                       # (mean, std) on the 0..1 scale
@@ -82,19 +82,6 @@ def lr_factor(step, steps_per_epoch, total_steps, args):
     if args.warmup:
         f *= min(1.0, (step + 1) / (args.warmup * steps_per_epoch))
     return f
-
-
-def build_optimizer(model, args):
-    params, lr, wd = model.parameters(), args.lr, args.weight_decay
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(params, lr, momentum=args.momentum, nesterov=args.nesterov, weight_decay=wd)
-    if args.optimizer == "adam":
-        return torch.optim.Adam(params, lr, weight_decay=wd)
-    if args.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr, weight_decay=wd)
-    if args.optimizer == "radam":
-        return torch.optim.RAdam(params, lr, weight_decay=wd, decoupled_weight_decay=True)
-    return torch.optim.Adadelta(params, lr, weight_decay=wd)
 
 
 def penalty(model, args):

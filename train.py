@@ -26,9 +26,9 @@ import distributed
 from checkpoint import MODEL_OPTIONS, checkpoint_path, load_checkpoint, model_kwargs
 from common import Parser, UserError, non_negative, positive
 from data import DATASETS, Augment, Batches, DatasetInfo, dataset_info, load_split, normalization, split_off_val
-from loop import (DEFAULT_LR, Run, Stop, build_optimizer, empty_partial, evaluate_splits, save, say,
-                  train_one_epoch)
+from loop import DEFAULT_LR, Run, Stop, empty_partial, evaluate_splits, save, say, train_one_epoch
 from models import count_params, get_model, list_models, model_options
+from optimizers import build_optimizer
 from runlog import append_row, epoch_line, log_columns, prepare_out, rewrite_log, write_args
 
 # Flags a resumed run may change; every other flag must match the checkpoint's.

@@ -1,0 +1,124 @@
+"""The optimizers train.py builds, and a plain-tensor step for the common ones.
+
+Constructing any `torch.optim` optimizer, stepping it or taking its state_dict imports `torch._dynamo`
+(for its compile guards), which costs 1-1.5 s of a process on a 2-core CPU: a sixth of a one-epoch
+run. `Adam`, `AdamW` and `SGD` below do the same arithmetic as torch's single-tensor code paths with
+the options train.py offers, and read and write torch's state_dict format, so a checkpoint moves
+between them and `torch.optim` in either direction. They are used unless the model is compiled
+(`--compile` imports `torch._dynamo` anyway, and torch's own optimizers cooperate with it).
+
+    optimizer = build_optimizer(model, args)   # args: train.py's flags
+"""
+import torch
+
+
+class PlainOptimizer:
+    """What the training loop, torch.amp.GradScaler and checkpoints use of an optimizer."""
+    defaults = {}        # the option names and defaults of the torch.optim class it stands for
+    state_keys = ()      # the per-parameter state it keeps, in torch's names
+
+    def __init__(self, params, **options):
+        params = list(params)
+        if not params:
+            raise ValueError("optimizer got an empty parameter list")
+        self.param_groups = [{**self.defaults, **options, "params": params}]
+        self.state = {}
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.param_groups[0]["params"]:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def state_dict(self):
+        """torch.optim's layout: parameters are numbered in order, state is keyed by that number."""
+        params = self.param_groups[0]["params"]
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(params)))}
+                  for g in self.param_groups]
+        return {"state": {i: dict(self.state[p]) for i, p in enumerate(params) if p in self.state},
+                "param_groups": groups}
+
+    def load_state_dict(self, saved):
+        params = self.param_groups[0]["params"]
+        groups = saved["param_groups"]
+        if len(groups) != 1 or len(groups[0]["params"]) != len(params):
+            raise ValueError("the saved optimizer state is for another model")
+        self.param_groups = [{**self.defaults, **{k: v for k, v in groups[0].items() if k != "params"},
+                              "params": params}]
+        self.state = {}
+        for i, p in enumerate(params):
+            entry = saved["state"].get(i, saved["state"].get(str(i)))
+            if entry:
+                # as torch does: the step count stays a float32 on the CPU, the rest follows the parameter
+                self.state[p] = {k: (v.to("cpu", torch.float32) if k == "step" else v.to(p.device, p.dtype))
+                                 if torch.is_tensor(v) else v for k, v in entry.items()}
+
+    @torch.no_grad()
+    def step(self):
+        group = self.param_groups[0]
+        for p in group["params"]:
+            if p.grad is not None:
+                self.update(p, p.grad, group, self.state.setdefault(p, {}))
+
+
+class Adam(PlainOptimizer):
+    """torch.optim.Adam without amsgrad: L2 weight decay added to the gradient."""
+    defaults = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0, "amsgrad": False,
+                "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+                "fused": None, "decoupled_weight_decay": False}
+
+    def update(self, p, grad, group, state):
+        lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
+        if not state:
+            state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        state["step"] += 1
+        step = state["step"].item()
+        if wd and group["decoupled_weight_decay"]:
+            p.mul_(1 - lr * wd)
+        elif wd:
+            grad = grad.add(p, alpha=wd)
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"].sqrt() / (1 - beta2 ** step) ** 0.5).add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** step))
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW: Adam with weight decay applied to the weights, default 0.01."""
+    defaults = {**Adam.defaults, "weight_decay": 1e-2, "decoupled_weight_decay": True}
+
+
+class SGD(PlainOptimizer):
+    """torch.optim.SGD without dampening: momentum and Nesterov momentum, L2 weight decay."""
+    defaults = {"lr": 1e-3, "momentum": 0, "dampening": 0, "weight_decay": 0, "nesterov": False,
+                "maximize": False, "foreach": None, "differentiable": False, "fused": None}
+
+    def update(self, p, grad, group, state):
+        momentum, wd = group["momentum"], group["weight_decay"]
+        if wd:
+            grad = grad.add(p, alpha=wd)
+        if momentum:
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = grad.detach().clone()
+            else:
+                state["momentum_buffer"].mul_(momentum).add_(grad)
+            buf = state["momentum_buffer"]
+            grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
+        p.add_(grad, alpha=-group["lr"])
+
+
+def build_optimizer(model, args):
+    """The optimizer of train.py's --optimizer, with its --lr, --weight-decay and (SGD) --momentum and
+    --nesterov: the plain-tensor version where there is one, unless the model is compiled."""
+    params, lr, wd, compiled = model.parameters(), args.lr, args.weight_decay, getattr(args, "compile", False)
+    if args.optimizer == "sgd":
+        return (torch.optim.SGD if compiled else SGD)(params, lr=lr, momentum=args.momentum,
+                                                      nesterov=args.nesterov, weight_decay=wd)
+    if args.optimizer == "adam":
+        return (torch.optim.Adam if compiled else Adam)(params, lr=lr, weight_decay=wd)
+    if args.optimizer == "adamw":
+        return (torch.optim.AdamW if compiled else AdamW)(params, lr=lr, weight_decay=wd)
+    if args.optimizer == "radam":
+        return torch.optim.RAdam(params, lr, weight_decay=wd, decoupled_weight_decay=True)
+    return torch.optim.Adadelta(params, lr, weight_decay=wd)
