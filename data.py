@@ -53,7 +53,8 @@ DATASETS = {
 }
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-DEBIAN_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}   # apt-get install dataset-fashion-mnist
+DEBIAN_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
+DEBIAN_PACKAGES = {"fashion-mnist": "dataset-fashion-mnist"}
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGE_MAGIC, LABEL_MAGIC = 0x0803, 0x0801    # IDX: unsigned bytes, 3 or 1 dimensions
 
@@ -107,7 +108,8 @@ def find_split(info, split, data_dir=None, download=True):
     raise DataError(
         f"cannot find {info.name} files {' and '.join(f + '[.gz]' for f in FILES[split])}; "
         f"looked in {', '.join(dirs)}; downloading into {root} failed ({problem}). "
-        f"Copy the files into one of those folders or pass --data-dir")
+        f"Copy the files into one of those folders or pass --data-dir"
+        + (f" (on Debian or Ubuntu: apt-get install {DEBIAN_PACKAGES[info.name]})" if info.name in DEBIAN_PACKAGES else ""))
 
 
 def _download(info, root):
