@@ -12,66 +12,14 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from checkpoint import build_model, load_checkpoint
 from common import Parser, UserError, pick_device, positive, run
-from data import normalize
+from images import IMAGE_TYPES, classify, read_gray, to_mnist
 from plots import save_png
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(HERE, "weights", "mnist.pt")
-IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-MIN_SIDE = 8   # smaller images hold too little of a drawing to be fitted into 20x20
-
-
-def read_gray(path):
-    """An image file as a float tensor [H, W] on 0..1. Transparent areas count as white paper."""
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-                im = im.convert("RGBA")
-                im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
-            gray = im.convert("L")
-    except UnidentifiedImageError:
-        raise UserError(f"{path} is not an image this can read; give a PNG or JPEG file") from None
-    except OSError as e:
-        raise UserError(f"{path} cannot be read ({e}); check that the file is whole") from None
-    w, h = gray.size
-    if min(w, h) < MIN_SIDE:
-        raise UserError(f"{path} is only {w}x{h} pixels; give an image at least {MIN_SIDE}x{MIN_SIDE}")
-    return torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).view(h, w).float() / 255
-
-
-def to_mnist(gray, path="image"):
-    """A float image [H, W] on 0..1 as MNIST would have it: uint8 [28, 28], white ink on black."""
-    border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    paper = border.median()
-    if paper > 0.5:                          # dark ink on light paper: make the ink bright
-        gray, paper = 1 - gray, 1 - paper
-    ink = ((gray - paper) / (1 - paper).clamp(min=1e-3)).clamp(0, 1)   # the paper's own shade becomes 0
-    mask = ink > 0.25 * ink.max()
-    if ink.max() < 0.15 or not mask.any():
-        raise UserError(f"{path} looks blank: no strokes stand out from the background")
-    rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
-    ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]      # crop to the ink
-    h, w = ink.shape
-    scale = 20 / max(h, w)
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    patch = F.interpolate(ink[None, None], size=size, mode="bilinear", antialias=True, align_corners=False)[0, 0]
-    # MNIST strokes are saturated at their core; a thin pen shrunk many times over comes out faint.
-    patch = (patch / patch.max()).clamp(0, 1)
-    # Centre of mass in pixel-centre coordinates, then the shift that puts it at (14, 14).
-    total = patch.sum()
-    cy = (patch.sum(1) * (torch.arange(size[0]) + 0.5)).sum() / total
-    cx = (patch.sum(0) * (torch.arange(size[1]) + 0.5)).sum() / total
-    top = min(max(round(14 - cy.item()), 0), 28 - size[0])
-    left = min(max(round(14 - cx.item()), 0), 28 - size[1])
-    canvas = torch.zeros(28, 28)
-    canvas[top:top + size[0], left:left + size[1]] = patch
-    return canvas.mul(255).round().to(torch.uint8)
 
 
 def gather_files(paths):
@@ -120,9 +68,7 @@ def main(argv):
         for f, x in zip(files, inputs):
             name = os.path.splitext(os.path.basename(f))[0] + ".png"
             save_png(Image.fromarray(x.numpy(), mode="L"), os.path.join(args.save_preprocessed, name))
-    x = normalize(inputs.unsqueeze(1).to(device), ckpt["data"]["mean"], ckpt["data"]["std"])
-    with torch.inference_mode():
-        probs = model(x).float().softmax(1).cpu()
+    probs = classify(model, ckpt, inputs)
     classes = ckpt["data"]["classes"]
     top = min(args.top, len(classes))
     width = max(len(f) for f in files)

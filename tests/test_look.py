@@ -8,9 +8,9 @@ from PIL import Image
 
 import data
 import plots
-import predict
 from conftest import HAS_FASHION, ROOT, SHARED, run_script
 from data import load_split
+from images import to_mnist
 
 SHIPPED = {"mnist": os.path.join(ROOT, "weights", "mnist.pt"),
            "fashion-mnist": os.path.join(ROOT, "weights", "fashion-mnist.pt")}
@@ -87,7 +87,7 @@ def mnist_test():
 def test_preprocessing_recovers_an_mnist_like_digit(mnist_test):
     images, _ = mnist_test
     original = images[0, 0]
-    recovered = predict.to_mnist(torch.from_numpy(__import__("numpy").array(as_photo(original))).float() / 255)
+    recovered = to_mnist(torch.from_numpy(__import__("numpy").array(as_photo(original))).float() / 255)
     assert recovered.shape == (28, 28) and recovered.dtype == torch.uint8
     # Same place and shape as the original, up to the blur of enlarging and shrinking.
     diff = (recovered.float() - original.float()).abs().mean()

@@ -1,0 +1,85 @@
+"""Images from outside the datasets (photos, drawings, uploads) made to look like MNIST's.
+
+    gray = read_gray("my_digit.png")          # or read_gray(png_bytes, name="upload")
+    x = to_mnist(gray)                        # uint8 [28, 28], white ink on black, centred by mass
+    probs = classify(model, ckpt, x[None])    # [1, classes] softmax, normalized as the checkpoint was
+
+predict.py and demo.py both go through these, so a drawing is read the same way everywhere.
+"""
+import io
+
+import torch
+import torch.nn.functional as F
+
+from common import UserError
+from data import normalize
+
+IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MIN_SIDE = 8              # smaller images hold too little of a drawing to be fitted into 20x20
+MAX_PIXELS = 25_000_000   # 5000x5000: a phone photo fits; a small file declaring more is a decompression bomb
+
+
+def read_gray(source, name=None):
+    """An image file (a path, or its bytes) as a float tensor [H, W] on 0..1. Transparent areas count
+    as white paper. Its pixel count is checked from the header, before anything is decoded."""
+    from PIL import Image, UnidentifiedImageError
+    name = name or (source if isinstance(source, str) else "the image")
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise UserError(f"{name} declares {w}x{h} pixels, more than the {MAX_PIXELS:,} this reads; "
+                                f"give a smaller image")
+            im.load()
+            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                im = im.convert("RGBA")
+                im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+            gray = im.convert("L")
+    except UnidentifiedImageError:
+        raise UserError(f"{name} is not an image this can read; give a PNG or JPEG file") from None
+    except Image.DecompressionBombError:
+        raise UserError(f"{name} declares more pixels than this reads; give a smaller image") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:   # what Pillow's decoders raise on broken data
+        raise UserError(f"{name} cannot be read ({e}); check that the file is whole") from None
+    w, h = gray.size
+    if min(w, h) < MIN_SIDE:
+        raise UserError(f"{name} is only {w}x{h} pixels; give an image at least {MIN_SIDE}x{MIN_SIDE}")
+    return torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).view(h, w).float() / 255
+
+
+def to_mnist(gray, path="image"):
+    """A float image [H, W] on 0..1 as MNIST would have it: uint8 [28, 28], white ink on black."""
+    border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    paper = border.median()
+    if paper > 0.5:                          # dark ink on light paper: make the ink bright
+        gray, paper = 1 - gray, 1 - paper
+    ink = ((gray - paper) / (1 - paper).clamp(min=1e-3)).clamp(0, 1)   # the paper's own shade becomes 0
+    mask = ink > 0.25 * ink.max()
+    if ink.max() < 0.15 or not mask.any():
+        raise UserError(f"{path} looks blank: no strokes stand out from the background")
+    rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
+    ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]      # crop to the ink
+    h, w = ink.shape
+    scale = 20 / max(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    patch = F.interpolate(ink[None, None], size=size, mode="bilinear", antialias=True, align_corners=False)[0, 0]
+    # MNIST strokes are saturated at their core; a thin pen shrunk many times over comes out faint.
+    patch = (patch / patch.max()).clamp(0, 1)
+    # Centre of mass in pixel-centre coordinates, then the shift that puts it at (14, 14).
+    total = patch.sum()
+    cy = (patch.sum(1) * (torch.arange(size[0]) + 0.5)).sum() / total
+    cx = (patch.sum(0) * (torch.arange(size[1]) + 0.5)).sum() / total
+    top = min(max(round(14 - cy.item()), 0), 28 - size[0])
+    left = min(max(round(14 - cx.item()), 0), 28 - size[1])
+    canvas = torch.zeros(28, 28)
+    canvas[top:top + size[0], left:left + size[1]] = patch
+    return canvas.mul(255).round().to(torch.uint8)
+
+
+def classify(model, ckpt, inputs):
+    """Softmax probabilities [N, classes] of uint8 images [N, 28, 28], on the model's device and
+    normalized with the checkpoint's mean and std."""
+    device = next(model.parameters()).device
+    x = normalize(inputs.unsqueeze(1).to(device), ckpt["data"]["mean"], ckpt["data"]["std"])
+    with torch.inference_mode():
+        return model(x).float().softmax(1).cpu()
