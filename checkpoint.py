@@ -4,13 +4,14 @@ A checkpoint holds plain types only (tensors, numbers, strings, lists, dicts), s
 `torch.load(path, weights_only=True)` opens it and no pickled code can run. It names its model and
 options, dataset, normalization and classes, so `build_model(load_checkpoint(path))` needs nothing else.
 """
+import io
 import os
 import pickle
 import warnings
 
 import torch
 
-from common import UserError, write_atomic
+from common import UserError, write_bytes_atomic
 from models import get_model, list_models
 
 CHECKPOINT_FORMAT = "mnist-toolkit-checkpoint"
@@ -18,13 +19,11 @@ CHECKPOINT_VERSION = 1   # bump when the layout changes, and teach load_checkpoi
 
 
 def save_checkpoint(ckpt, path):
-    """torch.save through a temporary file, synced to disk before the rename."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-    write_atomic(path, write)
+    """torch.save into memory, then to disk through a temporary file: torch's own file writer reports a
+    full disk as an opaque RuntimeError, a plain write as an OSError that names the file."""
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    write_bytes_atomic(buffer.getbuffer(), path)
 
 
 def checkpoint_path(path):
@@ -57,9 +56,9 @@ def load_file(path):
             raise UserError(f"refusing to load {path}: it contains pickled Python objects, which could run code "
                             f"when opened; only checkpoints of plain tensors and values are accepted") from None
         raise UserError(f"{path} is not a PyTorch checkpoint ({str(e)[:80]})") from None
-    except (RuntimeError, EOFError, KeyError, ValueError, IndexError, OSError) as e:
-        raise UserError(f"{path} is not a readable PyTorch checkpoint: it is truncated or another kind of "
-                        f"file ({type(e).__name__}); use another checkpoint") from None
+    except Exception as e:   # a damaged record makes torch's unpickler fail in any of a dozen ways
+        raise UserError(f"{path} is not a readable PyTorch checkpoint: it is truncated, damaged or another kind "
+                        f"of file ({type(e).__name__}); use another checkpoint") from None
     return ckpt
 
 
@@ -76,11 +75,37 @@ def check_checkpoint(ckpt, path):
     if version < 1:
         raise UserError(f"{path} has checkpoint format {version}, which predates the first released "
                         f"format (1) and cannot be converted")
+    problem = schema_problem(ckpt)
+    if problem:
+        raise UserError(f"{path} is damaged: {problem}; use another checkpoint")
     name = ckpt["model"]["name"]
     if name not in list_models():
         raise UserError(f"{path} was trained with model {name!r}, which this toolkit does not have "
                         f"(known: {', '.join(list_models())}); update models.py or use another checkpoint")
     return ckpt
+
+
+def schema_problem(ckpt):
+    """What is wrong with the parts of a checkpoint every command reads, or None. Model options are
+    bounded too: a damaged width could otherwise ask for terabytes."""
+    model, data = ckpt.get("model"), ckpt.get("data")
+    if not (isinstance(model, dict) and isinstance(model.get("name"), str) and isinstance(model.get("kwargs"), dict)):
+        return "its model record is missing or malformed"
+    for key, value in model["kwargs"].items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not (0 <= value <= 4096) or (key != "dropout" and value != int(value)):
+            return f"model option {key}={value!r} is out of range"
+    for key in ("state_dict",) + (("ema_state_dict",) if ckpt.get("ema_state_dict") is not None else ()):
+        weights = ckpt.get(key)
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            return f"its {key} is missing or holds something other than tensors"
+    if not (isinstance(data, dict) and isinstance(data.get("dataset"), str)
+            and all(isinstance(data.get(k), (int, float)) for k in ("mean", "std")) and data["std"] > 0
+            and isinstance(data.get("classes"), list) and all(isinstance(c, str) for c in data["classes"])):
+        return "its data record (dataset, mean, std, classes) is missing or malformed"
+    if not isinstance(ckpt.get("metrics", {}), dict) or not isinstance(ckpt.get("history", []), list):
+        return "its metrics or history is malformed"
+    return None
 
 
 def build_model(ckpt, weights="auto", path="checkpoint"):
@@ -94,7 +119,7 @@ def build_model(ckpt, weights="auto", path="checkpoint"):
     state = ckpt["ema_state_dict"] if use_ema else ckpt["state_dict"]
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, ValueError) as e:
         first = str(e).strip().splitlines()[1:2] or [str(e)[:120]]
         raise UserError(f"{path}: the weights do not fit model {spec['name']!r} ({first[0].strip()})") from None
     return model, "ema" if use_ema else "raw"

@@ -6,6 +6,7 @@ failed (corrupt file, diverged loss, full disk), 130 on Ctrl-C. `--debug` or MNI
 traceback. A closed output pipe (`| head`) ends a command quietly.
 """
 import argparse
+import errno
 import os
 import shlex
 import sys
@@ -25,6 +26,22 @@ class UserError(Exception):
     def __init__(self, message, code=1):
         super().__init__(message)
         self.code = code
+
+
+class WriteError(UserError):
+    """A file could not be written (full disk, read-only folder, quota); the previous version is intact."""
+
+
+# What to do about the errors a write meets; the message names the file and the system's reason.
+WRITE_HINTS = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some of your quota or "
+               "write elsewhere", errno.EROFS: "the file system is read-only: write elsewhere",
+               errno.EACCES: "check the folder's permissions or write elsewhere", errno.EFBIG: "write elsewhere"}
+
+
+def write_problem(path, e):
+    """One sentence for an OSError met while writing PATH."""
+    hint = WRITE_HINTS.get(e.errno, "check the disk and the folder")
+    return f"cannot write {path}: {e.strerror or e}; {hint}"
 
 
 class Parser(argparse.ArgumentParser):
@@ -102,6 +119,10 @@ def describe_error(e):
         return str(e), getattr(e, "code", 1)
     if isinstance(e, MemoryError):
         return "out of memory; try a smaller --batch-size", 1
+    if type(e).__name__ == "OutOfMemoryError":   # torch.cuda.OutOfMemoryError, without importing CUDA code here
+        return "the GPU ran out of memory; try a smaller --batch-size, --amp bf16, or another --device", 1
+    if isinstance(e, OSError) and e.errno in WRITE_HINTS and e.filename:
+        return write_problem(e.filename, e), 1
     if isinstance(e, OSError):
         return (f"{e.strerror} ({e.filename})" if e.filename and e.strerror else str(e)), 1
     return f"unexpected {type(e).__name__}: {e}; rerun with --debug for the traceback and report it", 1
@@ -186,10 +207,31 @@ def machine(device="cpu"):
 
 def write_atomic(path, write):
     """write(tmp) fills a temporary file beside `path`, which then replaces `path` in one rename, so a
-    crash leaves the old file whole."""
+    crash or a full disk leaves the old file whole. A failed write removes the temporary file and
+    raises WriteError naming `path`."""
     tmp = f"{path}.tmp"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        kept = "; the previous version is kept" if os.path.exists(path) else ""
+        raise WriteError(write_problem(path, e) + kept) from None
+    finally:
+        try:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        except OSError:   # the folder itself went away or turned read-only: nothing more to do
+            pass
+
+
+def write_bytes_atomic(data, path):
+    """Bytes to `path` through a temporary file, synced to disk before the rename."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    write_atomic(path, write)
 
 
 def write_text_atomic(text, path):

@@ -132,33 +132,78 @@ def _download(info, root):
         return lines[-1][:200] if lines else type(e).__name__
 
 
+MAX_ITEMS = 1_000_000   # these datasets hold 70,000 images; a header promising more is damaged or hostile
+
+
 def read_idx(path, magic):
-    """An IDX file (.gz or plain) as a uint8 tensor, after checking its header against its size."""
+    """An IDX file (.gz or plain) as a uint8 tensor. The header is read and checked first, then exactly
+    the bytes it promises plus one (to notice trailing data), so a damaged or hostile file (a .gz that
+    inflates to gigabytes) is refused after reading at most what a real one holds."""
+    ndim = magic & 0xFF
+    kind = "image" if ndim == 3 else "label"
     try:
-        if path.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            with open(path, "rb") as f:
-                raw = f.read()
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            head = f.read(4 + 4 * ndim)
+            if len(head) < 4 or int.from_bytes(head[:4], "big") != magic:
+                found = head[:4].hex() if len(head) >= 4 else f"only {len(head)} bytes"
+                raise DataError(f"{path} is not an IDX {kind} file (magic number {found}, expected {magic:08x}); "
+                                f"check that the right file is there")
+            if len(head) < 4 + 4 * ndim:
+                raise DataError(f"{path} is truncated inside its header; delete it and copy or download it again")
+            dims = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+            if ndim == 3 and dims[1:] != [28, 28]:
+                raise DataError(f"{path} holds {dims[1]}x{dims[2]} images, but these datasets are 28x28")
+            if dims[0] > MAX_ITEMS:
+                raise DataError(f"{path} claims {dims[0]:,} {kind}s, more than any of these datasets holds "
+                                f"({MAX_ITEMS:,} at most); the file is damaged or not one of them")
+            size = math.prod(dims)
+            promise = f"its header promises {dims[0]:,} {kind}s ({len(head) + size:,} bytes)"
+            stored = _stored_size(path)
+            # Refuse at once what cannot be right, so a decompression bomb is not even inflated (one with
+            # a forged trailer is still stopped after the promised bytes plus one).
+            if path.endswith(".gz") and stored is not None and stored != (len(head) + size) % 2 ** 32:
+                raise DataError(f"{path} cannot be read: {promise} but its gzip trailer records {stored:,}; "
+                                f"it is probably truncated or not gzip, or holds more than it should: delete it "
+                                f"and copy or download it again")
+            if not path.endswith(".gz") and stored != len(head) + size:
+                how = "is truncated" if stored < len(head) + size else "has trailing bytes"
+                raise DataError(f"{path} {how}: {promise} but the file holds {stored:,} bytes; delete it "
+                                f"and copy or download it again")
+            body = bytearray(size + 1)   # one byte more than promised: it must stay unfilled
+            got = _read_into(f, body)
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path} cannot be read ({e}); it is probably truncated or not gzip: "
                         f"delete it and copy or download it again") from None
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(raw) < header or int.from_bytes(raw[:4], "big") != magic:
-        found = raw[:4].hex() if len(raw) >= 4 else f"only {len(raw)} bytes"
-        raise DataError(f"{path} is not an IDX {'image' if ndim == 3 else 'label'} file "
-                        f"(magic number {found}, expected {magic:08x}); check that the right file is there")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    if ndim == 3 and dims[1:] != [28, 28]:
-        raise DataError(f"{path} holds {dims[1]}x{dims[2]} images, but these datasets are 28x28")
-    expected = header + math.prod(dims)
-    if len(raw) != expected:
-        how = "is truncated" if len(raw) < expected else "has trailing bytes"
-        raise DataError(f"{path} {how}: its header promises {dims[0]:,} items ({expected:,} bytes) "
-                        f"but it has {len(raw):,} bytes; delete it and copy or download it again")
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header).view(dims)
+    if got != size:
+        how = "is truncated" if got < size else "has trailing bytes"
+        raise DataError(f"{path} {how}: {promise} but it holds "
+                        f"{'only ' + format(len(head) + got, ',') + ' bytes' if got < size else 'more'}; "
+                        f"delete it and copy or download it again")
+    return torch.frombuffer(body, dtype=torch.uint8, count=size).view(dims)
+
+
+def _stored_size(path):
+    """What the file says it holds without reading it: a plain file's length, or for a .gz its
+    trailer's inflated size mod 2**32 (None when too short to have one)."""
+    if not path.endswith(".gz"):
+        return os.path.getsize(path)
+    with open(path, "rb") as raw:
+        raw.seek(0, os.SEEK_END)
+        if raw.tell() < 18:   # gzip's header and trailer alone take 18 bytes
+            return None
+        raw.seek(-4, os.SEEK_END)
+        return int.from_bytes(raw.read(4), "little")
+
+
+def _read_into(f, buffer):
+    """Fill `buffer` from f in chunks (gzip returns at most a block per call); the count read."""
+    view, got = memoryview(buffer), 0
+    while got < len(buffer):
+        n = f.readinto(view[got:got + (1 << 22)])
+        if not n:
+            break
+        got += n
+    return got
 
 
 def load_split(name, split, data_dir=None, device="cpu"):

@@ -7,6 +7,7 @@
 Every export is checked on a batch of test images: the exported program's logits are compared with
 the PyTorch model's, and the largest difference is printed. The batch dimension stays dynamic.
 """
+import io
 import os
 import sys
 import warnings
@@ -14,7 +15,7 @@ import warnings
 import torch
 
 from checkpoint import build_model, load_checkpoint, save_checkpoint
-from common import Parser, UserError, positive, run
+from common import Parser, UserError, positive, run, write_atomic, write_bytes_atomic
 from data import load_split, normalize
 
 FORMATS = {"pt2": ".pt2", "onnx": ".onnx", "ckpt": ".pt"}
@@ -35,9 +36,9 @@ def export_pt2(model, example, out):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-    tmp = out + ".tmp"
-    torch.export.save(program, tmp)
-    os.replace(tmp, out)
+    buffer = io.BytesIO()   # torch's zip writer reports a full disk opaquely; a plain write names the file
+    torch.export.save(program, buffer)
+    write_bytes_atomic(buffer.getbuffer(), out)
     return torch.export.load(out).module()
 
 
@@ -50,9 +51,7 @@ def export_onnx(model, example, out):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},),
                                     input_names=["images"], output_names=["logits"], verbose=False)
-    tmp = out + ".tmp"
-    program.save(tmp)
-    os.replace(tmp, out)
+    write_atomic(out, program.save)
     if not _importable("onnxruntime"):
         print(f"skipped checking {out}: running it needs onnxruntime (pip install onnxruntime)")
         return None

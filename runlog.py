@@ -5,9 +5,45 @@ import json
 import os
 import time
 
-from common import UserError, write_text_atomic
+from common import UserError, WriteError, write_problem, write_text_atomic
 
 RUN_FILES = ("last.pt", "best.pt", "log.csv", "args.json")
+LOCK_FILE = ".lock"
+_locks = {}   # run folder -> the open lock file; the lock lasts until released or the process ends
+
+
+def lock_folder(out):
+    """Hold an exclusive lock on OUT/.lock (which records our pid), so a second train.py cannot write
+    into a folder whose run is still going. The kernel drops the lock when its process dies, so the
+    file left by a killed run does not block. Where fcntl is missing (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    path = os.path.join(out, LOCK_FILE)
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise UserError(f"cannot write to {out} ({e.strerror}); choose a writable folder") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise UserError(f"{out} is in use by a train.py that is still running (pid {pid}); wait for it to end "
+                        f"or stop it, or choose another --out", 2) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _locks[os.path.abspath(out)] = f
+
+
+def release_folders():
+    """Drop this process's folder locks (train.main ends; tests run it many times in one process)."""
+    while _locks:
+        _locks.popitem()[1].close()
 
 
 def prepare_out(args):
@@ -21,13 +57,18 @@ def prepare_out(args):
                         f"continue it, --overwrite to replace it, or choose another --out", 2)
     try:
         os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to --out {out} ({e.strerror}); choose a writable folder") from None
+    lock_folder(out)   # before anything of a running run could be removed
+    try:
         probe = os.path.join(out, ".write-test")
         write_text_atomic("", probe)
         os.remove(probe)
         for f in existing:
             os.remove(os.path.join(out, f))
-    except OSError as e:
-        raise UserError(f"cannot write to --out {out} ({e.strerror}); choose a writable folder") from None
+    except (OSError, WriteError) as e:
+        reason = e.strerror if isinstance(e, OSError) else str(e).split(": ", 1)[-1]
+        raise UserError(f"cannot write to --out {out} ({reason}); choose a writable folder") from None
     return out
 
 
@@ -57,8 +98,18 @@ def rewrite_log(out, rows, columns):
 
 
 def append_row(out, row, columns):
-    with open(os.path.join(out, "log.csv"), "a") as f:
-        f.write(_csv([row], columns, header=False))
+    """One more row at the end of log.csv; if the write fails, the file is cut back to what it was."""
+    path = os.path.join(out, "log.csv")
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+        with open(path, "a") as f:
+            f.write(_csv([row], columns, header=False))
+    except OSError as e:
+        try:
+            os.truncate(path, size)
+        except OSError:
+            pass
+        raise WriteError(write_problem(path, e)) from None
         f.flush()
 
 

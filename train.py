@@ -24,12 +24,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import distributed
 from checkpoint import MODEL_OPTIONS, checkpoint_path, load_checkpoint, model_kwargs
-from common import Parser, UserError, non_negative, positive
+from common import Parser, UserError, WriteError, non_negative, positive
 from data import DATASETS, Augment, Batches, DatasetInfo, dataset_info, load_split, normalization, split_off_val
 from loop import DEFAULT_LR, Run, Stop, empty_partial, evaluate_splits, save, say, train_one_epoch
 from models import count_params, get_model, list_models, model_options
 from optimizers import build_optimizer
-from runlog import append_row, epoch_line, log_columns, prepare_out, rewrite_log, write_args
+from runlog import (append_row, epoch_line, lock_folder, log_columns, prepare_out, release_folders, rewrite_log,
+                    write_args)
 
 # Flags a resumed run may change; every other flag must match the checkpoint's.
 RESUME_MAY_CHANGE = {"epochs", "device", "data_dir", "resume", "debug", "save_every", "compile", "progress"}
@@ -294,16 +295,12 @@ def restore(run, resumed, run_dir):
     """Load a checkpoint's state into the run; (first epoch, first step, partial sums) to continue from,
     or None when the run is already complete."""
     run.out = run_dir
-    run.model.load_state_dict(resumed["state_dict"])
-    run.optimizer.load_state_dict(resumed["optimizer"])
-    if run.ema is not None:
-        run.ema.module.load_state_dict(resumed["ema_state_dict"])
-        run.ema.n_averaged.fill_(resumed["ema_steps"])
-    if run.scaler is not None and resumed.get("scaler"):
-        run.scaler.load_state_dict(resumed["scaler"])
-    distributed.restore_rng(run.world, resumed, run.device)
-    run.history, run.stopping = resumed["history"], resumed["stopping"]
-    start = (resumed["epoch"] + 1, resumed["step"], resumed["partial_epoch"])
+    distributed.on_rank0(run.world, lock_folder, run_dir)
+    try:
+        start = load_state(run, resumed)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise UserError(f"{run_dir}/last.pt cannot be resumed: its saved training state is damaged or does not "
+                        f"fit ({type(e).__name__}); evaluate.py may still read its weights; start a new run") from None
     if run.world and run.world.rank:   # the saved partial sums are global: count them once, on rank 0
         start = start[:2] + (None,)
     # the checkpoint is the record; drop unsaved rows
@@ -316,9 +313,25 @@ def restore(run, resumed, run_dir):
     return start
 
 
+def load_state(run, resumed):
+    """The saved weights, optimizer, EMA, scaler and RNG state into the run; where to continue from."""
+    run.model.load_state_dict(resumed["state_dict"])
+    run.optimizer.load_state_dict(resumed["optimizer"])
+    if run.ema is not None:
+        run.ema.module.load_state_dict(resumed["ema_state_dict"])
+        run.ema.n_averaged.fill_(resumed["ema_steps"])
+    if run.scaler is not None and resumed.get("scaler"):
+        run.scaler.load_state_dict(resumed["scaler"])
+    distributed.restore_rng(run.world, resumed, run.device)
+    run.history, run.stopping = list(resumed["history"]), dict(resumed["stopping"])
+    return resumed["epoch"] + 1, int(resumed["step"]), resumed["partial_epoch"]
+
+
 def start_folder(run, run_dir):
     """A new run's folder, made by rank 0 (a resumed run that never saved starts over in its own)."""
     def make():
+        if run_dir:
+            lock_folder(run_dir)
         out = run_dir or prepare_out(run.args)
         write_args(out, run.args)
         rewrite_log(out, [], log_columns(run.args))
@@ -330,16 +343,16 @@ def start_folder(run, run_dir):
 
 @contextmanager
 def stop_on_signals(run):
-    """Ctrl-C (and, under torchrun, SIGTERM) asks the run to save at the end of the step and stop;
-    a second Ctrl-C quits at once, and the last save is whole anyway."""
+    """Ctrl-C, or the SIGTERM with which schedulers (SLURM, Kubernetes) stop or preempt a job, asks the
+    run to save at the end of the step and stop; a second signal quits at once, and the last save is
+    whole anyway. Exit 130 after Ctrl-C, 143 after SIGTERM, as the shell reports a death by signal."""
     def handler(signum, frame):
         if run.stop:
             raise KeyboardInterrupt
-        run.stop = ("interrupted", 130)
-        print("\nCtrl-C: saving at the end of this step (press again to quit now)", file=sys.stderr, flush=True)
-    # torchrun passes Ctrl-C on as SIGINT, and a scheduler stops jobs with SIGTERM
-    signals = [signal.SIGINT] + ([signal.SIGTERM] if run.world else [])
-    previous = {s: signal.signal(s, handler) for s in signals}
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        run.stop = ("interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)", 128 + signum)
+        print(f"\n{name}: saving at the end of this step (send it again to quit now)", file=sys.stderr, flush=True)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
@@ -393,6 +406,14 @@ def stop_reason(row, args, stopping):
 
 
 def main(argv):
+    try:
+        return train(argv)
+    finally:
+        release_folders()   # the folder lock ends with the run, also when main runs in a longer process
+
+
+def train(argv):
+    """parse and check, load data, build, restore or start, fit, report."""
     world = distributed.current()   # None unless torchrun started this process
     args, resumed, run_dir = parse_and_check(argv, world)
     device, channels_last = setup_device(args, world)
@@ -413,6 +434,12 @@ def main(argv):
         except Stop as stop:
             print(f"train.py: {'error: ' if stop.code == 1 else ''}{stop}", file=sys.stderr)
             return stop.code
+        except WriteError as e:
+            last = os.path.join(run.out, "last.pt")
+            kept = f"{last} holds the last good state" if os.path.exists(last) else "nothing was saved yet"
+            print(f"train.py: error: {e}. Training stopped; {kept}. Continue with: "
+                  f"{distributed.command(run.world)} train.py --resume {run.out}", file=sys.stderr)
+            return 1
     last = run.history[-1]
     ema = f" (EMA weights {last['ema_test_acc']:.2f} %)" if args.ema else ""
     say(run, f"done: test accuracy {last['test_acc']:.2f} %{ema} after epoch {last['epoch']}; "

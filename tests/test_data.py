@@ -67,6 +67,46 @@ def test_broken_gzip(tmp_path):
         load_split("mnist", "train", folder)
 
 
+def gzip_bomb(path, n_images, inflated_mb, forge_trailer=False):
+    """An image file whose header promises N_IMAGES but which inflates to INFLATED_MB of zeros after it,
+    as gzip members of 4 MB each (4 KB apiece on disk). FORGE_TRAILER makes its last 4 bytes agree with
+    the header, so only reading can tell."""
+    header = data.IMAGE_MAGIC.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (n_images, 28, 28))
+    zeros = gzip.compress(bytes(4 << 20), compresslevel=9)
+    raw = gzip.compress(header) + zeros * (inflated_mb // 4)
+    if forge_trailer:
+        raw = raw[:-4] + (16 + n_images * 784).to_bytes(4, "little")
+    with open(path, "wb") as f:
+        f.write(raw)
+    return len(raw)
+
+
+@pytest.mark.parametrize("n_images,forge", [(60000, False), (100, True)])
+def test_a_gzip_bomb_is_refused_at_once(tmp_path, n_images, forge):
+    """2 GB of zeros in a 2 MB file: refused from its trailer without inflating it, or (trailer forged)
+    after the promised bytes plus one; in well under a second and a few MB either way."""
+    import time
+    import tracemalloc
+    path = str(tmp_path / "train-images-idx3-ubyte.gz")
+    assert gzip_bomb(path, n_images, 2048, forge) < 3_000_000
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match="gzip trailer records" if not forge else "has trailing bytes"):
+        read_idx(path, data.IMAGE_MAGIC)
+    seconds = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert seconds < 1.0 and peak < 8_000_000, (seconds, peak)
+
+
+def test_a_header_promising_too_much_is_refused_before_reading(tmp_path):
+    path = str(tmp_path / "train-labels-idx1-ubyte")
+    with open(path, "wb") as f:
+        f.write(data.LABEL_MAGIC.to_bytes(4, "big") + (2 ** 31).to_bytes(4, "big"))
+    with pytest.raises(DataError, match="claims 2,147,483,648 labels, more than any"):
+        read_idx(path, data.LABEL_MAGIC)
+
+
 def test_missing_files_name_every_place_searched(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(data, "_download", lambda info, root: "no network")

@@ -149,7 +149,7 @@ def test_processes_with_other_commands_keep_each_others_runs(tmp_path):
 @pytest.mark.slow
 def test_a_run_stopped_by_another_command_is_started_over(tmp_path, capsys):
     """A run folder left by a different command (here another seed) is not resumed but started over,
-    and timed. (One left by the same command is resumed: the Ctrl-C test below.)"""
+    and timed. (One left by the same command is resumed: the SIGTERM test below.)"""
     folder = tmp_path / "quick" / "runs" / "000-ours-0"
     proc = subprocess.Popen([sys.executable, "train.py", "@recipes/000-ours.args", "--seed", "3", "--out",
                              str(folder), "--subset", "512", "--epochs", "1", "--progress", "off"],
@@ -167,16 +167,17 @@ def test_a_run_stopped_by_another_command_is_started_over(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_the_run_with_a_note_and_the_same_command_continues_it(tmp_path, capsys):
+def test_sigterm_stops_the_run_with_a_note_and_the_same_command_continues_it(tmp_path, capsys):
+    """A scheduler's SIGTERM (Ctrl-C takes the same path) is passed on to train.py, which saves."""
     args = [sys.executable, REPRODUCE, "000", "--which", "ours", "--quick", "--seeds", "1", "--results", str(tmp_path)]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     started = tmp_path / "quick" / "runs" / "000-ours-0" / "args.json"
     deadline = time.time() + 120
     while not started.exists() and time.time() < deadline:   # train.py has begun: stop it now
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "stopped part way; the same command continues the run" in err, err
+    assert proc.returncode == 143 and "stopped part way; the same command continues the run" in err, err
     assert not (tmp_path / "quick" / "reproduce.json").exists()
     code, out, err = run_script("reproduce", args[2:], capsys)
     assert code == 0, err
