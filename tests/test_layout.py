@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, run_script
 
-ENTRY = {"train", "evaluate", "predict", "export", "bench", "reproduce", "top"}   # commands, never imported
+ENTRY = {"train", "evaluate", "predict", "export", "demo", "bench", "reproduce", "top", "hubconf"}   # commands, never imported
 SOURCES = sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "experiments", "*.py")))
 LOCAL = {os.path.splitext(os.path.basename(p))[0] for p in SOURCES}
 

@@ -1,0 +1,112 @@
+"""torch.hub entry points: one per model of models.py (`cnn-basic` is `cnn_basic`), with the shipped
+weights for `cnn`, `vgg` and `resnet`.
+
+    model = torch.hub.load("<owner>/<repo>", "cnn", pretrained=True)              # MNIST, 99.47 %
+    model = torch.hub.load(".", "vgg", source="local", weights="fashion-mnist")   # Fashion-MNIST, 91.81 %
+    model = torch.hub.load(".", "resnet", source="local", width=64)               # untrained, any option
+
+A pretrained model takes images on 0..1 shaped (N, 1, 28, 28), white ink on black as in MNIST,
+normalizes them as its training did, and returns logits in eval mode; `model.classes` names the
+outputs. Without weights an entry returns the plain model of models.get_model.
+"""
+import inspect as _inspect
+import os as _os
+
+from torch import nn as _nn
+
+import checkpoint as _checkpoint
+import models as _models
+
+dependencies = ["torch"]
+
+_HERE = _os.path.dirname(_os.path.realpath(__file__))
+
+# torch.hub imports this file with the repository put first on sys.path, but a module named `models`
+# or `checkpoint` that the caller imported earlier wins over ours, and would build the wrong networks.
+for _module in (_models, _checkpoint):
+    if _os.path.dirname(_os.path.realpath(_module.__file__)) != _HERE:
+        raise ImportError(f"another module named {_module.__name__!r} ({_module.__file__}) was imported before "
+                          f"this repository's; load the hub model in a process that has not imported it")
+
+# Shipped weights per entry, the default first; the accuracies are each file's metrics["test_acc"].
+_SHIPPED = {"cnn": ("mnist",), "vgg": ("mnist-top", "fashion-mnist"), "resnet": ("fashion-mnist-top",)}
+_ABOUT = {"mnist": "MNIST, 99.47 %", "mnist-top": "MNIST, 99.76 %",
+          "fashion-mnist": "Fashion-MNIST, 91.81 %", "fashion-mnist-top": "Fashion-MNIST, 94.53 %"}
+
+
+class _Normalized(_nn.Module):
+    """A trained model that takes images on 0..1 and applies its checkpoint's normalization first."""
+
+    def __init__(self, model, mean, std, classes):
+        super().__init__()
+        self.model, self.mean, self.std, self.classes = model, float(mean), float(std), list(classes)
+
+    def forward(self, x):
+        return self.model((x - self.mean) / self.std)
+
+    def extra_repr(self):
+        return f"mean={self.mean}, std={self.std}, classes={len(self.classes)}"
+
+
+def _pretrained(name, weights, kwargs):
+    shipped, entry = _SHIPPED.get(name, ()), name.replace("-", "_")
+    if weights is None:
+        if not shipped:
+            raise ValueError(f"{entry} has no shipped weights; pretrained=True works for "
+                             f"{', '.join(_SHIPPED)}, or leave it out for an untrained {entry}")
+        weights = shipped[0]
+    if weights not in _ABOUT:
+        raise ValueError(f"unknown weights {weights!r}; the shipped ones are {', '.join(map(repr, _ABOUT))}")
+    if weights not in shipped:
+        owner = next(e for e, names in _SHIPPED.items() if weights in names)
+        raise ValueError(f"the {weights!r} weights belong to {owner}, not {entry}; "
+                         + (f"{entry} has {', '.join(map(repr, shipped))}" if shipped else f"{entry} has none"))
+    path = _os.path.join(_HERE, "weights", f"{weights}.pt")
+    ckpt = _checkpoint.load_checkpoint(path)
+    built = {**_models.model_options(name), **ckpt["model"]["kwargs"]}
+    for key, value in kwargs.items():
+        if key not in built:
+            raise ValueError(f"model {name!r} has no option {key!r}; it takes: {', '.join(sorted(built))}")
+        if value != built[key]:
+            raise ValueError(f"the {weights!r} weights are a {name} with {key}={built[key]!r}; leave {key} "
+                             f"out, or drop pretrained to build an untrained {name} with {key}={value!r}")
+    model, _ = _checkpoint.build_model(ckpt, path=path)
+    data = ckpt["data"]
+    return _Normalized(model, data["mean"], data["std"], data["classes"]).eval()
+
+
+def _doc(name):
+    options = [f"{k}={v!r}" for k, v in _models.model_options(name).items()] + ["in_channels=1", "num_classes=10"]
+    lines = [_models.describe(name), "", f"Options: {', '.join(options)}."]
+    shipped = _SHIPPED.get(name)
+    if shipped:
+        listed = "; ".join(f"{w!r} ({_ABOUT[w]})" for w in shipped)
+        lines.append(f"Pretrained weights (the model takes images on 0..1, (N, 1, 28, 28)): {listed}; "
+                     f"pretrained=True loads {shipped[0]!r}, weights=NAME any of them.")
+    else:
+        lines.append("No shipped weights: pretrained=True raises ValueError.")
+    return "\n".join(lines)
+
+
+def _entry(name):
+    def entry(pretrained=False, *, weights=None, **kwargs):
+        if pretrained or weights is not None:
+            return _pretrained(name, weights, kwargs)
+        return _models.get_model(name, **kwargs)
+
+    # Spell out the model's options, so that help() and editors show what an entry takes.
+    P = _inspect.Parameter
+    defaults = {**_models.model_options(name), "in_channels": 1, "num_classes": 10}
+    entry.__signature__ = _inspect.Signature(
+        [P("pretrained", P.POSITIONAL_OR_KEYWORD, default=False), P("weights", P.KEYWORD_ONLY, default=None)]
+        + [P(k, P.KEYWORD_ONLY, default=v) for k, v in defaults.items()])
+    entry.__name__ = entry.__qualname__ = name.replace("-", "_")
+    entry.__module__ = __name__
+    entry.__doc__ = _doc(name)
+    return entry
+
+
+for _model_name in _models.list_models():
+    _fn = _entry(_model_name)
+    globals()[_fn.__name__] = _fn
+del _model_name, _fn, _module
