@@ -172,7 +172,8 @@ def write_outputs(out, name, results, final, images, labels, probs, ckpts):
         if len(ckpts) > 1:
             print("skipped curves.png: it draws one run, and several checkpoints were given")
         elif run_history(*ckpts[0]):
-            plots.curves_png(run_history(*ckpts[0]), os.path.join(out, "curves.png"), ckpts[0][0])
+            plots.curves_png(run_history(*ckpts[0]), os.path.join(out, "curves.png"), ckpts[0][0],
+                             run_steps(ckpts[0][0]))
             written.append("curves.png")
     print(f"wrote {', '.join(written)} in {out}")
 
@@ -188,6 +189,16 @@ def run_history(path, ckpt):
         except (OSError, ValueError):
             pass
     return ckpt.get("history") or []
+
+
+def run_steps(path):
+    """The rows of the steps.csv beside a checkpoint, or none."""
+    from runlog import read_log
+    steps = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path(path))), "steps.csv")
+    try:
+        return read_log(steps) if os.path.exists(steps) else []
+    except (OSError, ValueError):
+        return []
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import distributed
 from checkpoint import make_checkpoint, rng_state, save_checkpoint
 from common import close_stdout
 from data import Batches
+from runlog import append_steps
 
 # Adam-family 3e-3: with a cosine schedule over a short budget it beat 1e-3 and 2e-3 here (cnn, 1 epoch).
 DEFAULT_LR = {"sgd": 0.01, "adam": 3e-3, "adamw": 3e-3, "radam": 3e-3, "adadelta": 1.0}
@@ -47,6 +48,8 @@ class Run:
     history: list = field(default_factory=list)    # one dict per finished epoch
     stopping: dict = field(default_factory=dict)   # early-stopping state, saved with the run
     stop: tuple = None                # (why, exit code) once a signal asks to save and stop
+    log_every: int = 0                # steps between rows of steps.csv; 0: none
+    tb: object = None                 # a torch.utils.tensorboard SummaryWriter, with --tensorboard (rank 0)
 
 
 class Stop(Exception):
@@ -148,6 +151,9 @@ class EpochSums:
         self.seen = partial["seen"]
         self.first_bad = torch.tensor(-1, device=run.device)   # first step whose loss was not finite
         self.t0 = time.perf_counter()
+        # the sums at the last row of steps.csv, saved mid-epoch so that a resumed run's rows match
+        self.window = tuple(partial.get("window") or (partial["loss_sum"], partial["correct"], partial["seen"]))
+        self.window_t = self.t0
 
     def add(self, i, loss, logits, y):
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), i, self.first_bad)
@@ -165,7 +171,7 @@ class EpochSums:
     def snapshot(self):
         """What a mid-epoch checkpoint stores to continue these sums."""
         loss, correct, seen = self.totals()
-        return {"loss_sum": loss, "correct": correct, "seen": seen,
+        return {"loss_sum": loss, "correct": correct, "seen": seen, "window": list(self.window),
                 "seconds": self.partial["seconds"] + time.perf_counter() - self.t0}
 
 
@@ -181,6 +187,7 @@ def train_one_epoch(run, batches, epoch, start=0, partial=None):
         share = 1.0 if run.world is None else len(y) * run.world.size / batches.global_len(i)
         loss, logits = train_step(run, x, y, lr, share)
         sums.add(i, loss, logits, y)
+        log_steps(run, sums, (epoch - 1) * steps + i + 1, epoch, lr, i + 1 == steps)   # before a save: it holds the window
         after_step(run, sums, epoch, i, steps, loss)
         last_print = show_progress(run, sums, epoch, i, steps, last_print)
     if run.progress and run.progress < 1:
@@ -216,6 +223,43 @@ def after_step(run, sums, epoch, i, steps, loss):
         why, code = stop
         raise Stop(f"{why}: stopped at epoch {epoch}, step {i + 1} of {steps}; saved {run.out}/last.pt. "
                    f"Continue with: {distributed.command(run.world)} train.py --resume {run.out}", code)
+
+
+def log_steps(run, sums, step, epoch, lr, epoch_end):
+    """Every run.log_every steps and at the epoch's end: a row of steps.csv (and TensorBoard scalars)
+    with the loss and accuracy of the steps since the last row, whose sums are sums.window. Every
+    rank reaches the same steps, so the sums are global."""
+    if not run.log_every or (step % run.log_every and not epoch_end):
+        return
+    (loss, correct, seen), (loss0, correct0, seen0) = sums.totals(), sums.window
+    now, n = time.perf_counter(), seen - seen0
+    if n > 0:
+        row = {"step": step, "epoch": epoch, "train_loss": (loss - loss0) / n, "train_acc": 100.0 * (correct - correct0) / n,
+               "lr": lr, "images_per_s": (seen - max(seen0, sums.partial["seen"])) / max(now - sums.window_t, 1e-9)}
+        distributed.on_rank0(run.world, record_steps, run, row)
+    sums.window, sums.window_t = (loss, correct, seen), now
+
+
+def record_steps(run, row):
+    append_steps(run.out, row)
+    if run.tb is not None:
+        for key in ("train_loss", "train_acc", "lr", "images_per_s"):
+            run.tb.add_scalar(f"step/{key}", row[key], row["step"])
+
+
+def open_tensorboard(out):
+    from torch.utils.tensorboard import SummaryWriter   # the package is optional; train.py checks for it
+    return SummaryWriter(os.path.join(out, "tb"))
+
+
+def epoch_scalars(run, row, step):
+    """An epoch's figures (train, val and test loss and accuracy) in TensorBoard, at its last step."""
+    if run.tb is None:
+        return
+    for key, value in row.items():
+        if key.endswith(("_loss", "_acc")):
+            run.tb.add_scalar(f"epoch/{key}", value, step)
+    run.tb.flush()
 
 
 def show_progress(run, sums, epoch, i, steps, last_print):

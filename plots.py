@@ -134,10 +134,22 @@ def confusion_png(cm, classes, path, title):
     save_figure(fig, path)
 
 
-def curves_png(rows, path, title):
-    """Loss and accuracy per epoch for train, val and test, from log.csv rows (dicts of strings or numbers)."""
+def curves_png(rows, path, title, steps=()):
+    """Loss and accuracy per epoch for train, val and test, from log.csv rows (dicts of strings or
+    numbers), over the training curve of steps.csv rows when given (at fractional epochs)."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if steps:
+        # an epoch's last row sits at its last step, which gives the steps per epoch
+        ends = {}
+        for r in steps:
+            ends[int(r["epoch"])] = max(ends.get(int(r["epoch"]), 0), int(r["step"]))
+        first = min(ends)
+        per_epoch = ends[first] / first
+        x = [int(r["step"]) / per_epoch for r in steps]
+        loss_ax.plot(x, [float(r["train_loss"]) for r in steps], "-", color="0.6", lw=1, label="train (steps)")
+        acc_ax.plot(x, [float(r["train_acc"]) for r in steps], "-", color="0.6", lw=1, label="train (steps)")
     for split, style in (("train", "-o"), ("val", "-s"), ("test", "-^"), ("ema_test", ":^")):
         points = [(float(r["epoch"]), float(r[f"{split}_loss"]), float(r[f"{split}_acc"]))
                   for r in rows if r.get(f"{split}_loss") not in (None, "")]
@@ -147,6 +159,7 @@ def curves_png(rows, path, title):
             loss_ax.plot(epochs, losses, style, label=label, markersize=4)
             acc_ax.plot(epochs, accs, style, label=label, markersize=4)
     for ax, name in ((loss_ax, "loss (cross-entropy)"), (acc_ax, "accuracy (%)")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)

@@ -7,7 +7,8 @@ import time
 
 from common import UserError, WriteError, write_problem, write_text_atomic
 
-RUN_FILES = ("last.pt", "best.pt", "log.csv", "args.json")
+RUN_FILES = ("last.pt", "best.pt", "log.csv", "steps.csv", "args.json")
+STEP_COLUMNS = ["step", "epoch", "train_loss", "train_acc", "lr", "images_per_s"]
 LOCK_FILE = ".lock"
 _locks = {}   # run folder -> the open lock file; the lock lasts until released or the process ends
 
@@ -97,9 +98,9 @@ def rewrite_log(out, rows, columns):
     write_text_atomic(_csv(rows, columns, header=True), os.path.join(out, "log.csv"))
 
 
-def append_row(out, row, columns):
-    """One more row at the end of log.csv; if the write fails, the file is cut back to what it was."""
-    path = os.path.join(out, "log.csv")
+def append_row(out, row, columns, name="log.csv"):
+    """One more row at the end of a CSV log; if the write fails, the file is cut back to what it was."""
+    path = os.path.join(out, name)
     size = os.path.getsize(path) if os.path.exists(path) else 0
     try:
         with open(path, "a") as f:
@@ -111,6 +112,26 @@ def append_row(out, row, columns):
             pass
         raise WriteError(write_problem(path, e)) from None
         f.flush()
+
+
+def start_steps(out):
+    """An empty steps.csv: the header only."""
+    write_text_atomic(",".join(STEP_COLUMNS) + "\n", os.path.join(out, "steps.csv"))
+
+
+def append_steps(out, row):
+    append_row(out, row, STEP_COLUMNS, name="steps.csv")
+
+
+def trim_steps(out, last_step):
+    """Keep the rows of steps.csv up to the global step a resumed checkpoint holds, so that the file
+    never shows steps that were not saved (as log.csv is rebuilt from the checkpoint)."""
+    path = os.path.join(out, "steps.csv")
+    try:
+        rows = [r for r in read_log(path) if int(r["step"]) <= last_step]
+    except (OSError, ValueError, KeyError, TypeError):   # missing or damaged: its rows cannot be trusted
+        rows = []
+    write_text_atomic(_csv(rows, STEP_COLUMNS, header=True), path)
 
 
 def read_log(path):

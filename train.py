@@ -12,6 +12,7 @@ runs/<dataset>-<model>-<time>. Under torchrun it trains with DDP, --batch-size b
     torchrun --standalone --nproc_per_node=4 train.py --model cnn --batch-size 512
 """
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -26,14 +27,16 @@ import distributed
 from checkpoint import MODEL_OPTIONS, checkpoint_path, load_checkpoint, model_kwargs
 from common import Parser, UserError, WriteError, non_negative, positive
 from data import DATASETS, Augment, Batches, DatasetInfo, dataset_info, load_split, normalization, split_off_val
-from loop import DEFAULT_LR, Run, Stop, empty_partial, evaluate_splits, save, say, train_one_epoch
+from loop import (DEFAULT_LR, Run, Stop, empty_partial, epoch_scalars, evaluate_splits, open_tensorboard, save, say,
+                  train_one_epoch)
 from models import count_params, get_model, list_models, model_options
 from optimizers import build_optimizer
 from runlog import (append_row, epoch_line, lock_folder, log_columns, prepare_out, release_folders, rewrite_log,
-                    write_args)
+                    start_steps, trim_steps, write_args)
 
 # Flags a resumed run may change; every other flag must match the checkpoint's.
-RESUME_MAY_CHANGE = {"epochs", "device", "data_dir", "resume", "debug", "save_every", "compile", "progress"}
+RESUME_MAY_CHANGE = {"epochs", "device", "data_dir", "resume", "debug", "save_every", "compile", "progress",
+                     "log_every", "tensorboard"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,11 +145,18 @@ def add_run_flags(p):
                    help="also save last.pt every N steps inside an epoch (default: 0, at epoch ends only)")
     g.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                    help="progress line during epochs: in place on a terminal, every 30 s otherwise (default: auto)")
+    g.add_argument("--log-every", type=non_negative(int), metavar="N",
+                   help="a row of steps.csv every N steps: loss and accuracy over those steps, lr, speed "
+                   "(default: about 20 rows an epoch; 0: none)")
+    g.add_argument("--tensorboard", action="store_true", help="also write the step and epoch figures to "
+                   "DIR/tb/ for TensorBoard (needs: pip install tensorboard)")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def check_args(args):
     """Cross-flag checks that argparse cannot do alone."""
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard", 2)
     def bad(message):
         raise UserError(message, 2)
     for option in MODEL_OPTIONS:
@@ -288,10 +298,11 @@ def build_run(args, world, device, data, channels_last):
         ema=AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None,
         autocast=torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext(),
         scaler=torch.amp.GradScaler(device.type) if args.amp == "fp16" else None,
-        progress={"on": 0.5, "off": 0, "auto": 0.5 if sys.stdout.isatty() else 30}[args.progress])
+        progress={"on": 0.5, "off": 0, "auto": 0.5 if sys.stdout.isatty() else 30}[args.progress],
+        log_every=max(1, len(data.batches) // 20) if args.log_every is None else args.log_every)
 
 
-def restore(run, resumed, run_dir):
+def restore(run, resumed, run_dir, steps):
     """Load a checkpoint's state into the run; (first epoch, first step, partial sums) to continue from,
     or None when the run is already complete."""
     run.out = run_dir
@@ -305,6 +316,7 @@ def restore(run, resumed, run_dir):
         start = start[:2] + (None,)
     # the checkpoint is the record; drop unsaved rows
     distributed.on_rank0(run.world, rewrite_log, run.out, run.history, log_columns(run.args))
+    distributed.on_rank0(run.world, trim_steps, run.out, resumed["epoch"] * steps + start[1])
     if run.stopping.get("stopped") or start[0] > run.args.epochs:
         why = run.stopping.get("stopped") or f"it finished epoch {resumed['epoch']} of {run.args.epochs}"
         print(f"{run.out} is complete ({why}); pass a larger --epochs to train further")
@@ -335,6 +347,7 @@ def start_folder(run, run_dir):
         out = run_dir or prepare_out(run.args)
         write_args(out, run.args)
         rewrite_log(out, [], log_columns(run.args))
+        start_steps(out)
         return out
     run.out = distributed.on_rank0(run.world, make)   # every rank learns the outcome
     distributed.seed_rank(run.world, run.args.seed)
@@ -381,6 +394,7 @@ def fit(run, data, start):
             save(run, epoch, 0, None, "best.pt")   # before last.pt: a crash between them redoes this epoch
         save(run, epoch, 0, None)
         distributed.on_rank0(run.world, append_row, run.out, row, columns)
+        distributed.on_rank0(run.world, epoch_scalars, run, row, epoch * len(data.batches))
         say(run, epoch_line(row, args))
         if reason:
             say(run, f"stopping after epoch {epoch}: {reason}")
@@ -419,9 +433,11 @@ def train(argv):
     device, channels_last = setup_device(args, world)
     data = load_data(args, world, device, channels_last)
     run = build_run(args, world, device, data, channels_last)
-    start = restore(run, resumed, run_dir) if resumed else start_folder(run, run_dir)
+    start = restore(run, resumed, run_dir, len(data.batches)) if resumed else start_folder(run, run_dir)
     if start is None:
         return 0
+    if args.tensorboard:
+        run.tb = distributed.on_rank0(world, open_tensorboard, run.out)
     with stop_on_signals(run):
         if world:
             run.step_model = distributed.ready(world, run.model, device, args.compile)

@@ -17,12 +17,17 @@ pytestmark = pytest.mark.slow   # real processes, killed and resumed
 # Dropout, augmentation with erasing, EMA and a validation split: every source of randomness.
 RECIPE = ["--model", "convnet", "--dropout", "0.3", "--augment", "--erase", "0.3", "--ema", "0.9",
           "--epochs", "3", "--subset", "1000", "--batch-size", "50", "--val", "300",
-          "--deterministic", "--seed", "7", "--progress", "off"]
+          "--deterministic", "--seed", "7", "--progress", "off", "--log-every", "3"]
 TIMING = ("seconds", "images_per_s")
 
 
 def metrics(log_path):
     return [{k: v for k, v in row.items() if k not in TIMING} for row in read_log(log_path)]
+
+
+def steps(folder):
+    """steps.csv without its timing column."""
+    return [{k: v for k, v in row.items() if k != "images_per_s"} for row in read_log(os.path.join(folder, "steps.csv"))]
 
 
 def same_weights(a, b):
@@ -91,6 +96,7 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_exact(reference, tmp_path):
     assert "resuming" in printed
     assert same_weights(reference[0], out)
     assert metrics(os.path.join(reference[0], "log.csv")) == metrics(os.path.join(out, "log.csv"))
+    assert steps(reference[0]) == steps(out)   # stopped between two rows of steps.csv, resumed to the same rows
     assert not os.path.exists(os.path.join(out, "last.pt.tmp"))
 
 
@@ -119,6 +125,7 @@ def test_sigkill_anywhere_then_resume_is_exact(reference, tmp_path, seed, save_e
         assert code == 0, err
     assert same_weights(reference[0], out)
     assert metrics(os.path.join(reference[0], "log.csv")) == metrics(os.path.join(out, "log.csv"))
+    assert steps(reference[0]) == steps(out)
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 

@@ -152,6 +152,33 @@ def test_patience_stops_a_run_that_overfits(capsys, tmp_path):
     assert "has not improved for 3 epochs" in stdout and len(log_of(out)) < 40
 
 
+def test_steps_csv_logs_every_n_steps_and_the_epoch_ends(capsys, synth, tmp_path):
+    out, _ = train_synth(capsys, synth, tmp_path, "--log-every", "2")
+    rows = read_log(os.path.join(out, "steps.csv"))
+    per_epoch = 300 // 50   # 300 images in batches of 50 (QUICK): 6 steps
+    expected = [s for s in range(1, 2 * per_epoch + 1) if s % 2 == 0 or s % per_epoch == 0]
+    assert [int(r["step"]) for r in rows] == expected and {r["epoch"] for r in rows} == {"1", "2"}
+    assert list(rows[0]) == ["step", "epoch", "train_loss", "train_acc", "lr", "images_per_s"]
+    # the rows of an epoch, weighted by their images, average to its log.csv training loss
+    epoch1 = [r for r in rows if r["epoch"] == "1"]
+    images = [min(int(r["step"]), per_epoch) * 50 for r in epoch1]
+    counts = [min(b, 300) - min(a, 300) for a, b in zip([0] + images[:-1], images)]
+    mean = sum(float(r["train_loss"]) * n for r, n in zip(epoch1, counts)) / 300
+    assert mean == pytest.approx(float(log_of(out)[0]["train_loss"]), rel=1e-4)
+
+
+def test_tensorboard_writes_event_files_or_says_how_to_install(capsys, synth, tmp_path, monkeypatch):
+    import importlib.util
+    if importlib.util.find_spec("tensorboard") is not None:
+        out, _ = train_synth(capsys, synth, tmp_path, "--tensorboard")
+        assert [f for f in os.listdir(os.path.join(out, "tb")) if f.startswith("events.out.tfevents")]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    code, _, err = run_script("train", ["--data-dir", synth, "--out", str(tmp_path / "no"), "--tensorboard"], capsys)
+    assert code == 2 and "--tensorboard needs the tensorboard package: pip install tensorboard" in err
+    assert not os.path.exists(tmp_path / "no")
+
+
 def test_ema_is_logged_and_saved(capsys, synth, tmp_path):
     out, stdout = train_synth(capsys, synth, tmp_path, "--ema", "0.5")
     assert "EMA test" in stdout and "ema_test_acc" in log_of(out)[0]
