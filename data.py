@@ -179,7 +179,26 @@ def read_idx(path, magic):
         raise DataError(f"{path} {how}: {promise} but it holds "
                         f"{'only ' + format(len(head) + got, ',') + ' bytes' if got < size else 'more'}; "
                         f"delete it and copy or download it again")
+    if path.endswith(".gz"):
+        _keep_extracted(path[:-3], head, memoryview(body)[:size])
     return torch.frombuffer(body, dtype=torch.uint8, count=size).view(dims)
+
+
+def _keep_extracted(path, head, body):
+    """Write a checked .gz file's contents beside it, as torchvision's download does, so later runs
+    read it without inflating it again (0.3 s of every MNIST run on a 2-core CPU). Only a cache: a
+    read-only or full folder just goes without."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(head)
+            f.write(body)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
 
 
 def _stored_size(path):

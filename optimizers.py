@@ -57,9 +57,12 @@ class PlainOptimizer:
     @torch.no_grad()
     def step(self):
         group = self.param_groups[0]
-        for p in group["params"]:
-            if p.grad is not None:
-                self.update(p, p.grad, group, self.state.setdefault(p, {}))
+        params = [p for p in group["params"] if p.grad is not None]
+        self.update_all(params, group, [self.state.setdefault(p, {}) for p in params])
+
+    def update_all(self, params, group, states):
+        for p, state in zip(params, states):
+            self.update(p, p.grad, group, state)
 
 
 class Adam(PlainOptimizer):
@@ -82,6 +85,34 @@ class Adam(PlainOptimizer):
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = (state["exp_avg_sq"].sqrt() / (1 - beta2 ** step) ** 0.5).add_(group["eps"])
         p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** step))
+
+
+    def update_all(self, params, group, states):
+        """All parameters at once with torch's _foreach kernels (the ones torch.optim's foreach path
+        uses): a dozen calls a step instead of a dozen per parameter, which is most of an optimizer
+        step's time for a small model on a CPU."""
+        for p, state in zip(params, states):
+            if not state:
+                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        counts = {state["step"].item() for state in states}
+        if len(counts) != 1 or any(p.is_sparse or p.grad.is_sparse for p in params):
+            return super().update_all(params, group, states)   # parameters at different steps: one by one
+        lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
+        grads = [p.grad for p in params]
+        exp_avg, exp_avg_sq = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_add_([s["step"] for s in states], 1)
+        step = counts.pop() + 1
+        if wd and group["decoupled_weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        elif wd:
+            grads = torch._foreach_add(grads, params, alpha=wd)
+        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_div_(denom, (1 - beta2 ** step) ** 0.5)
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_addcdiv_(params, exp_avg, denom, -lr / (1 - beta1 ** step))
 
 
 class AdamW(Adam):
