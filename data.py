@@ -274,19 +274,35 @@ def normalize(images_u8, mean, std, dtype=torch.float32):
 @dataclass(frozen=True)
 class Augment:
     """Random affine (rotation degrees, translation as a fraction of the side, scale range),
-    optional random erasing and horizontal flips (right for clothing, wrong for digits)."""
+    optional random erasing and horizontal flips (right for clothing, wrong for digits), and the
+    changes that real handwriting brings and an affine does not: stroke width, blur, low resolution
+    and elastic warps, each given as (probability, strength) with strength in 0..1."""
     degrees: float = 10.0
     translate: float = 0.1
     scale: float = 0.1
     erase: float = 0.0     # probability of erasing one random rectangle per image
     flip: bool = False
-    DRAWS = 10             # uniforms drawn per image, in order: Batches skips other ranks' draws
+    stroke: tuple = (0.0, 0.0)    # thicker or thinner strokes: a 2x2 dilation or erosion, blended in
+    blur: tuple = (0.0, 0.0)      # a Gaussian blur (sigma 1), blended in
+    lowres: tuple = (0.0, 0.0)    # down to 14, 12 or 10 pixels a side and back (strength: how far down)
+    elastic: tuple = (0.0, 0.0)   # a smooth random warp of up to 3 pixels (times strength)
+
+    @property
+    def DRAWS(self):
+        """Uniforms drawn per image, in order: Batches skips other ranks' draws. Only the changes that
+        are switched on draw, so adding them leaves the streams of older recipes as they were."""
+        return 10 + sum(2 for p, _ in (self.stroke, self.blur, self.lowres) if p) + (1 + 32 if self.elastic[0] else 0)
 
     def __call__(self, x, gen):
         """Augment a float batch [B, 1, H, W] on 0..1. Random numbers come from the CPU generator
         `gen` (small per-image tensors), so a seed gives the same batches on every device."""
         b, dev = len(x), x.device
         u = torch.rand(b, self.DRAWS, generator=gen).to(dev, non_blocking=True) * 2 - 1  # uniform in [-1, 1)
+        extra = iter(range(10, self.DRAWS))
+        if self.stroke[0]:   # before the affine: a pen's width belongs to the digit as written
+            on, amount = _chance(u, next(extra), self.stroke[0]), u[:, next(extra)]
+            thick = torch.where((amount > 0).view(b, 1, 1, 1), dilate(x, 2), erode(x, 2))
+            x = x + (on * amount.abs() * self.stroke[1]).view(b, 1, 1, 1) * (thick - x)
         if self.degrees or self.translate or self.scale:
             angle = u[:, 0] * math.radians(self.degrees)
             scale = 1 + u[:, 1] * self.scale
@@ -295,11 +311,67 @@ class Augment:
             theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
             grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+        if self.elastic[0]:
+            on, field = _chance(u, next(extra), self.elastic[0]), u[:, [next(extra) for _ in range(32)]]
+            x = elastic(x, field.view(b, 2, 4, 4) * (on * self.elastic[1]).view(b, 1, 1, 1) * 3.0)
+        if self.blur[0]:
+            on, amount = _chance(u, next(extra), self.blur[0]), u[:, next(extra)].abs()
+            x = x + (on * amount * self.blur[1]).view(b, 1, 1, 1) * (blur(x, 1.0) - x)
+        if self.lowres[0]:
+            on, amount = _chance(u, next(extra), self.lowres[0]), u[:, next(extra)].abs() * self.lowres[1]
+            sides = [(14, amount < 1 / 3), (12, (amount >= 1 / 3) & (amount < 2 / 3)), (10, amount >= 2 / 3)]
+            for side, pick in sides:
+                x = torch.where((pick & (on > 0)).view(b, 1, 1, 1), low_resolution(x, side), x)
         if self.flip:
             x = torch.where((u[:, 4] > 0).view(b, 1, 1, 1), x.flip(-1), x)
         if self.erase:
             x = _erase(x, u[:, 5:10], self.erase)
         return x
+
+
+def _chance(u, column, p):
+    """1.0 for the images whose uniform in COLUMN falls below probability P, else 0.0."""
+    return ((u[:, column] + 1) / 2 < p).to(u.dtype)
+
+
+# Image operations on float batches [B, 1, H, W] on 0..1; the augmentation above and the robustness
+# suite of shifts.py share them.
+
+def dilate(x, k):
+    """Grey-scale dilation with a k x k square: white ink on black grows by about k - 1 pixels."""
+    return F.max_pool2d(F.pad(x, ((k - 1) // 2, k // 2, (k - 1) // 2, k // 2)), k, stride=1)
+
+
+def erode(x, k):
+    """Grey-scale erosion with a k x k square: strokes get thinner, thin ones break."""
+    return -dilate(-x, k)
+
+
+def blur(x, sigma):
+    """A Gaussian blur (separable, 2 sigma each side)."""
+    r = max(1, math.ceil(2 * sigma))
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-t * t / (2 * sigma * sigma))
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+
+
+def low_resolution(x, side):
+    """Down to side x side pixels (area average) and back up (bilinear): a coarse scan or camera."""
+    h, w = x.shape[-2:]
+    small = F.interpolate(x, size=(side, side), mode="area")
+    return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def elastic(x, coarse):
+    """Warp by a smooth displacement field: COARSE [B, 2, h, w] in pixels, upsampled to the image."""
+    b, _, h, w = x.shape
+    field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype),
+                            torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype), indexing="ij")
+    grid = torch.stack([xs + field[:, 0] * 2 / w, ys + field[:, 1] * 2 / h], -1)
+    return F.grid_sample(x, grid, align_corners=True, padding_mode="zeros")
 
 
 def _erase(x, u, p):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, build_model, checkpoint_path, load_checkpoint, load_file
 from common import Parser, UserError, non_negative, pick_device, positive, run, write_text_atomic
-from data import DATASETS, dataset_info, load_split, normalization
+from data import DATASETS, dataset_info, load_split, normalization, split_off_val
 from loop import predict_logits, score
 from models import list_models
 
@@ -32,9 +32,15 @@ def tta_views(images, flips):
 
 
 def predict_probs(model, images, mean, std, batch_size=1000, tta=False, flips=False):
-    """Softmax probabilities, averaged over the test-time views when `tta` is set."""
+    """Softmax probabilities, averaged over the test-time views when `tta` is set. On a CPU the
+    model runs in channels_last layout, as in training: its pooling and convolutions are several
+    times faster there."""
+    nhwc = images.device.type == "cpu"
+    if nhwc:
+        model = model.to(memory_format=torch.channels_last)
     views = tta_views(images, flips) if tta else [images]
-    return torch.stack([predict_logits(model, v.contiguous(), mean, std, batch_size).softmax(1) for v in views]).mean(0)
+    return torch.stack([predict_logits(model, v.contiguous(), mean, std, batch_size, channels_last=nhwc).softmax(1)
+                        for v in views]).mean(0)
 
 
 def confusion(pred, labels, num_classes):
@@ -105,6 +111,11 @@ def build_parser():
                    help="evaluate on the first N test images only, for a quick check (default: all)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average the softmax over the image "
                    "shifted one pixel each way (and mirrored, for datasets where that keeps the class)")
+    p.add_argument("--shifts", action="store_true", help="also score every model under the robustness suite "
+                   "(shifts.py: thin and thick strokes, blur, low resolution, rotation, shear, off-centre, "
+                   "small, large, elastic, noise, stroke breaks, inverted; two severities each)")
+    p.add_argument("--val", type=positive(int), metavar="N", help="score the N training images train.py --val N "
+                   "holds out instead of the test set: for choosing a recipe without looking at the test set")
     p.add_argument("--out", help="folder for report.json, confusion.csv and the pictures (confusion, mistakes, "
                    "correct, curves)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -122,13 +133,20 @@ def main(argv):
         if ckpt["model"]["kwargs"].get("num_classes", 10) != len(info.classes):
             raise UserError(f"{path} predicts {ckpt['model']['kwargs']['num_classes']} classes, "
                             f"but {name} has {len(info.classes)}", 2)
-    images, labels = load_split(name, "test", args.data_dir, device)
+    if args.val:
+        train_images, train_labels = load_split(name, "train", args.data_dir, device)
+        if args.val >= len(train_labels):
+            raise UserError(f"--val {args.val} is not below the {len(train_labels):,} training images", 2)
+        images, labels = split_off_val(train_images, train_labels, args.val)[1]
+    else:
+        images, labels = load_split(name, "test", args.data_dir, device)
     if args.subset:
         images, labels = images[:args.subset], labels[:args.subset]
-    results, probs = {}, []
+    results, probs, models = {}, [], []
     for path, ckpt in ckpts:
         model, which = build_model(ckpt, args.weights, path)
         model.to(device)
+        models.append((os.path.basename(os.path.dirname(path)) if os.path.basename(path) == "last.pt" else path, model, ckpt))
         p = predict_probs(model, images, ckpt["data"]["mean"], ckpt["data"]["std"], args.batch_size, args.tta, info.flips)
         label = f"{path} ({ckpt['model']['name']}, {which} weights{', TTA' if args.tta else ''})"
         results[path] = report(label, p.clamp_min(1e-12).log(), labels, info.classes)
@@ -141,10 +159,35 @@ def main(argv):
         results["ensemble"].update(missed_by_all=int(wrong.all(0).sum()), missed_by_any=int(wrong.any(0).sum()))
         print(f"test images missed by all {len(ckpts)} models: {results['ensemble']['missed_by_all']}; "
               f"by at least one: {results['ensemble']['missed_by_any']}")
+    if args.shifts:
+        results["shifts"] = shift_report(models, images, labels, args, info.flips)
     if args.out:
         final = results["ensemble"] if len(ckpts) > 1 else results[ckpts[0][0]]
         write_outputs(args.out, name, results, final, images, labels, mean_probs, ckpts)
     return 0
+
+
+def shift_report(models, images, labels, args, flips):
+    """Accuracy of each model (and their ensemble) on the clean images and under every shift of the
+    suite at both severities; printed as a table and returned as {row: {column: accuracy}}."""
+    from shifts import SEVERITIES, SHIFTS, apply
+    columns = [label for label, _, _ in models] + (["ensemble"] if len(models) > 1 else [])
+    table = {}
+    for row in ["clean"] + [f"{name} {s}" for name in SHIFTS for s in SEVERITIES]:
+        x = images if row == "clean" else apply(row.split()[0], images, int(row.split()[1]))
+        probs = [predict_probs(m, x, c["data"]["mean"], c["data"]["std"], args.batch_size, args.tta, flips)
+                 for _, m, c in models]
+        if len(models) > 1:
+            probs.append(torch.stack(probs).mean(0))
+        table[row] = {col: 100.0 * (p.argmax(1) == labels).float().mean().item() for col, p in zip(columns, probs)}
+    table["mean over shifts"] = {col: sum(table[r][col] for r in table if r != "clean") / (len(table) - 1)
+                                 for col in columns}
+    width = max(12, *(len(c) for c in columns))
+    print(f"\naccuracy (%) under the shifts of shifts.py{', with TTA' if args.tta else ''}:")
+    print(f"{'shift':<18}" + "".join(f"{c:>{width + 2}}" for c in columns))
+    for row, accs in table.items():
+        print(f"{row:<18}" + "".join(f"{accs[c]:>{width + 2}.2f}" for c in columns))
+    return table
 
 
 def write_outputs(out, name, results, final, images, labels, probs, ckpts):

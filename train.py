@@ -114,6 +114,13 @@ def add_regularization_flags(g):
                    help="probability of random erasing per image (default: 0)")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction,
                    help="random horizontal flips (default: on with --augment for fashion-mnist, off for digits)")
+    for flag, what in (("stroke", "thicker or thinner strokes (2x2 dilation or erosion, blended in by up to S)"),
+                       ("blur", "Gaussian blur (sigma 1, blended in by up to S)"),
+                       ("lowres", "a round trip through 14, 12 or 10 pixels a side (S: how far down)"),
+                       ("elastic", "a smooth random warp of up to 3*S pixels")):
+        g.add_argument(f"--{flag}", type=chance_and_strength, default=[0.0, 0.0], metavar="P[:S]",
+                       help=f"with probability P per image, {what}; strength S in 0..1 (default: 1). For "
+                       f"digits that are not MNIST's: photos, scans, other pens (default: off)")
     g.add_argument("--ema", type=non_negative(float), default=0.0,
                    help="keep an exponential moving average of the weights with this decay, e.g. 0.999; "
                    "it is evaluated and saved beside the raw weights (default: 0, off)")
@@ -151,6 +158,18 @@ def add_run_flags(p):
     g.add_argument("--tensorboard", action="store_true", help="also write the step and epoch figures to "
                    "DIR/tb/ for TensorBoard (needs: pip install tensorboard)")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def chance_and_strength(text):
+    """argparse type for P or P:S, a probability and a strength, both in 0..1 (S defaults to 1)."""
+    try:
+        p, _, strength = text.partition(":")
+        value = [float(p), float(strength) if strength else 1.0]   # a list: what args.json gives back
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected P or P:S (probability and strength), got {text!r}") from None
+    if not all(0 <= v <= 1 for v in value):
+        raise argparse.ArgumentTypeError(f"P and S must be between 0 and 1, got {text!r}")
+    return value
 
 
 def check_args(args):
@@ -280,10 +299,13 @@ def load_data(args, world, device, channels_last):
 
 def build_augment(args, info):
     flip = info.flips and args.augment if args.flip is None else args.flip
-    if not (args.augment or args.erase or flip):
+    # getattr: runs saved before these flags existed resume without them
+    extra = {k: tuple(getattr(args, k, None) or (0.0, 0.0)) for k in ("stroke", "blur", "lowres", "elastic")}
+    if not (args.augment or args.erase or flip or any(p for p, _ in extra.values())):
         return None
     on = args.augment
-    return Augment(args.rotate if on else 0, args.translate if on else 0, args.scale if on else 0, args.erase, flip)
+    return Augment(args.rotate if on else 0, args.translate if on else 0, args.scale if on else 0, args.erase, flip,
+                   **extra)
 
 
 def build_run(args, world, device, data, channels_last):

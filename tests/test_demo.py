@@ -163,10 +163,13 @@ def test_bad_requests_get_4xx_json_and_the_server_carries_on(server, digits, cas
 
 
 def test_a_body_without_a_length_gets_411(server, digits):
-    """urllib always declares a length, so http.client sends these: no body and no length, then chunks."""
+    """urllib always declares a length, so http.client sends these: no body and no length, then a
+    chunked body announced in the headers (the server answers before any chunk arrives, so the test
+    sends none: sending them raced with the server closing the connection)."""
     host, port = server.rsplit("/", 1)[1].split(":")
     for send in (lambda c: (c.putrequest("POST", "/predict"), c.endheaders()),
-                 lambda c: c.request("POST", "/predict", body=iter([digits[0][0]]), encode_chunked=True)):
+                 lambda c: (c.putrequest("POST", "/predict"), c.putheader("Transfer-Encoding", "chunked"),
+                            c.endheaders())):
         connection = http.client.HTTPConnection(host, int(port), timeout=10)
         try:
             send(connection)
