@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_cli, run_script
+from conftest import run_script
 from models import get_model
 
 
@@ -96,11 +96,14 @@ def test_compile_saves_the_plain_module(synth, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_bench_runs_and_writes_json(tmp_path):
+def test_bench_runs_and_writes_json(tmp_path, capsys):
     """A few steps of every section, so the benchmark cannot rot; its figures are not checked here."""
     report = str(tmp_path / "bench.json")
-    proc = run_cli(["bench.py", "--steps", "2", "--repeats", "1", "--seeds", "1", "--quick", "--json", report])
-    assert proc.returncode == 0, proc.stderr
+    code, out, err = run_script("bench", ["--steps", "2", "--repeats", "1", "--seeds", "1", "--quick", "--json", report],
+                                capsys)
+    assert code == 0, err
     figures = json.load(open(report))
     assert figures["throughput_ratio"] > 0 and set(figures["recipes"]) == {"fast", "strong"}
-    assert "| ours / DataLoader (notebooks)" in proc.stdout
+    assert figures["recipes"]["fast"]["median_training_s"] < figures["recipes"]["fast"]["median_wall_s"]
+    assert set(figures["startup_s"]) >= {"import torch", "read MNIST (train and test) onto the device"}
+    assert "| ours / DataLoader (notebooks)" in out and "start-up: import torch" in out
