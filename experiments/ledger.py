@@ -156,9 +156,10 @@ def add_common_flags(p, what):
 # ---------------------------------------------------------------------------------------------
 
 def publish(md, folder, name):
-    """Write the table to FOLDER/NAME and into FOLDER/README.md, the report, between the lines
-    <!-- begin NAME --> and <!-- end NAME --> where it has them, so the report's tables are always the
-    recorded runs' (a test rebuilds them and compares)."""
+    """Print the table and write it to FOLDER/NAME and into FOLDER/README.md, the report, between the
+    lines <!-- begin NAME --> and <!-- end NAME --> where it has them, so the report's tables are always
+    the recorded runs' (a test rebuilds them and compares)."""
+    print(md, end="")
     write_text_atomic(md, os.path.join(folder, name))
     report = os.path.join(folder, "README.md")
     if not os.path.exists(report):

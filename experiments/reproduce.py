@@ -103,9 +103,7 @@ def main(argv):
             results = ledger.record(path, key, {"seed": seed, "acc": acc, "wall_s": wall, "epochs": epochs,
                                                 "flags": COMMANDS[key], "recipe": name, **ledger.stamp(opts)},
                                     COMMANDS)
-    md = table(results)
-    ledger.publish(md, folder, "reproduce.md")
-    print(md, end="")
+    ledger.publish(table(results), folder, "reproduce.md")
     return 0
 
 

@@ -198,9 +198,7 @@ def main(argv):
     for mix in ([] if opts.table else MIXES):
         if not opts.rows or mix.id in opts.rows:
             results = run_mix(results, path, folder, mix, opts)
-    md = table(results)
-    ledger.publish(md, folder, "top.md")
-    print(md, end="")
+    ledger.publish(table(results), folder, "top.md")
     return 0
 
 
