@@ -100,7 +100,7 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_exact(reference, tmp_path):
     assert not os.path.exists(os.path.join(out, "last.pt.tmp"))
 
 
-@pytest.mark.parametrize("seed,save_every", [(1, 4), (3, 1)])
+@pytest.mark.parametrize("seed,save_every", [(3, 1)])   # saving every step: most kills land inside a save
 def test_sigkill_anywhere_then_resume_is_exact(reference, tmp_path, seed, save_every):
     """Killed at a random moment (with --save-every 1, mostly while writing a checkpoint), then
     resumed, killed again, and resumed to the end."""
