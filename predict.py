@@ -6,7 +6,8 @@
 
 A photo or drawing is first made to look like an MNIST image: grayscale, inverted when its
 background is light, cropped to the ink, fitted into 20x20 keeping its aspect ratio, and placed
-in 28x28 with its centre of mass in the middle, as MNIST's digits were prepared.
+in 28x28 with its centre of mass in the middle, as MNIST's digits were prepared; strokes one pixel
+wide (a fine pen) are widened to MNIST's (images.py).
 """
 import os
 import sys
