@@ -22,7 +22,7 @@ MAX_PIXELS = 25_000_000   # 5000x5000: a phone photo fits; a small file declarin
 def read_gray(source, name=None):
     """An image file (a path, or its bytes) as a float tensor [H, W] on 0..1. Transparent areas count
     as white paper. Its pixel count is checked from the header, before anything is decoded."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
     name = name or (source if isinstance(source, str) else "the image")
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
@@ -31,6 +31,7 @@ def read_gray(source, name=None):
                 raise UserError(f"{name} declares {w}x{h} pixels, more than the {MAX_PIXELS:,} this reads; "
                                 f"give a smaller image")
             im.load()
+            im = ImageOps.exif_transpose(im)   # a phone stores a portrait photo sideways, plus a tag saying so
             if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
                 im = im.convert("RGBA")
                 im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)

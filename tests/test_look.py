@@ -84,6 +84,16 @@ def mnist_test():
     return load_split("mnist", "test")
 
 
+def test_a_photo_is_turned_upright_as_its_exif_tag_says(tmp_path):
+    """Phones save portrait photos sideways with an orientation tag (6: turn 90 degrees clockwise)."""
+    from images import read_gray
+    wide = Image.new("L", (40, 20), 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    wide.save(tmp_path / "phone.jpg", exif=exif)
+    assert read_gray(str(tmp_path / "phone.jpg")).shape == (40, 20)   # upright: 40 high, 20 wide
+
+
 def test_preprocessing_recovers_an_mnist_like_digit(mnist_test):
     images, _ = mnist_test
     original = images[0, 0]
