@@ -235,13 +235,13 @@ def test_every_recipe_file_parses_and_says_why(name):
 
 def test_a_recipe_file_is_read_and_later_flags_override_it(capsys, synth_data, tmp_path):
     out = str(tmp_path / "run")
-    code, stdout, err = run_script("train", ["@recipes/fast.args", "--epochs", "1", "--seed", "3", "--data-dir",
+    code, stdout, err = run_script("train", ["@recipes/fast.args", "--batch-size", "64", "--seed", "3", "--data-dir",
                                              synth_data, "--out", out, "--progress", "off"], capsys)
     assert code == 0, err
     saved = json.load(open(os.path.join(out, "args.json")))
-    assert saved["model"] == "fast" and saved["scheduler"] == "onecycle" and saved["lr"] == 1e-2   # from the file
-    assert saved["epochs"] == 1 and saved["seed"] == 3                                             # overridden
-    code, _, err = run_script("train", ["--resume", out, "@recipes/fast.args", "--epochs", "1"], capsys)
+    assert saved["model"] == "strided" and saved["scheduler"] == "onecycle" and saved["lr"] == 4e-2   # from the file
+    assert saved["batch_size"] == 64 and saved["seed"] == 3                                           # overridden
+    code, _, err = run_script("train", ["--resume", out, "@recipes/fast.args", "--batch-size", "64"], capsys)
     assert code == 0, err   # the same file again is no change of flags
 
 
