@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, build_model, checkpoint_path, load_checkpoint, load_file
-from common import Parser, UserError, non_negative, pick_device, positive, run, write_text_atomic
+from common import Parser, UserError, keep_freed_memory, non_negative, pick_device, positive, run, write_text_atomic
 from data import DATASETS, dataset_info, load_split, normalization, split_off_val
 from loop import predict_logits, score
 from models import list_models
@@ -124,6 +124,7 @@ def build_parser():
 
 def main(argv):
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     device = pick_device(args.device)
     ckpts = [(path, load_checkpoint(path) if args.model is None else wrap_state_dict(path, args))
              for path in args.checkpoints]

@@ -25,7 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import distributed
 from checkpoint import MODEL_OPTIONS, checkpoint_path, load_checkpoint, model_kwargs
-from common import Parser, UserError, WriteError, non_negative, positive
+from common import Parser, UserError, WriteError, keep_freed_memory, non_negative, positive
 from data import DATASETS, Augment, Batches, DatasetInfo, dataset_info, load_split, normalization, split_off_val
 from loop import (DEFAULT_LR, Run, Stop, empty_partial, epoch_scalars, evaluate_splits, open_tensorboard, save, say,
                   train_one_epoch)
@@ -452,6 +452,7 @@ def train(argv):
     """parse and check, load data, build, restore or start, fit, report."""
     world = distributed.current()   # None unless torchrun started this process
     args, resumed, run_dir = parse_and_check(argv, world)
+    keep_freed_memory()
     device, channels_last = setup_device(args, world)
     data = load_data(args, world, device, channels_last)
     run = build_run(args, world, device, data, channels_last)
