@@ -253,7 +253,7 @@ def test_a_missing_recipe_file_gets_one_line(capsys):
 def test_recipe_files_are_found_from_another_folder(capsys, synth_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = train.build_parser().parse_args(["@recipes/strong.args"])
-    assert args.model == "strided-wide" and args.augment and args.amp == "bf16"
+    assert args.model == "strided-deep" and args.augment and args.amp == "bf16"
 
 
 @pytest.mark.slow
