@@ -1,6 +1,6 @@
 """Measure the speed of the toolkit, side by side with the notebooks' way, in one run.
 
-    python bench.py                          # the four measurements below, as a table
+    python bench.py                          # the five measurements below, as a table
     python bench.py --json bench.json        # the same, plus the figures in a file
     python bench.py --skip strong --seeds 3  # leave out the 99.5 % recipe, seeds 1-3
 
