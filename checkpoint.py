@@ -11,8 +11,9 @@ import warnings
 
 import torch
 
-from common import UserError, write_bytes_atomic
-from models import get_model, list_models
+from cli import UserError
+from files import write_bytes_atomic
+from models import OPTIONS, get_model, list_models, option_problem
 
 CHECKPOINT_FORMAT = "mnist-toolkit-checkpoint"
 CHECKPOINT_VERSION = 1   # bump when the layout changes, and teach load_checkpoint the old one
@@ -92,9 +93,9 @@ def schema_problem(ckpt):
     if not (isinstance(model, dict) and isinstance(model.get("name"), str) and isinstance(model.get("kwargs"), dict)):
         return "its model record is missing or malformed"
     for key, value in model["kwargs"].items():
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or not (0 <= value <= 4096) or (key != "dropout" and value != int(value)):
-            return f"model option {key}={value!r} is out of range"
+        problem = option_problem(key, value) if isinstance(key, str) else "is not a name"
+        if problem:
+            return f"its model argument {key}={value!r} {problem}"
     for key in ("state_dict",) + (("ema_state_dict",) if ckpt.get("ema_state_dict") is not None else ()):
         weights = ckpt.get(key)
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
@@ -143,14 +144,11 @@ def set_rng_state(state, device):
         torch.mps.set_rng_state(state["mps"])
 
 
-MODEL_OPTIONS = ("dropout", "width", "depth")   # train.py flags that become model keyword arguments
-
-
 def model_kwargs(args, num_classes):
     """Keyword arguments for get_model: the data's shape, and the model options given on the command line.
     A saved run may predate an option; getattr treats it as not given."""
     kwargs = {"in_channels": 1, "num_classes": num_classes}
-    kwargs.update({k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k, None) is not None})
+    kwargs.update({k: getattr(args, k) for k in OPTIONS if getattr(args, k, None) is not None})
     return kwargs
 
 

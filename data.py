@@ -25,6 +25,7 @@ import torch.nn.functional as F
 class DataError(Exception):
     """Missing, corrupt or inconsistent dataset files; the message says what to do. `code` is the exit
     status: 2 when the command line named something that is not there, 1 for a bad file."""
+    user_error = True   # cli.run prints the message as it is
 
     def __init__(self, message, code=1):
         super().__init__(message)

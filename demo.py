@@ -21,7 +21,7 @@ import sys
 import urllib.parse
 
 from checkpoint import build_model, load_checkpoint
-from common import Parser, UserError, run
+from cli import Parser, UserError, run
 from images import classify, read_gray, to_mnist
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -5,7 +5,7 @@
              --rdzv-endpoint host0:29500 train.py --batch-size 2048      # the same on host1, --node-rank=1
 
 train.py runs through launch(main): without torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE) that
-is exactly common.run(main). Under torchrun, every rank runs the same script on the same arguments;
+is exactly cli.run(main). Under torchrun, every rank runs the same script on the same arguments;
 rank 0 alone prints and writes files, and the ranks exchange what they need at fixed points:
 
 - setup: the ranks meet in exchange() after each step that can fail on one of them (a missing file
@@ -28,7 +28,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import set_rng_state
-from common import UserError, describe_error, pick_device as pick_one_device, run
+from cli import UserError, describe_error, run
+from device import pick_device as pick_one_device
 from data import dataset_info, find_split
 
 # How long a rank waits in a collective before giving up: long enough for another rank to download
@@ -72,7 +73,7 @@ def from_env():
 # ---------------------------------------------------------------------------------------------
 
 def launch(main, argv=None):
-    """common.run(main), in distributed mode when torchrun started this process."""
+    """cli.run(main), in distributed mode when torchrun started this process."""
     global _WORLD
     world = from_env()
     if world is None:

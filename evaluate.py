@@ -6,41 +6,58 @@
 
 The checkpoint alone rebuilds the model: architecture, normalization and class names live in it.
 """
+import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, build_model, checkpoint_path, load_checkpoint, load_file
-from common import Parser, UserError, keep_freed_memory, non_negative, pick_device, positive, run, write_text_atomic
+from cli import Parser, UserError, non_negative, positive, run
+from device import autocast_for, keep_freed_memory, native_bf16, pick_device, resolve_amp
+from files import write_text_atomic
 from data import DATASETS, dataset_info, load_split, normalization, split_off_val
-from loop import predict_logits, score
+from loop import predict_probs, score
 from models import list_models
 
 
-def tta_views(images, flips):
-    """The test-time views of uint8 images [N, 1, H, W]: as they are, shifted one pixel each way
-    (zeros come in at the edge), and, where mirror images keep their class, mirrored."""
-    padded = F.pad(images, (1, 1, 1, 1))
-    h, w = images.shape[-2:]
-    views = [images] + [padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))]
-    if flips:
-        views.append(images.flip(-1))
-    return views
-
-
-def predict_probs(model, images, mean, std, batch_size=1000, tta=False, flips=False):
-    """Softmax probabilities, averaged over the test-time views when `tta` is set. On a CPU the
-    model runs in channels_last layout, as in training: its pooling and convolutions are several
-    times faster there."""
+def member_probs(member, images, batch_size=1000, flips=False):
+    """Softmax probabilities of one member, averaged over the test-time views when it uses TTA. On a
+    CPU the model runs in channels_last layout, as in training: its pooling and convolutions are
+    several times faster there."""
     nhwc = images.device.type == "cpu"
-    if nhwc:
-        model = model.to(memory_format=torch.channels_last)
-    views = tta_views(images, flips) if tta else [images]
-    return torch.stack([predict_logits(model, v.contiguous(), mean, std, batch_size, channels_last=nhwc).softmax(1)
-                        for v in views]).mean(0)
+    model = member.model.to(memory_format=torch.channels_last) if nhwc else member.model
+    data = member.ckpt["data"]
+    return predict_probs(model, images, data["mean"], data["std"], batch_size, member.tta, flips, nhwc,
+                         member.autocast)
+
+
+@dataclass
+class Member:
+    """One checkpoint to score, and how: by default as train.py scored it, so that the figures match."""
+    label: str          # the run folder's name, or the file's path
+    model: torch.nn.Module
+    ckpt: dict
+    tta: bool           # test-time augmentation
+    amp: str            # the precision of its forward passes: off, bf16 or fp16
+    autocast: object
+
+
+def scoring(ckpt, args, device):
+    """(tta, amp) for a checkpoint. --tta and --amp as given; by default the TTA train.py scored it with,
+    and its training precision where this device computes that natively, fp32 otherwise. An old run
+    or a bare state_dict records neither: no TTA, fp32."""
+    trained = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    tta = bool(trained.get("tta")) if args.tta is None else args.tta
+    if args.amp != "auto":
+        return tta, resolve_amp(args.amp, device)[0]
+    amp = trained.get("amp", "off")
+    if amp == "bf16" and not native_bf16(device)[0] or amp == "fp16" and device.type == "cpu":
+        amp = "off"
+    return tta, amp if amp in ("bf16", "fp16") else "off"
 
 
 def confusion(pred, labels, num_classes):
@@ -104,13 +121,17 @@ def build_parser():
                    "notebooks saved), which records none; it is evaluated with --dataset's normalization")
     p.add_argument("--data-dir", help="folder holding the IDX files (default: search ./data and others)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"], help="precision of the "
+                   "forward passes: auto takes each checkpoint's training precision where this device computes it "
+                   "natively, so the figures match training's, and fp32 elsewhere (default: auto)")
     p.add_argument("--weights", choices=["auto", "raw", "ema"], default="auto",
                    help="which weights of a run trained with --ema (default: auto, EMA when present)")
     p.add_argument("--batch-size", type=positive(int), default=1000, help="evaluation batch size (default: 1000)")
     p.add_argument("--subset", type=non_negative(int), default=0,
                    help="evaluate on the first N test images only, for a quick check (default: all)")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: average the softmax over the image "
-                   "shifted one pixel each way (and mirrored, for datasets where that keeps the class)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="test-time augmentation: average the "
+                   "softmax over the image shifted one pixel each way (and mirrored, for datasets where that keeps "
+                   "the class) (default: as each checkpoint was scored in training, train.py --tta)")
     p.add_argument("--shifts", action="store_true", help="also score every model under the robustness suite "
                    "(shifts.py: thin and thick strokes, blur, low resolution, rotation, shear, off-centre, "
                    "small, large, elastic, noise, stroke breaks, inverted; two severities each)")
@@ -147,9 +168,13 @@ def main(argv):
     for path, ckpt in ckpts:
         model, which = build_model(ckpt, args.weights, path)
         model.to(device)
-        models.append((os.path.basename(os.path.dirname(path)) if os.path.basename(path) == "last.pt" else path, model, ckpt))
-        p = predict_probs(model, images, ckpt["data"]["mean"], ckpt["data"]["std"], args.batch_size, args.tta, info.flips)
-        label = f"{path} ({ckpt['model']['name']}, {which} weights{', TTA' if args.tta else ''})"
+        tta, amp = scoring(ckpt, args, device)
+        member = Member(os.path.basename(os.path.dirname(path)) if os.path.basename(path) == "last.pt" else path,
+                        model, ckpt, tta, amp, autocast_for(amp, device))
+        models.append(member)
+        p = member_probs(member, images, args.batch_size, info.flips)
+        how = [f"{which} weights"] + (["TTA"] if tta else []) + ([amp] if amp != "off" else [])
+        label = f"{path} ({ckpt['model']['name']}, {', '.join(how)})"
         results[path] = report(label, p.clamp_min(1e-12).log(), labels, info.classes)
         probs.append(p)
     mean_probs = torch.stack(probs).mean(0)   # the ensemble's prediction; one model's own when alone
@@ -172,19 +197,18 @@ def shift_report(models, images, labels, args, flips):
     """Accuracy of each model (and their ensemble) on the clean images and under every shift of the
     suite at both severities; printed as a table and returned as {row: {column: accuracy}}."""
     from shifts import SEVERITIES, SHIFTS, apply
-    columns = [label for label, _, _ in models] + (["ensemble"] if len(models) > 1 else [])
+    columns = [m.label for m in models] + (["ensemble"] if len(models) > 1 else [])
     table = {}
     for row in ["clean"] + [f"{name} {s}" for name in SHIFTS for s in SEVERITIES]:
         x = images if row == "clean" else apply(row.split()[0], images, int(row.split()[1]))
-        probs = [predict_probs(m, x, c["data"]["mean"], c["data"]["std"], args.batch_size, args.tta, flips)
-                 for _, m, c in models]
+        probs = [member_probs(m, x, args.batch_size, flips) for m in models]
         if len(models) > 1:
             probs.append(torch.stack(probs).mean(0))
         table[row] = {col: 100.0 * (p.argmax(1) == labels).float().mean().item() for col, p in zip(columns, probs)}
     table["mean over shifts"] = {col: sum(table[r][col] for r in table if r != "clean") / (len(table) - 1)
                                  for col in columns}
     width = max(12, *(len(c) for c in columns))
-    print(f"\naccuracy (%) under the shifts of shifts.py{', with TTA' if args.tta else ''}:")
+    print(f"\naccuracy (%) under the shifts of shifts.py{', with TTA' if any(m.tta for m in models) else ''}:")
     print(f"{'shift':<18}" + "".join(f"{c:>{width + 2}}" for c in columns))
     for row, accs in table.items():
         print(f"{row:<18}" + "".join(f"{accs[c]:>{width + 2}.2f}" for c in columns))

@@ -15,7 +15,8 @@ import warnings
 import torch
 
 from checkpoint import build_model, load_checkpoint, save_checkpoint
-from common import Parser, UserError, positive, run, write_atomic, write_bytes_atomic
+from cli import Parser, UserError, positive, run
+from files import write_atomic, write_bytes_atomic
 from data import load_split, normalize
 
 FORMATS = {"pt2": ".pt2", "onnx": ".onnx", "ckpt": ".pt"}

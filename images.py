@@ -11,7 +11,7 @@ import io
 import torch
 import torch.nn.functional as F
 
-from common import UserError
+from cli import UserError
 from data import dilate, normalize
 
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")

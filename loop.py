@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import distributed
 from checkpoint import make_checkpoint, rng_state, save_checkpoint
-from common import close_stdout
+from cli import close_stdout
 from data import Batches
 from runlog import append_steps
 
@@ -308,6 +308,26 @@ def predict_logits(model, images, mean, std, batch_size=1000, channels_last=Fals
     return torch.cat(outs) if outs else torch.zeros(0, 0, device=images.device)
 
 
+def tta_views(images, flips):
+    """The test-time views of uint8 images [N, 1, H, W]: as they are, shifted one pixel each way
+    (zeros come in at the edge), and, where mirror images keep their class, mirrored."""
+    padded = F.pad(images, (1, 1, 1, 1))
+    h, w = images.shape[-2:]
+    views = [images] + [padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))]
+    if flips:
+        views.append(images.flip(-1))
+    return views
+
+
+def predict_probs(model, images, mean, std, batch_size=1000, tta=False, flips=False, channels_last=False,
+                  autocast=None):
+    """Softmax probabilities of uint8 images, averaged over the test-time views when `tta` is set."""
+    views = tta_views(images, flips) if tta else [images]
+    probs = [predict_logits(model, v.contiguous(), mean, std, batch_size, channels_last, autocast).softmax(1)
+             for v in views]
+    return probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)
+
+
 def score(logits, labels):
     """(mean cross-entropy, accuracy in %) of logits against labels."""
     loss = F.cross_entropy(logits, labels).item()
@@ -326,20 +346,29 @@ def evaluate_splits(run, splits):
     return row
 
 
+def log_probs(run, model, images):
+    """Log-probabilities of images under the run's evaluation: the plain forward pass, or with --tta the
+    log of the softmax averaged over the test-time views (what evaluate.py --tta computes)."""
+    kwargs = {"channels_last": run.channels_last, "autocast": run.autocast}
+    if getattr(run.args, "tta", False):
+        probs = predict_probs(model, images, *run.norm, tta=True, flips=run.info.flips, **kwargs)
+        return probs.clamp_min(1e-12).log()
+    return predict_logits(model, images, *run.norm, **kwargs).log_softmax(1)
+
+
 def evaluate_split(run, model, images, labels):
     """(mean loss, accuracy %). Under torchrun each rank scores a slice, and the per-image losses and
     correct counts are summed over the ranks, so the accuracy is exactly one process's."""
-    kwargs = {"channels_last": run.channels_last, "autocast": run.autocast}
     world = run.world
     if world is None:
-        return score(predict_logits(model, images, *run.norm, **kwargs), labels)
+        return score(log_probs(run, model, images), labels)
     distributed.share_buffers(model)
     n = len(labels)
     lo, hi = n * world.rank // world.size, n * (world.rank + 1) // world.size
     sums = [0.0, 0]
     if hi > lo:
-        logits = predict_logits(model, images[lo:hi], *run.norm, **kwargs)
-        sums = [F.cross_entropy(logits, labels[lo:hi], reduction="sum"), (logits.argmax(1) == labels[lo:hi]).sum()]
+        logp = log_probs(run, model, images[lo:hi])
+        sums = [F.nll_loss(logp, labels[lo:hi], reduction="sum"), (logp.argmax(1) == labels[lo:hi]).sum()]
     loss_sum, correct = distributed.sum_all(world, labels.device, *sums)
     return loss_sum / n, 100.0 * int(correct) / n
 

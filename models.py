@@ -6,13 +6,16 @@
     from models import get_model, list_models
     model = get_model("cnn", in_channels=1, num_classes=10)   # returns logits
 
-Parameter counts are for 1x28x28 inputs and 10 classes; tests/test_models.py checks each against
-the count printed by the notebook it comes from.
+A family is one class with explicit arguments; each registered name is the class itself (a family of
+one) or a small function that calls it with a variant's settings. The options a user may set (width,
+depth, dropout) are declared once, in OPTIONS, and train.py's flags, the checkpoint check and the
+torch.hub entries all read them from there. Parameter counts are for 1x28x28 inputs and 10 classes;
+tests/test_models.py checks each against the count printed by the notebook it comes from. (The
+command line, `python models.py`, uses cli.py beside this file.)
 """
-import argparse
 import inspect
-import os
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,18 +23,50 @@ from torch import nn
 
 class ModelError(ValueError):
     """An unknown model name or option; the message says what is valid."""
+    user_error, code = True, 2   # cli.run prints the message as it is, exit 2
 
+
+@dataclass(frozen=True)
+class Option:
+    """A model argument users may set: its type, its range (high excluded when `open_high`) and what it does."""
+    kind: type
+    low: float
+    high: float
+    help: str
+    open_high: bool = False
+
+    def problem(self, value):
+        """Why VALUE is not a valid setting, or None."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            return f"expected a number, got {value!r}"
+        if self.kind is int and value != int(value):
+            return f"expected a whole number, got {value!r}"
+        above = value >= self.high if self.open_high else value > self.high
+        if value < self.low or above:
+            return f"must be from {self.low:g} to {self.high:g}{' (excluded)' if self.open_high else ''}, got {value!r}"
+        return None
+
+
+# The options a model may take besides in_channels and num_classes. Bounds far above any real model, so
+# that a typo or a damaged checkpoint cannot ask for terabytes; checkpoint.py also sizes the whole model.
+OPTIONS = {
+    "width": Option(int, 1, 1024, "maps in the first stage"),
+    "depth": Option(int, 1, 64, "blocks per stage"),
+    "dropout": Option(float, 0, 1, "dropout probability before the classifier", open_high=True),
+}
+SHAPE_LIMITS = {"in_channels": 64, "num_classes": 100_000}   # what get_model accepts for the data's shape
 
 _REGISTRY = {}
 
 
 def register(name):
-    """Class decorator that adds a model under `name`; a name can be registered only once."""
-    def add(cls):
+    """Decorator that adds a model (a class, or a function that builds one) under `name`; a name can
+    be registered only once."""
+    def add(build):
         if name in _REGISTRY:
             raise ModelError(f"model name {name!r} is already registered (by {_REGISTRY[name].__name__})")
-        _REGISTRY[name] = cls
-        return cls
+        _REGISTRY[name] = build
+        return build
     return add
 
 
@@ -45,13 +80,24 @@ def model_options(name):
     return {p.name: p.default for p in params if p.name not in ("self", "in_channels", "num_classes")}
 
 
+def option_problem(key, value):
+    """Why VALUE is not a valid setting of the model argument KEY (an option, in_channels or
+    num_classes), or None."""
+    option = OPTIONS.get(key) or (Option(int, 1, SHAPE_LIMITS[key], key) if key in SHAPE_LIMITS else None)
+    return "is not a model argument" if option is None else option.problem(value)
+
+
 def get_model(name, **kwargs):
     if name not in _REGISTRY:
         raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
-    allowed = set(model_options(name)) | {"in_channels", "num_classes"}
+    allowed = set(model_options(name)) | set(SHAPE_LIMITS)
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise ModelError(f"model {name!r} has no option {unknown[0]!r}; it takes: {', '.join(sorted(allowed))}")
+    for key, value in kwargs.items():
+        problem = option_problem(key, value)
+        if problem:
+            raise ModelError(f"model {name!r}: {key} {problem}")
     return _REGISTRY[name](**kwargs)
 
 
@@ -272,59 +318,70 @@ class Fast(nn.Module):
         return self.classifier(self.features(x))
 
 
-@register("strided")
 class Strided(nn.Module):
-    """Built for one epoch on a CPU: a 6x6 stride-2 conv (16), max-pool, 3x3 conv-BN (48), FC 64."""
-    maps, hidden = (16, 48), 64
+    """The CPU speed family: a 6x6 stride-2 conv, optionally a 3x3 conv at 14 px, max-pool to 7 px,
+    a 3x3 conv-BN at 7 px, FC. With `crop`, the model reads only the centre of its input."""
 
-    def __init__(self, in_channels=1, num_classes=10):
+    def __init__(self, in_channels=1, num_classes=10, maps=16, maps14=0, maps7=48, hidden=64, crop=0):
         super().__init__()
-        # Measured on a 2-core CPU: the stride-2 first conv works at 14x14, a quarter of the cost of a
-        # 28x28 one with the same reach (it equals folding 2x2 pixels into channels before a 3x3
-        # conv, without the copy); pooling before the ReLU runs the ReLU on a quarter of the values;
-        # BatchNorm on the second conv allowed twice the learning rate (one epoch gained 0.1 %), on
-        # the first it only cost time.
-        self.features = self.make_features(in_channels, *self.maps)
+        # The stride-2 first conv works at 14x14, a quarter of the cost of a 28x28 one with the same
+        # reach (it equals folding 2x2 pixels into channels before a 3x3 conv, without the copy).
+        # Pooling comes before ReLU and BatchNorm where it can, so that they run on a quarter of the
+        # values; BatchNorm on the conv at 7 px allows a high learning rate. results/README.md has
+        # the measurements behind each choice.
+        self.crop = crop
+        side = (28 - 2 * crop) // 4    # 28 -> 14 -> 7, or 24 -> 12 -> 6 with crop=2
+        if maps14:
+            stem = [nn.Conv2d(in_channels, maps, 6, stride=2, padding=2), nn.ReLU(inplace=True),
+                    nn.Conv2d(maps, maps14, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(maps14),
+                    nn.ReLU(inplace=True)]
+        else:
+            stem = [nn.Conv2d(in_channels, maps, 6, stride=2, padding=2), nn.MaxPool2d(2), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(
+            *stem, nn.Conv2d(maps14 or maps, maps7, 3, padding=1, bias=False), nn.BatchNorm2d(maps7),
+            nn.ReLU(inplace=True))
         self.classifier = nn.Sequential(
-            nn.Linear(self.maps[-1] * 7 * 7, self.hidden), nn.ReLU(inplace=True), nn.Linear(self.hidden, num_classes),
-        )
-
-    @staticmethod
-    def make_features(in_channels, c1, c2):
-        return nn.Sequential(
-            nn.Conv2d(in_channels, c1, 6, stride=2, padding=2), nn.MaxPool2d(2), nn.ReLU(inplace=True),  # 28 -> 14 -> 7
-            nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU(inplace=True),
-        )
+            nn.Linear(maps7 * side * side, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
 
     def forward(self, x):
+        if self.crop:   # MNIST's digits sit in a 20x20 box near the centre; the rim is nearly always blank
+            x = x[..., self.crop:-self.crop, self.crop:-self.crop]
         # Flattened in (h, w, c) order: on a channels-last tensor that is a view, and its gradient
         # keeps the layout; (c, h, w) order copies, and the ReLU behind it then runs backward on
         # mismatched layouts (10-15 % of a step on a CPU).
         return self.classifier(self.features(x).permute(0, 2, 3, 1).flatten(1))
 
 
+@register("strided")
+def strided(in_channels=1, num_classes=10):
+    """Built for one epoch on a CPU: a 6x6 stride-2 conv (16), max-pool, 3x3 conv-BN (48), FC 64."""
+    return Strided(in_channels, num_classes, maps=16, maps7=48, hidden=64)
+
+
 @register("strided-wide")
-class StridedWide(Strided):
+def strided_wide(in_channels=1, num_classes=10):
     """`strided` with 32 and 64 maps and FC 128."""
-    maps, hidden = (32, 64), 128
+    return Strided(in_channels, num_classes, maps=32, maps7=64, hidden=128)
 
 
 @register("strided-deep")
-class StridedDeep(StridedWide):
+def strided_deep(in_channels=1, num_classes=10):
     """Built for 5 epochs on a CPU: 6x6 stride-2 conv (32), 3x3 conv (32), pool, BN, conv-BN (64), FC 128."""
-
-    @staticmethod
-    def make_features(in_channels, c1, c2):
-        # BatchNorm after the pool works on a quarter of the values: before it, its backward pass was
-        # 29 % of a step on a CPU, and the step 1.3x as long.
-        return nn.Sequential(
-            nn.Conv2d(in_channels, c1, 6, stride=2, padding=2), nn.ReLU(inplace=True),            # 28 -> 14
-            nn.Conv2d(c1, c1, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(c1), nn.ReLU(inplace=True),
-            nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU(inplace=True),   # 7 x 7
-        )
+    return Strided(in_channels, num_classes, maps=32, maps14=32, maps7=64, hidden=128)
 
 
-@register("vgg")
+@register("strided-crop")
+def strided_crop(in_channels=1, num_classes=10):
+    """`strided` on the central 24x24 pixels, where MNIST's digits are: 0.73x the work (recipes/fast.args)."""
+    return Strided(in_channels, num_classes, maps=16, maps7=48, hidden=64, crop=2)
+
+
+@register("strided-wide-crop")
+def strided_wide_crop(in_channels=1, num_classes=10):
+    """`strided-wide` on the central 24x24 pixels: 0.73x the work (recipes/strong.args)."""
+    return Strided(in_channels, num_classes, maps=32, maps7=64, hidden=128, crop=2)
+
+
 class VGG(nn.Module):
     """VGG-style: three stages of two 3x3 conv-BN-ReLU (w, 2w, 4w maps), global average pool."""
 
@@ -360,7 +417,6 @@ class PreActBlock(nn.Module):
         return self.conv2(torch.relu(self.bn2(out))) + skip
 
 
-@register("resnet")
 class ResNet(nn.Module):
     """Pre-activation ResNet: `depth` blocks at each of 28, 14 and 7 px (w, 2w, 4w maps), average pool."""
 
@@ -378,6 +434,18 @@ class ResNet(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x))
+
+
+@register("vgg")
+def vgg(in_channels=1, num_classes=10, width=32, dropout=0.0):
+    """VGG-style: three stages of two 3x3 conv-BN-ReLU (w, 2w, 4w maps), global average pool."""
+    return VGG(in_channels, num_classes, width, dropout)
+
+
+@register("resnet")
+def resnet(in_channels=1, num_classes=10, width=32, depth=2, dropout=0.0):
+    """Pre-activation ResNet: `depth` blocks at each of 28, 14 and 7 px (w, 2w, 4w maps), average pool."""
+    return ResNet(in_channels, num_classes, width, depth, dropout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,30 +484,20 @@ def print_summary(name):
     print(f"total params: {count_params(model):,}  (trainable {trainable:,})")
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """Reports a bad argument in one line, without the usage block, like the other scripts."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def main(argv=None):
-    try:
-        return list_or_summarise(argv)
-    except BrokenPipeError:   # piped into `head`: stop quietly, and leave the final flush nowhere to fail
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    """`python models.py`: the model table, or one model's layers; errors and closed pipes as every command."""
+    from cli import run   # the command line only; the library above needs torch alone
+    return run(list_or_summarise, sys.argv[1:] if argv is None else argv)
 
 
 def list_or_summarise(argv):
-    parser = OneLineParser(prog="models.py", description="List the registered models, or summarise one.")
+    from cli import Parser, UserError
+    parser = Parser(prog="models.py", description="List the registered models, or summarise one.")
     parser.add_argument("--summary", metavar="NAME", help="print each layer's output shape and parameters")
     args = parser.parse_args(argv)
     if args.summary:
         if args.summary not in _REGISTRY:
-            print(f"models.py: error: unknown model {args.summary!r}; choose one of: "
-                  f"{', '.join(list_models())}", file=sys.stderr)
-            return 2
+            raise UserError(f"unknown model {args.summary!r}; choose one of: {', '.join(list_models())}", 2)
         print_summary(args.summary)
         return 0
     names = [f"`{name}`" for name in list_models()]

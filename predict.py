@@ -15,7 +15,8 @@ import sys
 import torch
 
 from checkpoint import build_model, load_checkpoint
-from common import Parser, UserError, pick_device, positive, run
+from cli import Parser, UserError, positive, run
+from device import pick_device
 from images import IMAGE_TYPES, classify, read_gray, to_mnist
 from plots import save_png
 

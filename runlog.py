@@ -5,7 +5,8 @@ import json
 import os
 import time
 
-from common import UserError, WriteError, write_problem, write_text_atomic
+from cli import UserError
+from files import WriteError, write_problem, write_text_atomic
 
 RUN_FILES = ("last.pt", "best.pt", "log.csv", "steps.csv", "args.json")
 STEP_COLUMNS = ["step", "epoch", "train_loss", "train_acc", "lr", "images_per_s"]

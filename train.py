@@ -17,26 +17,28 @@ import json
 import os
 import signal
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import distributed
-from checkpoint import MODEL_OPTIONS, checkpoint_path, load_checkpoint, model_kwargs
-from common import Parser, UserError, WriteError, keep_freed_memory, non_negative, positive
+from checkpoint import checkpoint_path, load_checkpoint, model_kwargs
+from cli import Parser, UserError, non_negative, positive
+from device import autocast_for, keep_freed_memory, resolve_amp
+from files import WriteError
 from data import DATASETS, Augment, Batches, DatasetInfo, dataset_info, load_split, normalization, split_off_val
 from loop import (DEFAULT_LR, Run, Stop, empty_partial, epoch_scalars, evaluate_splits, open_tensorboard, save, say,
                   train_one_epoch)
-from models import count_params, get_model, list_models, model_options
+from models import OPTIONS, count_params, get_model, list_models, model_options, option_problem
 from optimizers import build_optimizer
 from runlog import (append_row, epoch_line, lock_folder, log_columns, prepare_out, release_folders, rewrite_log,
                     start_steps, trim_steps, write_args)
 
 # Flags a resumed run may change; every other flag must match the checkpoint's.
 RESUME_MAY_CHANGE = {"epochs", "device", "data_dir", "resume", "debug", "save_every", "compile", "progress",
-                     "log_every", "tensorboard"}
+                     "log_every", "tensorboard", "eval_every"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,11 +57,10 @@ def build_parser():
 
 def add_data_flags(g):
     g.add_argument("--model", default="cnn", choices=list_models(), help="architecture (default: cnn)")
-    g.add_argument("--dropout", type=non_negative(float), help="dropout probability, for models that have "
-                   "dropout (default: the model's own)")
-    g.add_argument("--width", type=positive(int), help="maps in the first stage, for vgg and resnet (default: "
-                   "the model's own)")
-    g.add_argument("--depth", type=positive(int), help="blocks per stage, for resnet (default: the model's own)")
+    for name, option in OPTIONS.items():   # declared once, in models.py
+        having = ", ".join(m for m in list_models() if name in model_options(m))
+        g.add_argument(f"--{name}", type=model_option(name), help=f"{option.help}, for {having} (default: the "
+                       f"model's own)")
     g.add_argument("--dataset", default="mnist", choices=list(DATASETS), help="(default: mnist)")
     g.add_argument("--data-dir", help="folder holding the IDX files, flat or as <Name>/raw/ "
                    "(default: search ./data, then download)")
@@ -135,11 +136,19 @@ def add_run_flags(p):
                    "validation loss")
     g.add_argument("--eval-untrained", action="store_true", help="evaluate the untrained model first "
                    "(epoch 0 in the log), as notebook 001 does")
+    g.add_argument("--eval-every", type=non_negative(int), default=1, metavar="N",
+                   help="score the validation and test sets every N epochs, and always after the last; 0: after "
+                   "the last only, which saves their time in short runs (default: 1)")
+    g.add_argument("--tta", action="store_true", help="score with test-time augmentation: the softmax averaged over "
+                   "the image shifted one pixel each way (and mirrored where that keeps the class); evaluate.py "
+                   "then does the same for this run's checkpoints")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto, an "
                    "accelerator when present)")
-    g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
-                   help="mixed precision; fp16 adds a gradient scaler (default: off)")
+    g.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                   help="mixed precision: auto takes bf16 where the device computes it natively (recent GPUs, "
+                   "CPUs with AMX or AVX512-BF16) and fp32 elsewhere; fp16 adds a gradient scaler. The "
+                   "choice is recorded, and a resumed run keeps it (default: auto)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (checkpoints stay plain)")
     g.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="NHWC memory layout; auto turns it on where it measured faster: CPU, and CUDA "
@@ -160,6 +169,24 @@ def add_run_flags(p):
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def model_option(name):
+    """argparse type for a model option of models.OPTIONS: its kind and its range."""
+    option = OPTIONS[name]
+
+    def parse(text):
+        try:
+            value = option.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if option.kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        problem = option_problem(name, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+    parse.__name__ = f"{name} value"
+    return parse
+
+
 def chance_and_strength(text):
     """argparse type for P or P:S, a probability and a strength, both in 0..1 (S defaults to 1)."""
     try:
@@ -178,12 +205,10 @@ def check_args(args):
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard", 2)
     def bad(message):
         raise UserError(message, 2)
-    for option in MODEL_OPTIONS:
+    for option in OPTIONS:
         if getattr(args, option) is not None and option not in model_options(args.model):
             bad(f"--{option}: model {args.model!r} has no {option} option; models with one: "
                 f"{', '.join(m for m in list_models() if option in model_options(m))}")
-    if args.dropout is not None and args.dropout >= 1:
-        bad(f"--dropout must be below 1, got {args.dropout}")
     # Fractions that must stay below 1: at 1, smoothing erases the labels, a zoom can shrink an image to
     # nothing, and momentum or EMA never forget.
     for flag in ("label_smoothing", "erase", "ema", "scale", "momentum"):
@@ -194,6 +219,8 @@ def check_args(args):
     for flag in ("stop_val_acc", "patience"):
         if getattr(args, flag) is not None and not args.val:
             bad(f"--{flag.replace('_', '-')} watches the validation set; add --val N (e.g. --val 5000)")
+        if getattr(args, flag) is not None and args.eval_every != 1:
+            bad(f"--{flag.replace('_', '-')} reads the validation set after every epoch; drop --eval-every")
     if args.translate > 0.5:
         bad(f"--translate is a fraction of the image side; above 0.5 the digit can leave it, got {args.translate}")
     if args.stop_val_acc is not None and args.stop_val_acc > 100:
@@ -262,8 +289,10 @@ def parse_and_check(argv, world):
 
 
 def setup_device(args, world):
-    """The device, seeded and set to the kernels --deterministic asks for; and whether to use NHWC."""
+    """The device, seeded and set to the kernels --deterministic asks for; whether to use NHWC; and the
+    precision, resolved into args.amp (what args.json and the checkpoint record)."""
     device = distributed.pick_device(args.device, world)
+    args.amp, precision = resolve_amp(args.amp, device)
     torch.manual_seed(args.seed)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -272,7 +301,7 @@ def setup_device(args, world):
         torch.backends.cudnn.benchmark = True
     channels_last = args.channels_last == "on" or (
         args.channels_last == "auto" and (device.type == "cpu" or (device.type == "cuda" and args.amp != "off")))
-    return device, channels_last
+    return device, channels_last, precision
 
 
 def load_data(args, world, device, channels_last):
@@ -313,12 +342,11 @@ def build_run(args, world, device, data, channels_last):
     model = get_model(args.model, **model_kwargs(args, len(data.info.classes))).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     return Run(
         args, model, torch.compile(model) if args.compile else model, build_optimizer(model, args), device,
         data.info, data.norm, channels_last=channels_last, world=world,
         ema=AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None,
-        autocast=torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext(),
+        autocast=autocast_for(args.amp, device),
         scaler=torch.amp.GradScaler(device.type) if args.amp == "fp16" else None,
         progress={"on": 0.5, "off": 0, "auto": 0.5 if sys.stdout.isatty() else 30}[args.progress],
         log_every=max(1, len(data.batches) // 20) if args.log_every is None else args.log_every)
@@ -403,15 +431,20 @@ def fit(run, data, start):
         run.history.append({"epoch": 0, **evaluate_splits(run, data.splits)})
         distributed.on_rank0(run.world, append_row, run.out, run.history[-1], columns)
         say(run, epoch_line(run.history[-1], args))
+    every = getattr(args, "eval_every", 1)   # runs saved before --eval-every resume scoring every epoch
     for epoch in range(first_epoch, args.epochs + 1):
         row = {"epoch": epoch, **train_one_epoch(run, data.batches, epoch, step, partial)}
         step, partial = 0, empty_partial()
-        row.update(evaluate_splits(run, data.splits))
-        run.history.append(row)
+        scored = epoch == args.epochs or (every and epoch % every == 0)
+        if scored:
+            row.update(evaluate_splits(run, data.splits))
         reason = stop_reason(row, args, run.stopping)
+        if reason and not scored:   # a run that ends early ends scored
+            row.update(evaluate_splits(run, data.splits))
+        run.history.append(row)
         if reason:
             run.stopping["stopped"] = reason
-        if args.val and row[best_key] > run.stopping.get("best_val_acc", -1.0):
+        if args.val and best_key in row and row[best_key] > run.stopping.get("best_val_acc", -1.0):
             run.stopping["best_val_acc"] = row[best_key]
             save(run, epoch, 0, None, "best.pt")   # before last.pt: a crash between them redoes this epoch
         save(run, epoch, 0, None)
@@ -453,7 +486,7 @@ def train(argv):
     world = distributed.current()   # None unless torchrun started this process
     args, resumed, run_dir = parse_and_check(argv, world)
     keep_freed_memory()
-    device, channels_last = setup_device(args, world)
+    device, channels_last, precision = setup_device(args, world)
     data = load_data(args, world, device, channels_last)
     run = build_run(args, world, device, data, channels_last)
     start = restore(run, resumed, run_dir, len(data.batches)) if resumed else start_folder(run, run_dir)
@@ -466,7 +499,7 @@ def train(argv):
             run.step_model = distributed.ready(world, run.model, device, args.compile)
         say(run, f"{args.model} ({count_params(run.model):,} parameters) on {args.dataset}: "
                  f"{len(data.batches.labels):,} train, {len(data.splits['val'][1]):,} val, "
-                 f"{len(data.splits['test'][1]):,} test images; {device}{distributed.describe(world)}; "
+                 f"{len(data.splits['test'][1]):,} test images; {device}{distributed.describe(world)}, {precision}; "
                  f"run folder {run.out}")
         try:
             fit(run, data, start)
@@ -487,4 +520,4 @@ def train(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(distributed.launch(main))   # common.run(main), or DDP under torchrun
+    sys.exit(distributed.launch(main))   # cli.run(main), or DDP under torchrun

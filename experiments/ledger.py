@@ -20,7 +20,9 @@ sys.path.insert(0, ROOT)   # the toolkit's modules, for the scripts in this fold
 
 import torch  # noqa: E402
 
-from common import UserError, machine, non_negative, positive, recipe_flags, write_text_atomic  # noqa: E402
+from cli import UserError, non_negative, positive, recipe_flags  # noqa: E402
+from device import machine  # noqa: E402
+from files import write_text_atomic  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "results")
 QUICK_IMAGES = 512   # --quick: train and test on this many images, for one epoch
@@ -89,10 +91,13 @@ def resumable(out):
     return any(os.path.exists(os.path.join(out, name)) for name in ("last.pt", "args.json"))
 
 
-def stamp(opts):
-    """What every recorded run carries about where it ran."""
+def stamp(opts, out):
+    """What every recorded run carries about where it ran, and the precision train.py chose there (its
+    --amp auto depends on the machine, so two runs of one recipe may differ in it)."""
+    with open(os.path.join(out, "args.json")) as f:
+        amp = json.load(f).get("amp", "off")
     return {"machine": machine(opts.device), "torch": torch.__version__,
-            "threads": opts.threads or torch.get_num_threads()}
+            "threads": opts.threads or torch.get_num_threads(), "amp": amp}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 
 import ledger
-from common import Parser, positive, run
+from cli import Parser, positive, run
 
 
 @dataclass(frozen=True)
@@ -96,12 +96,12 @@ def main(argv):
         for seed in range(opts.first_seed, opts.first_seed + opts.seeds):
             if seed in done and not opts.redo:
                 continue
-            acc, wall, epochs = ledger.run_one(name, seed, os.path.join(folder, "runs", f"{rid}-{kind}-{seed}"),
-                                               opts, resume=not opts.redo)
+            out = os.path.join(folder, "runs", f"{rid}-{kind}-{seed}")
+            acc, wall, epochs = ledger.run_one(name, seed, out, opts, resume=not opts.redo)
             print(f"{key} seed {seed}: {acc:.2f} % after {epochs} epochs"
                   + (f", {wall:.0f} s" if wall is not None else ""), flush=True)
             results = ledger.record(path, key, {"seed": seed, "acc": acc, "wall_s": wall, "epochs": epochs,
-                                                "flags": COMMANDS[key], "recipe": name, **ledger.stamp(opts)},
+                                                "flags": COMMANDS[key], "recipe": name, **ledger.stamp(opts, out)},
                                     COMMANDS)
     ledger.publish(table(results), folder, "reproduce.md")
     return 0

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 
 import ledger
-from common import Parser, UserError, positive, run
+from cli import Parser, UserError, positive, run
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def train_seeds(results, path, folder, row, opts):
         results = ledger.record(path, f"{row.id}/run", {"seed": seed, "acc": acc, "tta_acc": tta, "wall_s": wall,
                                                          "epochs": epochs, "params": params_of(ckpt),
                                                          "flags": FLAGS[row.id], "recipe": row.recipe,
-                                                         **ledger.stamp(opts)}, COMMANDS)
+                                                         **ledger.stamp(opts, out)}, COMMANDS)
     runs = runs_of(results, row.id)
     if len(runs) > 1:
         paths = [os.path.join(run_dir(folder, row.id, r["seed"]), "last.pt") for r in runs[:5]]

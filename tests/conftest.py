@@ -80,10 +80,10 @@ def mnist_run(tmp_path_factory):
 
 
 def main_of(module, argv):
-    """Exit code of a script's main through common.run, in this process."""
+    """Exit code of a script's main through cli.run, in this process."""
     import importlib
 
-    from common import run
+    from cli import run
     return run(importlib.import_module(module).main, list(argv))
 
 
@@ -98,7 +98,7 @@ def capture(call):
 
 
 def run_script(module, argv, capsys):
-    """Run a script's main through common.run in this process: (exit code, stdout, stderr)."""
+    """Run a script's main through cli.run in this process: (exit code, stdout, stderr)."""
     code = main_of(module, argv)
     out, err = capsys.readouterr()
     return code, out, err

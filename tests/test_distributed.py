@@ -14,13 +14,17 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")]
 
 # Plain SGD on a model with neither BatchNorm nor dropout: the only per-rank state is the batch,
-# so two ranks averaging their shares' gradients must step exactly like one process.
+# so two ranks averaging their shares' gradients must step like one process. In fp32 (bf16 would
+# round the two differently) on the CPU (gloo, even beside a GPU).
 SGD = ["--model", "cnn", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0", "--scheduler", "none",
-       "--batch-size", "50", "--seed", "4", "--progress", "off", "--device", "cpu"]   # gloo, even beside a GPU
+       "--batch-size", "50", "--seed", "4", "--progress", "off", "--device", "cpu", "--amp", "off"]
+# torchrun gives each rank one thread; the single process gets one too, so that both run the same kernels:
+# convolutions sum in another order with another thread count (3e-6 apart after 2 epochs on an AVX2 CPU).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def torchrun(args, nproc=2):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD}
     env.pop("MNIST_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={nproc}", "train.py", *args],
@@ -65,7 +69,7 @@ def test_sharded_evaluation_equals_one_process(ddp_run, data):
 
 def test_two_processes_step_like_one_with_the_same_global_batch(ddp_run, data, tmp_path):
     single = str(tmp_path / "single")
-    result = run_cli(["train.py", *SGD, "--epochs", "2", "--data-dir", data, "--out", single])
+    result = run_cli(["train.py", *SGD, "--epochs", "2", "--data-dir", data, "--out", single], env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
     a, b = weights(ddp_run[0]), weights(single)
     for name, value in b["state_dict"].items():
@@ -78,7 +82,7 @@ def test_two_processes_step_like_one_with_the_same_global_batch(ddp_run, data, t
 def test_resume_under_torchrun_continues_the_run(ddp_run, data, tmp_path):
     """Started as one process, resumed as two: the run goes on as if it had had two all along."""
     out = str(tmp_path / "run")
-    first = run_cli(["train.py", *SGD, "--epochs", "1", "--data-dir", data, "--out", out])
+    first = run_cli(["train.py", *SGD, "--epochs", "1", "--data-dir", data, "--out", out], env=ONE_THREAD)
     assert first.returncode == 0, first.stderr
     resumed = torchrun(["--resume", out, "--epochs", "2"])
     assert resumed.returncode == 0, resumed.stderr

@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from common import run
+from cli import run
 from conftest import ROOT, idx_bytes, run_cli, snapshot, write_idx_set
 
 HAS_CUDA, HAS_MPS = torch.cuda.is_available(), torch.backends.mps.is_available()
@@ -140,7 +140,7 @@ CASES = [
      r"trained with --dropout 0.1, not 0.5"),
     ("resume with out", T, lambda f: ["--resume", f.run, "--out", f.tmp + "/x"], 2, r"drop --out"),
     ("dropout on cnn", T, lambda f: ["--model", "cnn", "--dropout", "0.5"], 2, r"model 'cnn' has no dropout"),
-    ("dropout of 1", T, lambda f: ["--model", "convnet", "--dropout", "1"], 2, r"--dropout must be below 1"),
+    ("dropout of 1", T, lambda f: ["--model", "convnet", "--dropout", "1"], 2, r"--dropout: must be from 0 to 1 \(excluded\)"),
     ("nesterov with adam", T, lambda f: ["--nesterov"], 2, r"--nesterov needs --optimizer sgd"),
     ("patience without val", T, lambda f: ["--patience", "3"], 2, r"--patience watches the validation set"),
     ("smoothing of 1", T, lambda f: ["--label-smoothing", "1"], 2, r"--label-smoothing must be below 1"),

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from checkpoint import build_model, load_checkpoint
 from conftest import main_of, run_script
 from data import load_split, normalize
-from evaluate import tta_views
+from loop import tta_views
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,9 @@ def accuracy(probs, labels):
 
 
 def evaluate(args, tmp_path, capsys):
+    """evaluate.py in fp32, the precision of the reference computation above."""
     out = str(tmp_path / "report")
-    code, stdout, err = run_script("evaluate", [*args, "--out", out], capsys)
+    code, stdout, err = run_script("evaluate", [*args, "--amp", "off", "--out", out], capsys)
     assert code == 0, err
     return json.load(open(os.path.join(out, "report.json")))["results"], stdout
 

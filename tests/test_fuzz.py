@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from checkpoint import build_model, load_checkpoint
-from common import UserError
+from cli import UserError
 from conftest import capture, idx_bytes, main_of
 from data import IMAGE_MAGIC, LABEL_MAGIC, DataError, read_idx
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import runlog
-from common import WriteError
+from files import WriteError
 from conftest import ROOT, capture, main_of
 
 FAST = ["--model", "fast", "--progress", "off"]

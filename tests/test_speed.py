@@ -36,7 +36,7 @@ def test_fast_path_matches_plain_loop(synth, tmp_path, capsys):
     out = str(tmp_path / "run")
     code, _, err = run_script("train", ["--model", "fast", "--optimizer", "sgd", "--lr", "0.05", "--scheduler",
                                         "none", "--epochs", "1", "--batch-size", "64", "--seed", "3",
-                                        "--channels-last", "on", "--data-dir", synth, "--out", out,
+                                        "--channels-last", "on", "--data-dir", synth, "--out", out, "--amp", "off",
                                         "--progress", "off", "--device", "cpu"], capsys)   # as the reference
     assert code == 0, err
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
@@ -115,7 +115,7 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
 def test_freed_memory_is_reused_without_page_faults():
     """After keep_freed_memory, blocks of a step's size are taken from the heap again: freeing and
     allocating them does not fault their pages in anew (1.5 million faults in a CPU run without)."""
-    from common import keep_freed_memory
+    from device import keep_freed_memory
 
     def faults_of_steps():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

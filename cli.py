@@ -1,0 +1,142 @@
+"""The command line every script shares: one error style, argument files and number types.
+
+    from cli import Parser, UserError, run
+    parser = Parser(prog="mine.py")          # reads @recipes/NAME.args; a bad argument is one line, exit 2
+    sys.exit(run(main))                      # every expected failure becomes one line and an exit code
+
+Error style: a user error prints one line on stderr and exits 2 when the command line is wrong
+(unknown name, bad number, missing path, absent device), 1 when the command was fine but the work
+failed (corrupt file, diverged loss, full disk), 130 on Ctrl-C. `--debug` or MNIST_DEBUG=1 adds the
+traceback. A closed output pipe (`| head`) ends a command quietly. An exception class that sets
+`user_error = True` (UserError here, and data.py's, models.py's and files.py's own) carries a message
+written for the user and its exit status in `code`, so this module needs none of theirs.
+"""
+import argparse
+import os
+import shlex
+import sys
+import traceback
+
+from files import WRITE_HINTS, write_problem
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class UserError(Exception):
+    """A problem the user can fix; `code` is the exit status (2: the arguments, 1: anything else)."""
+    user_error = True
+
+    def __init__(self, message, code=1):
+        super().__init__(message)
+        self.code = code
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reads argument files (`@recipes/fast.args`: flags, any number a line, `#` starts a
+    comment; flags after the file override it) and reports a bad argument in one line, exit 2."""
+
+    def __init__(self, **kwargs):
+        super().__init__(fromfile_prefix_chars="@", **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def convert_arg_line_to_args(self, line):
+        try:
+            return shlex.split(line, comments=True)
+        except ValueError as e:   # an unclosed quote
+            self.error(f"cannot read the argument file line {line.strip()!r} ({e})")
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([self._argument_file(a) if a.startswith("@") else a for a in args],
+                                        namespace)
+
+    def _argument_file(self, arg):
+        """@PATH relative to the current folder or, failing that, to the toolkit's own folder, so that
+        `@recipes/fast.args` works from anywhere."""
+        path = arg[1:]
+        if os.path.isfile(path):
+            return arg
+        if os.path.isfile(os.path.join(HERE, path)):
+            return "@" + os.path.join(HERE, path)
+        self.error(f"argument file {path} does not exist; the named recipes are in "
+                   f"{os.path.join(HERE, 'recipes')}")
+
+
+def recipe_flags(path):
+    """The flags of an argument file, as one string in the file's order (comments dropped)."""
+    with open(os.path.join(HERE, path)) as f:
+        return " ".join(token for line in f for token in shlex.split(line, comments=True))
+
+
+def run(main, argv=None):
+    """Call main(argv) and turn every expected failure into one line on stderr and an exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    prog = os.path.basename(sys.argv[0]) if main.__module__ == "__main__" else f"{main.__module__}.py"
+    try:
+        return main(argv) or 0
+    except SystemExit as e:   # argparse errors and --help
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except BrokenPipeError:   # output piped into `head`, and the reader went away
+        return close_stdout()
+    except Exception as e:
+        error, (message, code) = e, describe_error(e)   # `e` itself is unbound when the except block ends
+    except KeyboardInterrupt as e:
+        error, message, code = e, "interrupted", 130
+    if "--debug" in argv or os.environ.get("MNIST_DEBUG", "") not in ("", "0"):
+        traceback.print_exception(error)
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return code
+
+
+def close_stdout():
+    """After the reader of stdout went away: point stdout at /dev/null, so that the interpreter's final
+    flush has nowhere to fail, and end quietly (exit status 0)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):   # stdout is not a real file (a test's capture)
+        pass
+    return 0
+
+
+def describe_error(e):
+    """(one-line message, exit code) for an exception that reached the top of a script."""
+    if getattr(type(e), "user_error", False):
+        return str(e), getattr(e, "code", 1)
+    if isinstance(e, MemoryError):
+        return "out of memory; try a smaller --batch-size", 1
+    if type(e).__name__ == "OutOfMemoryError":   # torch.cuda.OutOfMemoryError, without importing CUDA code here
+        return "the GPU ran out of memory; try a smaller --batch-size, --amp bf16, or another --device", 1
+    if isinstance(e, OSError) and e.errno in WRITE_HINTS and e.filename:
+        return write_problem(e.filename, e), 1
+    if isinstance(e, OSError):
+        return (f"{e.strerror} ({e.filename})" if e.filename and e.strerror else str(e)), 1
+    return f"unexpected {type(e).__name__}: {e}; rerun with --debug for the traceback and report it", 1
+
+
+def positive(kind):
+    """argparse type for numbers that must be > 0, with a one-line message otherwise."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not value > 0 or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text!r}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def non_negative(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value >= 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+        return value
+    parse.__name__ = f"non-negative {kind.__name__}"
+    return parse
