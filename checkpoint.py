@@ -5,6 +5,7 @@ A checkpoint holds plain types only (tensors, numbers, strings, lists, dicts), s
 options, dataset, normalization and classes, so `build_model(load_checkpoint(path))` needs nothing else.
 """
 import io
+import math
 import os
 import pickle
 import warnings
@@ -13,9 +14,10 @@ import torch
 
 from cli import UserError
 from files import write_bytes_atomic
-from models import OPTIONS, get_model, list_models, option_problem
+from models import OPTIONS, ModelError, count_params, get_model, list_models, option_problem
 
 CHECKPOINT_FORMAT = "mnist-toolkit-checkpoint"
+MAX_PARAMS = 100_000_000   # 400 MB in fp32: 35 times the largest model of any recipe (2.8 M)
 CHECKPOINT_VERSION = 1   # bump when the layout changes, and teach load_checkpoint the old one
 
 
@@ -83,6 +85,9 @@ def check_checkpoint(ckpt, path):
     if name not in list_models():
         raise UserError(f"{path} was trained with model {name!r}, which this toolkit does not have "
                         f"(known: {', '.join(list_models())}); update models.py or use another checkpoint")
+    problem = size_problem(ckpt)
+    if problem:
+        raise UserError(f"{path}: {problem}; use another checkpoint")
     return ckpt
 
 
@@ -101,11 +106,45 @@ def schema_problem(ckpt):
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
             return f"its {key} is missing or holds something other than tensors"
     if not (isinstance(data, dict) and isinstance(data.get("dataset"), str)
-            and all(isinstance(data.get(k), (int, float)) for k in ("mean", "std")) and data["std"] > 0
+            and all(isinstance(data.get(k), (int, float)) and math.isfinite(data[k]) for k in ("mean", "std"))
+            and data["std"] > 0
             and isinstance(data.get("classes"), list) and all(isinstance(c, str) for c in data["classes"])):
-        return "its data record (dataset, mean, std, classes) is missing or malformed"
+        return "its data record (dataset, finite mean, std above 0, classes) is missing or malformed"
+    if model["kwargs"].get("num_classes", 10) != len(data["classes"]):
+        return f"its model predicts {model['kwargs'].get('num_classes', 10)} classes but it names {len(data['classes'])}"
+    channels = (data.get("input_shape") or [1])[0]
+    if model["kwargs"].get("in_channels", 1) != channels:
+        return f"its model reads {model['kwargs'].get('in_channels', 1)} channels but its data has {channels}"
     if not isinstance(ckpt.get("metrics", {}), dict) or not isinstance(ckpt.get("history", []), list):
         return "its metrics or history is malformed"
+    return None
+
+
+def size_problem(ckpt):
+    """What is wrong with the size of a checkpoint's model, found on the meta device before a byte is
+    allocated: more parameters than MAX_PARAMS, or weights whose shapes are not the model's. Each
+    option is bounded alone (models.OPTIONS); together they could still ask for gigabytes."""
+    spec = ckpt["model"]
+    try:
+        with torch.device("meta"):
+            model = get_model(spec["name"], **spec["kwargs"])
+    except (ModelError, TypeError, ValueError, RuntimeError) as e:
+        return f"its model cannot be built ({str(e)[:120]})"
+    n = count_params(model)
+    if n > MAX_PARAMS:
+        return f"its model would have {n:,} parameters, more than the {MAX_PARAMS:,} this loads"
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for key in ("state_dict", "ema_state_dict"):
+        weights = ckpt.get(key)
+        if weights is None:
+            continue
+        got = {k: tuple(v.shape) for k, v in weights.items()}
+        wrong = sorted(set(got) ^ set(expected)) or [k for k in expected if got[k] != expected[k]]
+        if wrong:
+            first = wrong[0]
+            how = (f"{first} is {got[first]}, the model's {expected[first]}" if first in got and first in expected
+                   else f"{first} is {'missing' if first in expected else 'not the model'}'s")
+            return f"the weights do not fit model {spec['name']!r} ({how})"
     return None
 
 

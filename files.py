@@ -11,6 +11,7 @@ module imports nothing of the toolkit's, so everything else may use it.
 """
 import errno
 import os
+import re
 import secrets
 
 # What to do about the errors a write meets; the message names the file and the system's reason.
@@ -34,6 +35,24 @@ def temporary_name(path):
     """A fresh name beside PATH: .NAME.<random>.tmp, in the folder the rename happens in."""
     folder, name = os.path.split(os.path.abspath(path))
     return os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+
+
+TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp")   # what temporary_name makes
+
+
+def remove_temporaries(folder, names):
+    """Delete the temporary files a killed process left in FOLDER while writing one of NAMES (the
+    caller holds the folder, so no write of its own is under way). Only our own names are touched."""
+    removed = []
+    for entry in os.listdir(folder):
+        match = TEMPORARY.fullmatch(entry)
+        if match and match.group(1) in names:
+            try:
+                os.remove(os.path.join(folder, entry))
+                removed.append(entry)
+            except OSError:
+                pass
+    return removed
 
 
 def open_new(path, mode="wb"):

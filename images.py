@@ -14,38 +14,66 @@ import torch.nn.functional as F
 from cli import UserError
 from data import dilate, normalize
 
-IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# The formats read, and no others: each is decoded by Pillow's own code or a library built into it,
+# never by an external program (Pillow reads EPS by running Ghostscript, a PostScript interpreter).
+# (A phone photo with a second picture inside opens as JPEG and reports itself as "MPO".)
+FORMATS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "BMP": (".bmp",), "GIF": (".gif",), "WEBP": (".webp",),
+           "TIFF": (".tif", ".tiff")}
+FORMAT_NAMES = "PNG, JPEG, BMP, GIF, WebP or TIFF"
+IMAGE_TYPES = tuple(ext for exts in FORMATS.values() for ext in exts)   # file name endings, for folders
+MIME_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/gif", "image/webp", "image/tiff")   # uploads
 MIN_SIDE = 8              # smaller images hold too little of a drawing to be fitted into 20x20
 MAX_PIXELS = 25_000_000   # 5000x5000: a phone photo fits; a small file declaring more is a decompression bomb
+MAX_SIDE = 1024           # images are shrunk to this at once: the digit ends up 20 pixels high anyway
 
 
 def read_gray(source, name=None):
-    """An image file (a path, or its bytes) as a float tensor [H, W] on 0..1. Transparent areas count
-    as white paper. Its pixel count is checked from the header, before anything is decoded."""
+    """An image file (a path, or its bytes) as a float tensor [H, W] on 0..1, at most MAX_SIDE a side.
+    Only FORMATS are decoded; the pixel count is checked from the header before anything is; a JPEG
+    is decoded straight at a fraction of its size where that suffices. Transparent areas count as
+    white paper; 16-bit, 32-bit and float images are scaled to 0..1 by their own range."""
     from PIL import Image, ImageOps, UnidentifiedImageError
     name = name or (source if isinstance(source, str) else "the image")
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
+                        formats=list(FORMATS)) as im:
             w, h = im.size
             if w * h > MAX_PIXELS:
                 raise UserError(f"{name} declares {w}x{h} pixels, more than the {MAX_PIXELS:,} this reads; "
                                 f"give a smaller image")
+            if im.format in ("JPEG", "MPO"):
+                im.draft("RGB" if im.mode not in ("L", "1") else "L", (MAX_SIDE, MAX_SIDE))
             im.load()
             im = ImageOps.exif_transpose(im)   # a phone stores a portrait photo sideways, plus a tag saying so
-            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-                im = im.convert("RGBA")
-                im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
-            gray = im.convert("L")
+            im.thumbnail((MAX_SIDE, MAX_SIDE))
+            gray = gray_values(im)
     except UnidentifiedImageError:
-        raise UserError(f"{name} is not an image this can read; give a PNG or JPEG file") from None
+        raise UserError(f"{name} is not an image this reads; give a {FORMAT_NAMES} file") from None
     except Image.DecompressionBombError:
         raise UserError(f"{name} declares more pixels than this reads; give a smaller image") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:   # what Pillow's decoders raise on broken data
         raise UserError(f"{name} cannot be read ({e}); check that the file is whole") from None
-    w, h = gray.size
+    h, w = gray.shape
     if min(w, h) < MIN_SIDE:
         raise UserError(f"{name} is only {w}x{h} pixels; give an image at least {MIN_SIDE}x{MIN_SIDE}")
-    return torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).view(h, w).float() / 255
+    return gray
+
+
+def gray_values(im):
+    """A Pillow image as grey levels, a float tensor [H, W] on 0..1. Images of more than 8 bits a pixel
+    (16- and 32-bit integers, floats) are scaled by their own darkest and brightest pixel: clipped to
+    8 bits instead, a faint 16-bit scan would read as blank."""
+    from PIL import Image
+    w, h = im.size
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        x = torch.frombuffer(bytearray(im.convert("F").tobytes()), dtype=torch.float32).view(h, w)
+        x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = x.min(), x.max()
+        return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+    return torch.frombuffer(bytearray(im.convert("L").tobytes()), dtype=torch.uint8).view(h, w).float() / 255
 
 
 def to_mnist(gray, path="image"):

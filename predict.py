@@ -1,4 +1,4 @@
-"""Classify your own images (PNG or JPEG) with a trained checkpoint; the shipped MNIST one by default.
+"""Classify your own images with a trained checkpoint; the shipped MNIST one by default.
 
     python predict.py my_digit.png                     # top-3 digits with probabilities
     python predict.py drawings/ --save-preprocessed seen/   # a folder as one batch; see what the model saw
@@ -17,7 +17,7 @@ import torch
 from checkpoint import build_model, load_checkpoint
 from cli import Parser, UserError, positive, run
 from device import pick_device
-from images import IMAGE_TYPES, classify, read_gray, to_mnist
+from images import FORMAT_NAMES, IMAGE_TYPES, classify, read_gray, to_mnist
 from plots import save_png
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,7 +31,7 @@ def gather_files(paths):
         if os.path.isdir(path):
             inside = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_TYPES))
             if not inside:
-                raise UserError(f"{path} holds no PNG or JPEG images", 2)
+                raise UserError(f"{path} holds no {FORMAT_NAMES} images", 2)
             files += inside
         elif os.path.isfile(path):
             files.append(path)
@@ -40,8 +40,27 @@ def gather_files(paths):
     return files
 
 
+def preprocessed_names(files, folder):
+    """FOLDER/<name>.png for each input, checked before anything is read or written: never one of the
+    inputs themselves, and never one name for two inputs (a.png and a.jpg)."""
+    inputs = {os.path.realpath(f): f for f in files}
+    outputs, taken = [], {}
+    for f in files:
+        out = os.path.join(folder, os.path.splitext(os.path.basename(f))[0] + ".png")
+        real = os.path.realpath(out)
+        if real in inputs:
+            raise UserError(f"--save-preprocessed {folder} would write over the input {inputs[real]}; "
+                            f"choose a folder that holds none of the images", 2)
+        if real in taken:
+            raise UserError(f"--save-preprocessed: {taken[real]} and {f} would both become {out}; rename one "
+                            f"of them or classify them in two runs", 2)
+        taken[real] = f
+        outputs.append(out)
+    return outputs
+
+
 def build_parser():
-    p = Parser(prog="predict.py", description="Classify PNG or JPEG images with a trained checkpoint.")
+    p = Parser(prog="predict.py", description=f"Classify {FORMAT_NAMES} images with a trained checkpoint.")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders of them")
     p.add_argument("--ckpt", default=DEFAULT_CKPT, help="checkpoint or run folder (default: weights/mnist.pt, "
                    "shipped with the toolkit)")
@@ -63,13 +82,17 @@ def main(argv):
     model, _ = build_model(ckpt, path=args.ckpt)
     model.to(device).eval()
     files = gather_files(args.images)
+    outputs = preprocessed_names(files, args.save_preprocessed) if args.save_preprocessed else None
     inputs = torch.stack([to_mnist(read_gray(f), f) for f in files])   # [N, 28, 28] uint8
-    if args.save_preprocessed:
-        os.makedirs(args.save_preprocessed, exist_ok=True)
+    if outputs:
+        try:
+            os.makedirs(args.save_preprocessed, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --save-preprocessed {args.save_preprocessed} ({e.strerror}); "
+                            f"choose a writable folder") from None
         from PIL import Image
-        for f, x in zip(files, inputs):
-            name = os.path.splitext(os.path.basename(f))[0] + ".png"
-            save_png(Image.fromarray(x.numpy(), mode="L"), os.path.join(args.save_preprocessed, name))
+        for x, out in zip(inputs, outputs):
+            save_png(Image.fromarray(x.numpy(), mode="L"), out)
     probs = classify(model, ckpt, inputs)
     classes = ckpt["data"]["classes"]
     top = min(args.top, len(classes))

@@ -6,9 +6,11 @@ import os
 import time
 
 from cli import UserError
-from files import WriteError, write_problem, write_text_atomic
+from files import WriteError, remove_temporaries, write_problem, write_text_atomic
 
 RUN_FILES = ("last.pt", "best.pt", "log.csv", "steps.csv", "args.json")
+# An args.json of ours holds at least these flags; --overwrite replaces a folder only when it has one.
+RUN_KEYS = {"model", "dataset", "epochs", "batch_size", "optimizer", "seed"}
 STEP_COLUMNS = ["step", "epoch", "train_loss", "train_acc", "lr", "images_per_s"]
 LOCK_FILE = ".lock"
 _locks = {}   # run folder -> the open lock file; the lock lasts until released or the process ends
@@ -23,8 +25,8 @@ def lock_folder(out):
     except ImportError:
         return
     path = os.path.join(out, LOCK_FILE)
-    try:
-        f = open(path, "a+")
+    try:   # never through a symlink planted at the name: the pid would be written into its target
+        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644), "r+")
     except OSError as e:
         raise UserError(f"cannot write to {out} ({e.strerror}); choose a writable folder") from None
     try:
@@ -40,6 +42,7 @@ def lock_folder(out):
     f.write(f"{os.getpid()}\n")
     f.flush()
     _locks[os.path.abspath(out)] = f
+    remove_temporaries(out, RUN_FILES)   # a save cut off by a kill left its half-written file
 
 
 def release_folders():
@@ -53,10 +56,13 @@ def prepare_out(args):
     out = args.out or os.path.join("runs", f"{args.dataset}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a folder; choose another --out", 2)
-    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    existing = [f for f in RUN_FILES if os.path.lexists(os.path.join(out, f))]
     if existing and not args.overwrite:
         raise UserError(f"--out {out} already holds a run ({', '.join(existing)}); pass --resume {out} to "
                         f"continue it, --overwrite to replace it, or choose another --out", 2)
+    if existing and read_run_args(out) is None:
+        raise UserError(f"--out {out} holds {', '.join(existing)} but no args.json of a train.py run, so they are "
+                        f"not a run of ours; --overwrite replaces only a run folder: choose another --out", 2)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -72,6 +78,16 @@ def prepare_out(args):
         reason = e.strerror if isinstance(e, OSError) else str(e).split(": ", 1)[-1]
         raise UserError(f"cannot write to --out {out} ({reason}); choose a writable folder") from None
     return out
+
+
+def read_run_args(folder):
+    """The flags in FOLDER/args.json when it is one that train.py wrote, else None."""
+    try:
+        with open(os.path.join(folder, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and RUN_KEYS <= set(saved) else None
 
 
 def write_args(out, args):
@@ -103,8 +119,9 @@ def append_row(out, row, columns, name="log.csv"):
     """One more row at the end of a CSV log; if the write fails, the file is cut back to what it was."""
     path = os.path.join(out, name)
     size = os.path.getsize(path) if os.path.exists(path) else 0
-    try:
-        with open(path, "a") as f:
+    try:   # O_NOFOLLOW: a symlink planted at the name is refused, not appended to
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        with os.fdopen(os.open(path, flags, 0o644), "a") as f:
             f.write(_csv([row], columns, header=False))
     except OSError as e:
         try:
@@ -112,7 +129,6 @@ def append_row(out, row, columns, name="log.csv"):
         except OSError:
             pass
         raise WriteError(write_problem(path, e)) from None
-        f.flush()
 
 
 def start_steps(out):
@@ -124,15 +140,15 @@ def append_steps(out, row):
     append_row(out, row, STEP_COLUMNS, name="steps.csv")
 
 
-def trim_steps(out, last_step):
-    """Keep the rows of steps.csv up to the global step a resumed checkpoint holds, so that the file
-    never shows steps that were not saved (as log.csv is rebuilt from the checkpoint)."""
-    path = os.path.join(out, "steps.csv")
+def keep_steps(source, out, last_step):
+    """OUT/steps.csv as SOURCE's rows up to the global step a resumed checkpoint holds, so that it never
+    shows steps that were not saved (as log.csv is rebuilt from the checkpoint). SOURCE is OUT for a
+    run resumed in place, the old folder (only read) for one continued in a new folder."""
     try:
-        rows = [r for r in read_log(path) if int(r["step"]) <= last_step]
+        rows = [r for r in read_log(os.path.join(source, "steps.csv")) if int(r["step"]) <= last_step]
     except (OSError, ValueError, KeyError, TypeError):   # missing or damaged: its rows cannot be trusted
         rows = []
-    write_text_atomic(_csv(rows, STEP_COLUMNS, header=True), path)
+    write_text_atomic(_csv(rows, STEP_COLUMNS, header=True), os.path.join(out, "steps.csv"))
 
 
 def read_log(path):

@@ -33,12 +33,12 @@ from loop import (DEFAULT_LR, Run, Stop, empty_partial, epoch_scalars, evaluate_
                   train_one_epoch)
 from models import OPTIONS, count_params, get_model, list_models, model_options, option_problem
 from optimizers import build_optimizer
-from runlog import (append_row, epoch_line, lock_folder, log_columns, prepare_out, release_folders, rewrite_log,
-                    start_steps, trim_steps, write_args)
+from runlog import (append_row, epoch_line, keep_steps, lock_folder, log_columns, prepare_out, read_run_args,
+                    release_folders, rewrite_log, start_steps, write_args)
 
 # Flags a resumed run may change; every other flag must match the checkpoint's.
 RESUME_MAY_CHANGE = {"epochs", "device", "data_dir", "resume", "debug", "save_every", "compile", "progress",
-                     "log_every", "tensorboard", "eval_every"}
+                     "log_every", "tensorboard", "eval_every", "out", "overwrite"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +156,8 @@ def add_run_flags(p):
     g = p.add_argument_group("output")
     g.add_argument("--out", help="run folder (default: runs/<dataset>-<model>-<time>)")
     g.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    g.add_argument("--resume", metavar="DIR_OR_CKPT", help="continue a run from its last.pt (or this checkpoint)")
+    g.add_argument("--resume", metavar="DIR_OR_CKPT", help="continue a run from its last.pt, in its own folder; "
+                   "any other checkpoint (best.pt, a copy) continues in a new folder given with --out")
     g.add_argument("--save-every", type=non_negative(int), default=0,
                    help="also save last.pt every N steps inside an epoch (default: 0, at epoch ends only)")
     g.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
@@ -228,17 +229,26 @@ def check_args(args):
 
 
 def find_resume(path):
-    """(checkpoint or None, run folder, saved arguments) for --resume. A run killed before its first
-    save has args.json but no last.pt: it is started over with the same arguments."""
+    """(checkpoint or None, its folder, whether that is the run's own, saved arguments) for --resume PATH.
+    A folder is the run's own when PATH is its last.pt with the run's args.json beside it; any other
+    checkpoint (a best.pt, a copy elsewhere) continues only in a new folder (--out). A run killed
+    before its first save has args.json but no last.pt: it starts over with those arguments."""
     args_file = os.path.join(path, "args.json")
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "last.pt")) and os.path.exists(args_file):
-        try:
-            with open(args_file) as f:
-                return None, os.path.abspath(path), json.load(f)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{args_file} cannot be read ({e}); start a new run instead") from None
+        saved = read_run_args(path)
+        if saved is None:
+            raise UserError(f"{args_file} is not a train.py run's; start a new run instead", 2)
+        return None, os.path.abspath(path), True, saved
     ckpt = load_checkpoint(path)
-    return ckpt, os.path.dirname(os.path.abspath(checkpoint_path(path))), ckpt["args"]
+    if not isinstance(ckpt.get("args"), dict) or ckpt.get("optimizer") is None:
+        raise UserError(f"{path} holds weights without the training state a resume needs (optimizer, "
+                        f"random streams); train a new run, or evaluate it with evaluate.py", 2)
+    file = os.path.abspath(checkpoint_path(path))
+    folder = os.path.dirname(file)
+    saved = read_run_args(folder)
+    own = os.path.basename(file) == "last.pt" and saved is not None and all(
+        saved.get(k) == v for k, v in ckpt["args"].items() if k not in RESUME_MAY_CHANGE)
+    return ckpt, folder, own, ckpt["args"]
 
 
 def resume_args(parser, argv, saved):
@@ -272,20 +282,24 @@ class Data:
 
 
 def parse_and_check(argv, world):
-    """(the run's arguments, the checkpoint to resume or None, the folder of a resumed run or None)."""
+    """(the run's arguments, the checkpoint to resume or None, the folder the resumed checkpoint is in
+    or None, whether to continue in that folder)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    resumed, run_dir = None, None
+    resumed, source, in_place = None, None, False
     if args.resume:
-        if args.out:
-            raise UserError("--resume continues in the run's own folder; drop --out", 2)
-        resumed, run_dir, saved = distributed.on_rank0(world, find_resume, args.resume)
+        resumed, source, own, saved = distributed.on_rank0(world, find_resume, args.resume)
+        in_place = not args.out   # with --out: a new folder, the old one left as it is
+        if in_place and not own:
+            raise UserError(f"--resume {args.resume} is not the last.pt of its own run folder (with that run's "
+                            f"args.json beside it), so continuing in place could overwrite files that are not "
+                            f"its own; continue it in a new folder with --out NEW", 2)
         args = resume_args(parser, argv, saved)
     check_args(args)
     distributed.check_args(world, args)
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
-    return args, resumed, run_dir
+    return args, resumed, source, in_place
 
 
 def setup_device(args, world):
@@ -352,21 +366,27 @@ def build_run(args, world, device, data, channels_last):
         log_every=max(1, len(data.batches) // 20) if args.log_every is None else args.log_every)
 
 
-def restore(run, resumed, run_dir, steps):
-    """Load a checkpoint's state into the run; (first epoch, first step, partial sums) to continue from,
-    or None when the run is already complete."""
-    run.out = run_dir
-    distributed.on_rank0(run.world, lock_folder, run_dir)
+def restore(run, resumed, source, in_place, steps):
+    """Load a checkpoint's state into the run, in its own folder or (--out) a new one; (first epoch,
+    first step, partial sums) to continue from, or None when the run is already complete."""
+    last_step = resumed["epoch"] * steps + int(resumed["step"])
+
+    def folder():   # rank 0: the folder, with the record rebuilt from the checkpoint (unsaved rows dropped)
+        if in_place:
+            lock_folder(source)
+        out = source if in_place else prepare_out(run.args)
+        write_args(out, run.args)
+        rewrite_log(out, resumed["history"], log_columns(run.args))
+        keep_steps(source, out, last_step)
+        return out
+    run.out = distributed.on_rank0(run.world, folder)
     try:
         start = load_state(run, resumed)
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-        raise UserError(f"{run_dir}/last.pt cannot be resumed: its saved training state is damaged or does not "
-                        f"fit ({type(e).__name__}); evaluate.py may still read its weights; start a new run") from None
+        raise UserError(f"{run.args.resume} cannot be resumed: its saved training state is damaged or does "
+                        f"not fit ({type(e).__name__}); evaluate.py may still read its weights; start a new run") from None
     if run.world and run.world.rank:   # the saved partial sums are global: count them once, on rank 0
         start = start[:2] + (None,)
-    # the checkpoint is the record; drop unsaved rows
-    distributed.on_rank0(run.world, rewrite_log, run.out, run.history, log_columns(run.args))
-    distributed.on_rank0(run.world, trim_steps, run.out, resumed["epoch"] * steps + start[1])
     if run.stopping.get("stopped") or start[0] > run.args.epochs:
         why = run.stopping.get("stopped") or f"it finished epoch {resumed['epoch']} of {run.args.epochs}"
         print(f"{run.out} is complete ({why}); pass a larger --epochs to train further")
@@ -484,12 +504,15 @@ def main(argv):
 def train(argv):
     """parse and check, load data, build, restore or start, fit, report."""
     world = distributed.current()   # None unless torchrun started this process
-    args, resumed, run_dir = parse_and_check(argv, world)
+    args, resumed, source, in_place = parse_and_check(argv, world)
     keep_freed_memory()
     device, channels_last, precision = setup_device(args, world)
     data = load_data(args, world, device, channels_last)
     run = build_run(args, world, device, data, channels_last)
-    start = restore(run, resumed, run_dir, len(data.batches)) if resumed else start_folder(run, run_dir)
+    if resumed:
+        start = restore(run, resumed, source, in_place, len(data.batches))
+    else:
+        start = start_folder(run, source if in_place else None)
     if start is None:
         return 0
     if args.tensorboard:

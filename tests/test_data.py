@@ -103,7 +103,7 @@ def test_a_header_promising_too_much_is_refused_before_reading(tmp_path):
     path = str(tmp_path / "train-labels-idx1-ubyte")
     with open(path, "wb") as f:
         f.write(data.LABEL_MAGIC.to_bytes(4, "big") + (2 ** 31).to_bytes(4, "big"))
-    with pytest.raises(DataError, match="claims 2,147,483,648 labels, more than any"):
+    with pytest.raises(DataError, match="claims 2,147,483,648 labels .*more than any"):
         read_idx(path, data.LABEL_MAGIC)
 
 

@@ -87,6 +87,9 @@ def files(tmp_path_factory):
     rewrite(str(tmp), "photo.png", b"this is text with a .png name")
     f.no_images = str(tmp / "no-images")
     os.makedirs(f.no_images)
+    f.copy = str(tmp / "copy.pt")   # a run's last.pt copied out of its folder
+    rewrite(str(tmp), "copy.pt", open(f.ckpt, "rb").read())
+    f.slim = os.path.join(ROOT, "weights", "mnist.pt")   # shipped weights: no optimizer state
     return f
 
 
@@ -138,7 +141,11 @@ CASES = [
      r"trained with --model convnet, not tiny"),
     ("resume changed dropout", T, lambda f: ["--resume", f.run, "--dropout", "0.5"], 2,
      r"trained with --dropout 0.1, not 0.5"),
-    ("resume with out", T, lambda f: ["--resume", f.run, "--out", f.tmp + "/x"], 2, r"drop --out"),
+    ("resume a copy in place", T, lambda f: ["--resume", f.copy], 2,
+     r"copy.pt is not the last.pt of its own run folder .* continue it in a new folder with --out NEW"),
+    ("resume into a run", T, lambda f: ["--resume", f.copy, "--out", f.run], 2, r"already holds a run"),
+    ("resume shipped weights", T, lambda f: ["--resume", f.slim, "--out", f.tmp + "/x"], 2,
+     r"holds weights without the training state a resume needs"),
     ("dropout on cnn", T, lambda f: ["--model", "cnn", "--dropout", "0.5"], 2, r"model 'cnn' has no dropout"),
     ("dropout of 1", T, lambda f: ["--model", "convnet", "--dropout", "1"], 2, r"--dropout: must be from 0 to 1 \(excluded\)"),
     ("nesterov with adam", T, lambda f: ["--nesterov"], 2, r"--nesterov needs --optimizer sgd"),
@@ -183,7 +190,7 @@ CASES = [
     ("predict blank image", P, lambda f: [f.blank, "--ckpt", f.ckpt], 1, r"blank.png looks blank"),
     ("predict 1x1 image", P, lambda f: [f.dot, "--ckpt", f.ckpt], 1, r"dot.png is only 1x1 pixels"),
     ("predict not an image", P, lambda f: [f.fake_png, "--ckpt", f.ckpt], 1, r"photo.png is not an image"),
-    ("predict folder without images", P, lambda f: [f.no_images, "--ckpt", f.ckpt], 2, r"holds no PNG or JPEG"),
+    ("predict folder without images", P, lambda f: [f.no_images, "--ckpt", f.ckpt], 2, r"holds no PNG, JPEG, BMP, GIF, WebP or TIFF images"),
     ("predict bad checkpoint", P, lambda f: [f.blank, "--ckpt", f.text], 1, r"truncated, damaged or another kind of file"),
     ("predict malicious checkpoint", P, lambda f: [f.blank, "--ckpt", f.evil], 1, r"refusing to load"),
     ("predict zero top", P, lambda f: [f.blank, "--top", "0"], 2, r"--top: must be greater than 0"),

@@ -68,9 +68,11 @@ def test_a_failed_log_append_leaves_the_log_as_it_was(tmp_path, monkeypatch):
     runlog.rewrite_log(out, [{"epoch": 1, "train_loss": 0.5}], columns)
     before = open(os.path.join(out, "log.csv")).read()
 
-    class HalfWrite:
-        def __init__(self, path, mode):
-            self.f = open(path, mode)
+    real_fdopen = os.fdopen
+
+    class HalfWrite:   # what append_row opens its file descriptor with
+        def __init__(self, fd, mode):
+            self.f = real_fdopen(fd, mode)
         def __enter__(self):
             return self
         def __exit__(self, *exc):
@@ -80,7 +82,7 @@ def test_a_failed_log_append_leaves_the_log_as_it_was(tmp_path, monkeypatch):
             self.f.flush()
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(runlog, "open", HalfWrite, raising=False)
+    monkeypatch.setattr(runlog.os, "fdopen", HalfWrite)
     with pytest.raises(WriteError, match=r"cannot write .*log.csv: No space left on device; free some space"):
         runlog.append_row(out, {"epoch": 2, "train_loss": 0.4}, columns)
     monkeypatch.undo()
