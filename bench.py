@@ -42,10 +42,11 @@ from cli import Parser, UserError, positive, recipe_flags, run
 from device import autocast_for, machine, pick_device, resolve_amp
 from files import write_text_atomic
 from data import Batches, dataset_info, load_split
-from loop import Run, predict_logits, train_one_epoch
+from loop import Config, Stepper, train_epoch
 from models import get_model, list_models
 from optimizers import build_optimizer
-from runlog import read_log
+from runfolder import read_log
+from scoring import predict_logits
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # The speed recipes; bench.py adds --seed, --out and --progress off.
@@ -55,7 +56,7 @@ TARGETS = {"fast": (99.0, 4.5), "strong": (99.5, 25.0)}
 
 
 class Feed:
-    """`steps` batches drawn from `source()` as the loop runs, behind the interface train_one_epoch
+    """`steps` batches drawn from `source()` as the loop runs, behind the interface train_epoch
     expects of Batches, so the pipeline's own work is on the clock."""
 
     def __init__(self, source, steps):
@@ -91,12 +92,7 @@ def notebook_loader(images, labels, batch_size, mean, std, seed, workers):
                                        num_workers=workers, generator=torch.Generator().manual_seed(seed))
 
 
-def loop_args(opts):
-    """The settings train_one_epoch reads, as train.py would resolve them for a plain Adam run at a
-    constant learning rate (no schedule, penalty, clipping or saving)."""
-    return argparse.Namespace(optimizer="adam", lr=1e-3, weight_decay=0.0, scheduler="none", warmup=0, epochs=1,
-                              label_smoothing=0.0, l1=0.0, l2=0.0, clip_grad=0.0, save_every=0,
-                              batch_size=opts.batch_size, amp=opts.amp)
+LOOP = Config(epochs=1, lr=1e-3)   # a plain run at a constant learning rate: no schedule, penalty, clipping or saving
 
 
 def reference_workload(repeats):
@@ -132,31 +128,29 @@ def describe_machine(opts, device):
     return info
 
 
-def time_loop(model_name, make_feed, args, device, channels_last, steps):
-    """Seconds for `steps` steps of train.py's training loop, after two warm-up steps."""
+def time_loop(model_name, make_feed, amp, device, channels_last, steps):
+    """Seconds for `steps` steps of train.py's training loop (Adam at lr 1e-3), after two warm-up steps."""
     torch.manual_seed(0)
     model = get_model(model_name).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    info = dataset_info("mnist")
-    run = Run(args, model, model, build_optimizer(model, args), device, info, (info.mean, info.std),
-              channels_last=channels_last, autocast=autocast_for(args.amp, device))
-    train_one_epoch(run, make_feed(2), 1)   # warm-up: allocations, and cuDNN's autotuning on CUDA
+    optimizer = build_optimizer(model, argparse.Namespace(optimizer="adam", lr=LOOP.lr, weight_decay=0.0))
+    stepper = Stepper(model, model, optimizer, device, autocast=autocast_for(amp, device), channels_last=channels_last)
+    train_epoch(stepper, LOOP, make_feed(2), 1)   # warm-up: allocations, and cuDNN's autotuning on CUDA
     if device.type == "cuda":   # the GPU's own clock: no host-side timing noise in the figure
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        train_one_epoch(run, make_feed(steps), 1)
+        train_epoch(stepper, LOOP, make_feed(steps), 1)
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1000
-    return train_one_epoch(run, make_feed(steps), 1)["seconds"]   # it reads the loss back at its end: synced
+    return train_epoch(stepper, LOOP, make_feed(steps), 1)["seconds"]   # it reads the loss back at its end: synced
 
 
 def bench_pipelines(opts, device, report):
     """Sections 1 and 2: one loop, four feeds, repeats interleaved so slow spells hit every feed."""
     images, labels = load_split("mnist", "train", opts.data_dir, device)
     info = dataset_info("mnist")
-    args = loop_args(opts)
     cl = device.type == "cpu"   # what train.py's --channels-last auto picks here without --amp
     ours = Batches(images, labels, opts.batch_size, info.mean, info.std, shuffle=True, seed=0, channels_last=cl)
     staged = list(itertools.islice(ours.epoch(1), opts.steps))   # made before the clock starts
@@ -176,7 +170,7 @@ def bench_pipelines(opts, device, report):
     times = {name: [] for name in feeds}
     for _ in range(opts.repeats):
         for name, (source, channels_last) in feeds.items():
-            times[name].append(time_loop(opts.model, lambda n: Feed(source, n), args, device, channels_last,
+            times[name].append(time_loop(opts.model, lambda n: Feed(source, n), opts.amp, device, channels_last,
                                          opts.steps))
     med = {name: statistics.median(t) for name, t in times.items()}
     report["throughput"] = {name: opts.steps * opts.batch_size / s for name, s in med.items()}

@@ -13,7 +13,8 @@ rank 0 alone prints and writes files, and the ranks exchange what they need at f
   error instead, so the others stop at once with rank 0 printing one message; nobody waits on a
   rank that is gone.
 - training: DDP averages the gradients; the divergence and Ctrl-C/SIGTERM flags are all-reduced at
-  the same steps on every rank, metric sums are all-reduced, and evaluation is sharded (loop.py).
+  the same steps on every rank, metric sums are all-reduced, and evaluation is sharded (loop.py); rank
+  0 writes, and a write that fails there reaches every rank (runfolder.RunFolder).
 """
 import datetime
 import functools
@@ -27,7 +28,6 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpoint import set_rng_state
 from cli import UserError, describe_error, run
 from device import pick_device as pick_one_device
 from data import dataset_info, find_split
@@ -79,7 +79,6 @@ def launch(main, argv=None):
     if world is None:
         return run(main, argv)
     argv = sys.argv[1:] if argv is None else argv
-    prog = os.path.basename(sys.argv[0])
     debug = "--debug" in argv or os.environ.get("MNIST_DEBUG", "") not in ("", "0")
     stdout, stderr = sys.stdout, sys.stderr
     if world.rank:   # the others' stderr is kept, and shown only for a failure rank 0 cannot know of
@@ -87,44 +86,12 @@ def launch(main, argv=None):
         if not debug:
             sys.stderr = io.StringIO()
     try:
-        # One group, two transports: gloo for CPU tensors (and the exchanges, which pickle objects on
-        # the CPU), NCCL for CUDA tensors when this machine has GPUs.
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-        try:
-            dist.init_process_group(backend, timeout=TIMEOUT)
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            print(f"{prog}: error: rank {world.rank} could not join the other processes ({first}); "
-                  f"check that every node reaches torchrun's --rdzv-endpoint", file=stderr)
+        if not join(world, stderr):
             return 1
         _WORLD = world
-
-        @functools.wraps(main)
-        def guarded(argv):
-            try:
-                return main(argv)
-            except KeyboardInterrupt:   # torchrun is stopping every rank; there is no one to tell
-                raise
-            except BaseException as e:   # SystemExit too: argparse errors happen on every rank alike
-                if isinstance(e, Agreed) or world.shared:
-                    raise
-                if not world.training:   # the others wait in an exchange: meet them with the error
-                    try:
-                        exchange(world, failure=_failure(e))
-                        world.shared = True
-                    except Exception:
-                        pass
-                    raise
-                world.local_error = True
-                if isinstance(e, dist.DistError) or "by peer" in str(e):
-                    raise UserError("lost contact with another process, which probably failed: see its "
-                                    "message above and torchrun's report") from None
-                raise
-
-        code = run(guarded, argv)
+        code = run(guarded(main, world), argv)
         if world.rank and world.local_error and isinstance(sys.stderr, io.StringIO):
-            text = sys.stderr.getvalue()
-            stderr.write("".join(f"[rank {world.rank}] {line}\n" for line in text.splitlines()))
+            stderr.write("".join(f"[rank {world.rank}] {line}\n" for line in sys.stderr.getvalue().splitlines()))
         return code
     finally:
         _WORLD = None
@@ -134,6 +101,47 @@ def launch(main, argv=None):
             gc.collect()
             dist.destroy_process_group()
         sys.stdout, sys.stderr = stdout, stderr
+
+
+def join(world, stderr):
+    """Join the process group: gloo for CPU tensors (and the exchanges, which pickle objects on the
+    CPU), NCCL for CUDA tensors when this machine has GPUs. False, after one line, when it fails."""
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    try:
+        dist.init_process_group(backend, timeout=TIMEOUT)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        print(f"{os.path.basename(sys.argv[0])}: error: rank {world.rank} could not join the other processes "
+              f"({first}); check that every node reaches torchrun's --rdzv-endpoint", file=stderr)
+        return False
+    return True
+
+
+def guarded(main, world):
+    """main, with a failure on this rank alone made known to the others: during set-up they wait in an
+    exchange, so the failure meets them there; during training it can only be reported."""
+    @functools.wraps(main)
+    def call(argv):
+        try:
+            return main(argv)
+        except KeyboardInterrupt:   # torchrun is stopping every rank; there is no one to tell
+            raise
+        except BaseException as e:   # SystemExit too: argparse errors happen on every rank alike
+            if isinstance(e, Agreed) or world.shared:
+                raise
+            if not world.training:
+                try:
+                    exchange(world, failure=_failure(e))
+                    world.shared = True
+                except Exception:
+                    pass
+                raise
+            world.local_error = True
+            if isinstance(e, dist.DistError) or "by peer" in str(e):
+                raise UserError("lost contact with another process, which probably failed: see its "
+                                "message above and torchrun's report") from None
+            raise
+    return call
 
 
 def _failure(e):
@@ -227,25 +235,6 @@ def fetch_data(world, name, data_dir):
         for split in ("train", "test"):
             find_split(info, split, data_dir)
     exchange(world)
-
-
-def seed_rank(world, seed, salt=0):
-    """Give ranks above 0 their own dropout stream (rank 0 keeps the one-process stream); without it,
-    every rank would draw the same masks."""
-    if world and world.rank:
-        torch.manual_seed((seed * 1_000_003 + salt) * 1_009 + world.rank)
-
-
-def restore_rng(world, ckpt, device):
-    """Each rank's saved RNG state. A checkpoint saved with another number of ranks (or by one
-    process) has no state for the extra ranks: they start a fresh stream, so dropout masks differ
-    from an uninterrupted run from there on."""
-    states = ckpt.get("rng_ranks")
-    if world and states and len(states) == world.size:
-        set_rng_state(states[world.rank], device)
-    else:
-        set_rng_state(ckpt["rng"], device)
-        seed_rank(world, ckpt["args"]["seed"], salt=ckpt["epoch"] * 1_000_003 + ckpt["step"] + 1)
 
 
 def describe(world):

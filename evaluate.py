@@ -20,7 +20,7 @@ from cli import Parser, UserError, non_negative, positive, run
 from device import autocast_for, keep_freed_memory, native_bf16, pick_device, resolve_amp
 from files import write_text_atomic
 from data import DATASETS, dataset_info, load_split, normalization, split_off_val
-from loop import predict_probs, score
+from scoring import predict_probs, score
 from models import list_models
 
 
@@ -249,7 +249,7 @@ def write_outputs(out, name, results, final, images, labels, probs, ckpts):
 def run_history(path, ckpt):
     """The epoch rows of the run: its log.csv when it sits beside the checkpoint, else the history
     the checkpoint carries (the same rows, up to the epoch it was saved at)."""
-    from runlog import read_log
+    from runfolder import read_log
     log = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path(path))), "log.csv")
     if os.path.exists(log):
         try:
@@ -261,7 +261,7 @@ def run_history(path, ckpt):
 
 def run_steps(path):
     """The rows of the steps.csv beside a checkpoint, or none."""
-    from runlog import read_log
+    from runfolder import read_log
     steps = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path(path))), "steps.csv")
     try:
         return read_log(steps) if os.path.exists(steps) else []

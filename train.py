@@ -18,23 +18,21 @@ import os
 import signal
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import distributed
-from checkpoint import checkpoint_path, load_checkpoint, model_kwargs
+from checkpoint import Progress, checkpoint_path, load_checkpoint, model_kwargs, restore_record, seed_rank
 from cli import Parser, UserError, non_negative, positive
+from data import DATASETS, Augment, Batches, dataset_info, load_split, normalization, split_off_val
 from device import autocast_for, keep_freed_memory, resolve_amp
 from files import WriteError
-from data import DATASETS, Augment, Batches, DatasetInfo, dataset_info, load_split, normalization, split_off_val
-from loop import (DEFAULT_LR, Run, Stop, empty_partial, epoch_scalars, evaluate_splits, open_tensorboard, save, say,
-                  train_one_epoch)
+from loop import Config, Data, Stepper, StopRequest, Stopped, fit, say, score_untrained
 from models import OPTIONS, count_params, get_model, list_models, model_options, option_problem
-from optimizers import build_optimizer
-from runlog import (append_row, epoch_line, keep_steps, lock_folder, log_columns, prepare_out, read_run_args,
-                    release_folders, rewrite_log, start_steps, write_args)
+from optimizers import DEFAULT_LR, build_optimizer
+from runfolder import (RunFolder, keep_steps, lock_folder, log_columns, prepare_out, read_run_args, release_folders,
+                       rewrite_log, write_args)
 
 # Flags a resumed run may change; every other flag must match the checkpoint's.
 RESUME_MAY_CHANGE = {"epochs", "device", "data_dir", "resume", "debug", "save_every", "compile", "progress",
@@ -269,17 +267,8 @@ def resume_args(parser, argv, saved):
 
 
 # ---------------------------------------------------------------------------------------------
-# The steps of a run, in the order main() takes them
+# Set-up, in the order train() takes it
 # ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Data:
-    """The splits of a run, as uint8 tensors on the device, and how they are fed."""
-    info: DatasetInfo
-    norm: tuple            # (mean, std) the model sees its inputs normalized with
-    batches: Batches       # the training set, shuffled and augmented per step
-    splits: dict           # {"val": (images, labels), "test": (images, labels)}
-
 
 def parse_and_check(argv, world):
     """(the run's arguments, the checkpoint to resume or None, the folder the resumed checkpoint is in
@@ -351,147 +340,74 @@ def build_augment(args, info):
                    **extra)
 
 
-def build_run(args, world, device, data, channels_last):
+def build_stepper(args, world, device, data, channels_last):
     """The model and everything that steps it."""
     model = get_model(args.model, **model_kwargs(args, len(data.info.classes))).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return Run(
-        args, model, torch.compile(model) if args.compile else model, build_optimizer(model, args), device,
-        data.info, data.norm, channels_last=channels_last, world=world,
+    return Stepper(
+        model, torch.compile(model) if args.compile else model, build_optimizer(model, args), device,
         ema=AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None,
-        autocast=autocast_for(args.amp, device),
         scaler=torch.amp.GradScaler(device.type) if args.amp == "fp16" else None,
-        progress={"on": 0.5, "off": 0, "auto": 0.5 if sys.stdout.isatty() else 30}[args.progress],
-        log_every=max(1, len(data.batches) // 20) if args.log_every is None else args.log_every)
+        autocast=autocast_for(args.amp, device), channels_last=channels_last, world=world)
 
 
-def restore(run, resumed, source, in_place, steps):
-    """Load a checkpoint's state into the run, in its own folder or (--out) a new one; (first epoch,
-    first step, partial sums) to continue from, or None when the run is already complete."""
-    last_step = resumed["epoch"] * steps + int(resumed["step"])
+def open_folder(args, world, data, stepper, resumed, source, in_place):
+    """The run folder, with the record to continue from: (folder, where to start), or (folder, None)
+    when a resumed run is already complete. A new run (or one killed before its first save) starts
+    fresh; a resumed one continues in its own folder or, with --out, in a new one, its log rebuilt
+    from the checkpoint (rows that were never saved are dropped)."""
+    progress, start = Progress(), (1, 0, None)
+    if resumed:
+        try:
+            progress, *start = restore_record(resumed, stepper, world.rank if world else 0, world.size if world else 1)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise UserError(f"{args.resume} cannot be resumed: its saved training state is damaged or does not fit "
+                            f"({type(e).__name__}); evaluate.py may still read its weights; start a new run") from None
+    last_step = (resumed["epoch"] * len(data.batches) + start[1]) if resumed else 0
 
-    def folder():   # rank 0: the folder, with the record rebuilt from the checkpoint (unsaved rows dropped)
+    def make():   # on rank 0
         if in_place:
             lock_folder(source)
-        out = source if in_place else prepare_out(run.args)
-        write_args(out, run.args)
-        rewrite_log(out, resumed["history"], log_columns(run.args))
-        keep_steps(source, out, last_step)
+        out = source if in_place else prepare_out(args)
+        write_args(out, args)
+        rewrite_log(out, progress.history, log_columns(args))
+        keep_steps(source if resumed else out, out, last_step)
         return out
-    run.out = distributed.on_rank0(run.world, folder)
-    try:
-        start = load_state(run, resumed)
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-        raise UserError(f"{run.args.resume} cannot be resumed: its saved training state is damaged or does "
-                        f"not fit ({type(e).__name__}); evaluate.py may still read its weights; start a new run") from None
-    if run.world and run.world.rank:   # the saved partial sums are global: count them once, on rank 0
-        start = start[:2] + (None,)
-    if run.stopping.get("stopped") or start[0] > run.args.epochs:
-        why = run.stopping.get("stopped") or f"it finished epoch {resumed['epoch']} of {run.args.epochs}"
-        print(f"{run.out} is complete ({why}); pass a larger --epochs to train further")
-        return None
-    print(f"resuming {run.out} at epoch {start[0]}, step {start[1]}")
-    return start
-
-
-def load_state(run, resumed):
-    """The saved weights, optimizer, EMA, scaler and RNG state into the run; where to continue from."""
-    run.model.load_state_dict(resumed["state_dict"])
-    run.optimizer.load_state_dict(resumed["optimizer"])
-    if run.ema is not None:
-        run.ema.module.load_state_dict(resumed["ema_state_dict"])
-        run.ema.n_averaged.fill_(resumed["ema_steps"])
-    if run.scaler is not None and resumed.get("scaler"):
-        run.scaler.load_state_dict(resumed["scaler"])
-    distributed.restore_rng(run.world, resumed, run.device)
-    run.history, run.stopping = list(resumed["history"]), dict(resumed["stopping"])
-    return resumed["epoch"] + 1, int(resumed["step"]), resumed["partial_epoch"]
-
-
-def start_folder(run, run_dir):
-    """A new run's folder, made by rank 0 (a resumed run that never saved starts over in its own)."""
-    def make():
-        if run_dir:
-            lock_folder(run_dir)
-        out = run_dir or prepare_out(run.args)
-        write_args(out, run.args)
-        rewrite_log(out, [], log_columns(run.args))
-        start_steps(out)
-        return out
-    run.out = distributed.on_rank0(run.world, make)   # every rank learns the outcome
-    distributed.seed_rank(run.world, run.args.seed)
-    return 1, 0, None
+    out = distributed.on_rank0(world, make)   # every rank learns the outcome
+    if world and world.rank:   # the saved partial sums are global: count them once, on rank 0
+        start = (start[0], start[1], None)
+    if not resumed:
+        seed_rank(world.rank if world else 0, args.seed)
+    folder = RunFolder(out, args, data.info, data.norm, progress, world, args.tensorboard)
+    if progress.early.stopped or start[0] > args.epochs:
+        why = progress.early.stopped or f"it finished epoch {resumed['epoch']} of {args.epochs}"
+        print(f"{out} is complete ({why}); pass a larger --epochs to train further")
+        return folder, None
+    if resumed:
+        print(f"resuming {out} at epoch {start[0]}, step {start[1]}")
+    return folder, tuple(start)
 
 
 @contextmanager
-def stop_on_signals(run):
+def stop_on_signals():
     """Ctrl-C, or the SIGTERM with which schedulers (SLURM, Kubernetes) stop or preempt a job, asks the
     run to save at the end of the step and stop; a second signal quits at once, and the last save is
     whole anyway. Exit 130 after Ctrl-C, 143 after SIGTERM, as the shell reports a death by signal."""
+    stop = StopRequest()
+
     def handler(signum, frame):
-        if run.stop:
+        if stop:
             raise KeyboardInterrupt
         name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-        run.stop = ("interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)", 128 + signum)
+        stop.ask("interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)", 128 + signum)
         print(f"\n{name}: saving at the end of this step (send it again to quit now)", file=sys.stderr, flush=True)
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield stop
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def fit(run, data, start):
-    """Train from (epoch, step, partial sums) to the last epoch or an early stop; one log row an epoch."""
-    args, (first_epoch, step, partial) = run.args, start
-    columns, best_key = log_columns(args), "ema_val_acc" if args.ema else "val_acc"
-    if args.eval_untrained and not run.history:
-        run.history.append({"epoch": 0, **evaluate_splits(run, data.splits)})
-        distributed.on_rank0(run.world, append_row, run.out, run.history[-1], columns)
-        say(run, epoch_line(run.history[-1], args))
-    every = getattr(args, "eval_every", 1)   # runs saved before --eval-every resume scoring every epoch
-    for epoch in range(first_epoch, args.epochs + 1):
-        row = {"epoch": epoch, **train_one_epoch(run, data.batches, epoch, step, partial)}
-        step, partial = 0, empty_partial()
-        scored = epoch == args.epochs or (every and epoch % every == 0)
-        if scored:
-            row.update(evaluate_splits(run, data.splits))
-        reason = stop_reason(row, args, run.stopping)
-        if reason and not scored:   # a run that ends early ends scored
-            row.update(evaluate_splits(run, data.splits))
-        run.history.append(row)
-        if reason:
-            run.stopping["stopped"] = reason
-        if args.val and best_key in row and row[best_key] > run.stopping.get("best_val_acc", -1.0):
-            run.stopping["best_val_acc"] = row[best_key]
-            save(run, epoch, 0, None, "best.pt")   # before last.pt: a crash between them redoes this epoch
-        save(run, epoch, 0, None)
-        distributed.on_rank0(run.world, append_row, run.out, row, columns)
-        distributed.on_rank0(run.world, epoch_scalars, run, row, epoch * len(data.batches))
-        say(run, epoch_line(row, args))
-        if reason:
-            say(run, f"stopping after epoch {epoch}: {reason}")
-            break
-
-
-def stop_reason(row, args, stopping):
-    """Why training should stop after this epoch, or None. `stopping` carries the patience state."""
-    if args.stop_loss is not None and row["train_loss"] < args.stop_loss:
-        return f"the mean training loss {row['train_loss']:.4f} fell below --stop-loss {args.stop_loss:g}"
-    key = "ema_val" if args.ema else "val"
-    if args.stop_val_acc is not None and row[f"{key}_acc"] >= args.stop_val_acc:
-        return f"validation accuracy {row[f'{key}_acc']:.2f} % reached --stop-val-acc {args.stop_val_acc:g}"
-    if args.patience is not None:
-        if stopping.get("best_val_loss") is None or row[f"{key}_loss"] < stopping["best_val_loss"]:
-            stopping.update(best_val_loss=row[f"{key}_loss"], best_epoch=row["epoch"], bad_epochs=0)
-        else:
-            stopping["bad_epochs"] += 1
-            if stopping["bad_epochs"] >= args.patience:
-                return (f"validation loss has not improved for {args.patience} epochs (best "
-                        f"{stopping['best_val_loss']:.4f} at epoch {stopping['best_epoch']})")
-    return None
 
 
 def main(argv):
@@ -502,43 +418,42 @@ def main(argv):
 
 
 def train(argv):
-    """parse and check, load data, build, restore or start, fit, report."""
+    """Parse and check, set up device and data, build, open the folder (fresh or resumed), fit, report."""
     world = distributed.current()   # None unless torchrun started this process
     args, resumed, source, in_place = parse_and_check(argv, world)
     keep_freed_memory()
     device, channels_last, precision = setup_device(args, world)
     data = load_data(args, world, device, channels_last)
-    run = build_run(args, world, device, data, channels_last)
-    if resumed:
-        start = restore(run, resumed, source, in_place, len(data.batches))
-    else:
-        start = start_folder(run, source if in_place else None)
+    stepper = build_stepper(args, world, device, data, channels_last)
+    config = Config.from_args(args, len(data.batches))
+    folder, start = open_folder(args, world, data, stepper, resumed, source, in_place)
     if start is None:
         return 0
-    if args.tensorboard:
-        run.tb = distributed.on_rank0(world, open_tensorboard, run.out)
-    with stop_on_signals(run):
+    with stop_on_signals() as stop:
         if world:
-            run.step_model = distributed.ready(world, run.model, device, args.compile)
-        say(run, f"{args.model} ({count_params(run.model):,} parameters) on {args.dataset}: "
-                 f"{len(data.batches.labels):,} train, {len(data.splits['val'][1]):,} val, "
-                 f"{len(data.splits['test'][1]):,} test images; {device}{distributed.describe(world)}, {precision}; "
-                 f"run folder {run.out}")
+            stepper.step_model = distributed.ready(world, stepper.model, device, args.compile)
+        say(stop, f"{args.model} ({count_params(stepper.model):,} parameters) on {args.dataset}: "
+                  f"{len(data.batches.labels):,} train, {len(data.splits['val'][1]):,} val, "
+                  f"{len(data.splits['test'][1]):,} test images; {device}{distributed.describe(world)}, {precision}; "
+                  f"run folder {folder.out}")
         try:
-            fit(run, data, start)
-        except Stop as stop:
-            print(f"train.py: {'error: ' if stop.code == 1 else ''}{stop}", file=sys.stderr)
-            return stop.code
+            if args.eval_untrained and not folder.progress.history:
+                score_untrained(stepper, config, folder.progress, data, folder, stop)
+            fit(stepper, config, folder.progress, data, folder, stop, start)
+        except Stopped as stopped:
+            print(f"train.py: {'error: ' if stopped.code == 1 else ''}{stopped}", file=sys.stderr)
+            return stopped.code
         except WriteError as e:
-            last = os.path.join(run.out, "last.pt")
-            kept = f"{last} holds the last good state" if os.path.exists(last) else "nothing was saved yet"
+            kept = f"{folder.out}/last.pt holds the last good state" if folder.has("last.pt") else "nothing was saved yet"
             print(f"train.py: error: {e}. Training stopped; {kept}. Continue with: "
-                  f"{distributed.command(run.world)} train.py --resume {run.out}", file=sys.stderr)
+                  f"{distributed.command(world)} train.py --resume {folder.out}", file=sys.stderr)
             return 1
-    last = run.history[-1]
+        finally:
+            folder.close()
+    last = folder.progress.history[-1]
     ema = f" (EMA weights {last['ema_test_acc']:.2f} %)" if args.ema else ""
-    say(run, f"done: test accuracy {last['test_acc']:.2f} %{ema} after epoch {last['epoch']}; "
-             f"checkpoint {run.out}/last.pt, log {run.out}/log.csv")
+    say(stop, f"done: test accuracy {last['test_acc']:.2f} %{ema} after epoch {last['epoch']}; "
+              f"checkpoint {folder.out}/last.pt, log {folder.out}/log.csv")
     return 0
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli, write_idx_set
-from runlog import read_log
+from runfolder import read_log
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")]
@@ -18,9 +18,14 @@ pytestmark = [pytest.mark.slow,
 # round the two differently) on the CPU (gloo, even beside a GPU).
 SGD = ["--model", "cnn", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0", "--scheduler", "none",
        "--batch-size", "50", "--seed", "4", "--progress", "off", "--device", "cpu", "--amp", "off"]
-# torchrun gives each rank one thread; the single process gets one too, so that both run the same kernels:
-# convolutions sum in another order with another thread count (3e-6 apart after 2 epochs on an AVX2 CPU).
+# torchrun gives each rank one thread; the single process gets one too, so that both run the same kernels.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+# What still differs: each rank sums its convolution's weight gradient over its 25 images and the two
+# sums are added by the all-reduce, where one process sums all 50 at once; float32 additions in another
+# order. After 2 epochs (14 SGD steps) that leaves the weights up to 3.4e-6 apart, measured on one
+# machine with its AVX-512 kernels (5e-8 with AVX2 kernels; 3.4e-6 also between 1 and 2 threads in one
+# process). A real fault (a gradient not averaged, a share weighted wrong) moves them by 1e-3 or more.
+ATOL = 2e-5
 
 
 def torchrun(args, nproc=2):
@@ -73,7 +78,7 @@ def test_two_processes_step_like_one_with_the_same_global_batch(ddp_run, data, t
     assert result.returncode == 0, result.stderr
     a, b = weights(ddp_run[0]), weights(single)
     for name, value in b["state_dict"].items():
-        torch.testing.assert_close(a["state_dict"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(a["state_dict"][name], value, rtol=1e-4, atol=ATOL, msg=name)
     for x, y in zip(a["history"], b["history"]):
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4)
         assert x["train_acc"] == y["train_acc"] and x["test_acc"] == y["test_acc"]
@@ -89,7 +94,7 @@ def test_resume_under_torchrun_continues_the_run(ddp_run, data, tmp_path):
     assert "resuming" in resumed.stdout
     a, b = weights(ddp_run[0]), weights(out)
     for name, value in a["state_dict"].items():
-        torch.testing.assert_close(b["state_dict"][name], value, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(b["state_dict"][name], value, rtol=1e-4, atol=ATOL, msg=name)
     assert [r["test_acc"] for r in read_log(os.path.join(out, "log.csv"))] == \
            [r["test_acc"] for r in read_log(os.path.join(ddp_run[0], "log.csv"))]
 

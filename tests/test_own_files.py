@@ -18,7 +18,7 @@ import files
 from cli import UserError
 from conftest import ROOT, capture, idx_bytes, main_of, snapshot, write_idx_set
 from images import FORMAT_NAMES, read_gray, to_mnist
-from runlog import read_log
+from runfolder import read_log
 
 FAST = ["--model", "fast", "--epochs", "1", "--progress", "off"]
 
@@ -181,12 +181,12 @@ def test_a_lock_file_planted_as_a_link_is_refused(synth_data, tmp_path):
 
 
 def test_a_log_planted_as_a_link_is_not_appended_to(tmp_path):
-    import runlog
+    import runfolder
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     os.symlink(victim, tmp_path / "log.csv")
     with pytest.raises(files.WriteError):
-        runlog.append_row(str(tmp_path), {"epoch": 1}, ["epoch"])
+        runfolder.append_row(str(tmp_path), {"epoch": 1}, ["epoch"])
     assert victim.read_text() == "precious"
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, capture, main_of
-from runlog import read_log
+from runfolder import read_log
 
 pytestmark = pytest.mark.slow   # real processes, killed and resumed
 

@@ -10,7 +10,7 @@ import loop
 import train
 from checkpoint import build_model, load_checkpoint
 from conftest import ROOT, run_script
-from runlog import read_log
+from runfolder import read_log
 
 QUICK = ["--epochs", "2", "--batch-size", "50", "--progress", "off"]
 
@@ -55,7 +55,9 @@ def test_checkpoint_describes_itself(mnist_run):
 def test_bare_state_dict_evaluates_with_model_flag(mnist_run, tmp_path, capsys):
     ckpt = torch.load(os.path.join(mnist_run[0], "last.pt"), weights_only=True)
     torch.save(ckpt["state_dict"], tmp_path / "weights.pth")   # as the notebooks saved their models
-    code, printed, err = run_script("evaluate", [str(tmp_path / "weights.pth"), "--model", "cnn"], capsys)
+    # a bare state_dict records no precision: ask for the one the run was scored in
+    code, printed, err = run_script("evaluate", [str(tmp_path / "weights.pth"), "--model", "cnn",
+                                                 "--amp", ckpt["args"]["amp"]], capsys)
     assert code == 0, err
     assert f"accuracy {ckpt['metrics']['test_acc']:.2f} %" in printed
 
@@ -133,12 +135,11 @@ def test_stop_on_validation_accuracy_and_best_checkpoint(capsys, synth, tmp_path
 
 
 def test_patience_counts_epochs_without_a_lower_validation_loss():
-    from types import SimpleNamespace
-    args = SimpleNamespace(stop_loss=None, stop_val_acc=None, patience=2, ema=0)
-    state, reasons = {}, []
+    from checkpoint import EarlyStop
+    config, early, reasons = loop.Config(epochs=6, lr=0.1, patience=2), EarlyStop(), []
     for epoch, loss in enumerate([1.0, 0.8, 0.9, 0.7, 0.75, 0.71], 1):
-        reasons.append(train.stop_reason({"epoch": epoch, "train_loss": 1, "val_loss": loss, "val_acc": 50},
-                                         args, state))
+        reasons.append(loop.stop_reason({"epoch": epoch, "train_loss": 1, "val_loss": loss, "val_acc": 50},
+                                        config, early, ema=False))
     assert reasons[:5] == [None] * 5
     assert reasons[5] == "validation loss has not improved for 2 epochs (best 0.7000 at epoch 4)"
 

@@ -1,10 +1,19 @@
-"""The run folder: args.json, log.csv (a row per epoch, written as it goes) and the epoch line."""
+"""A run's folder: its lock, args.json, log.csv (a row per epoch), steps.csv, checkpoints and TensorBoard.
+
+    out = prepare_out(args)                                   # a new folder; an old run only with --overwrite
+    folder = RunFolder(out, args, info, norm, progress, world)   # what the training loop writes through
+    folder.append_epoch(row, step); folder.save(stepper, epoch, step, partial)
+
+Rank 0 alone writes under torchrun; a write that fails there (a full disk) stops every rank at once.
+"""
 import csv
 import io
 import json
 import os
 import time
 
+import distributed
+from checkpoint import make_record, rng_state, save_checkpoint
 from cli import UserError
 from files import WriteError, remove_temporaries, write_problem, write_text_atomic
 
@@ -136,10 +145,6 @@ def start_steps(out):
     write_text_atomic(",".join(STEP_COLUMNS) + "\n", os.path.join(out, "steps.csv"))
 
 
-def append_steps(out, row):
-    append_row(out, row, STEP_COLUMNS, name="steps.csv")
-
-
 def keep_steps(source, out, last_step):
     """OUT/steps.csv as SOURCE's rows up to the global step a resumed checkpoint holds, so that it never
     shows steps that were not saved (as log.csv is rebuilt from the checkpoint). SOURCE is OUT for a
@@ -156,9 +161,56 @@ def read_log(path):
         return list(csv.DictReader(f))
 
 
-def epoch_line(row, args):
+class RunFolder:
+    """The folder as the training loop writes it. Under torchrun every rank calls the same methods at
+    the same steps; rank 0 writes, and a failed write reaches every rank (distributed.on_rank0)."""
+
+    def __init__(self, out, args, info, norm, progress, world=None, tensorboard=False):
+        self.out, self.args, self.info, self.norm, self.world = out, args, info, norm, world
+        self.progress = progress   # checkpoint.Progress: the history and early-stopping state it saves
+        self.columns = log_columns(args)
+        self.rank0 = world is None or world.rank == 0
+        self.tb = None
+        if tensorboard and self.rank0:
+            from torch.utils.tensorboard import SummaryWriter   # optional; train.py checks for it
+            self.tb = SummaryWriter(os.path.join(out, "tb"))
+
+    def _write(self, fn, *args):
+        return fn(*args) if self.world is None else distributed.on_rank0(self.world, fn, *args)
+
+    def append_epoch(self, row, step):
+        """A row of log.csv, and the epoch's figures in TensorBoard at its last global step."""
+        self._write(append_row, self.out, row, self.columns)
+        if self.tb is not None:
+            for key, value in row.items():
+                if key.endswith(("_loss", "_acc")):
+                    self.tb.add_scalar(f"epoch/{key}", value, step)
+            self.tb.flush()
+
+    def append_steps(self, row):
+        self._write(append_row, self.out, row, STEP_COLUMNS, "steps.csv")
+        if self.tb is not None:
+            for key in ("train_loss", "train_acc", "lr", "images_per_s"):
+                self.tb.add_scalar(f"step/{key}", row[key], row["step"])
+
+    def save(self, stepper, epoch, step, partial=None, name="last.pt"):
+        """The checkpoint after `epoch` epochs and `step` steps of the next one. Every rank gives its
+        random streams; rank 0 writes."""
+        rngs = distributed.gather(self.world, rng_state(stepper.device))
+        self._write(lambda: save_checkpoint(make_record(stepper, self.args, self.info, self.norm, self.progress,
+                                                        epoch, step, partial, rngs), os.path.join(self.out, name)))
+
+    def has(self, name):
+        return os.path.exists(os.path.join(self.out, name))
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def epoch_line(row, epochs):
     """One line per epoch: train, val and test loss/accuracy, lr, time and speed."""
-    parts = [f"epoch {row['epoch']:>3}/{args.epochs}"]
+    parts = [f"epoch {row['epoch']:>3}/{epochs}"]
     if "train_loss" in row:
         parts.append(f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f} %")
     else:
