@@ -1,40 +1,74 @@
-"""Draw in the browser and watch a trained model read it: one page served from this machine.
+"""Draw in the browser and watch a trained model read it: a page served from this machine.
 
     python demo.py                                   # then open http://127.0.0.1:8000/ and draw a digit
     python demo.py --ckpt weights/fashion-mnist.pt   # upload photos of clothing instead
     python demo.py --host 0.0.0.0 --port 8080        # reachable from other machines: anyone there may use it
 
-The page is self-contained (nothing is fetched from elsewhere). As you draw, it POSTs the canvas as a
-PNG to /predict, which reads it exactly as predict.py reads a file (images.py) and answers the top
-classes and the 28x28 image the model saw.
+The page is page/, its texts from GET /config; what you draw goes to POST /predict, read as predict.py
+reads a file. What clients may hold is bounded (Limits), and check_names keeps other sites out.
 """
 import base64
+import contextlib
 import errno
-import html
 import http.server
 import io
+import ipaddress
 import json
 import os
+import pathlib
+import re
 import socket
 import socketserver
 import sys
+import threading
+import time
 import urllib.parse
+from dataclasses import dataclass
 
-from checkpoint import build_model, load_checkpoint
+from checkpoint import DEFAULT_WEIGHTS, build_model, load_checkpoint
 from cli import Parser, UserError, run
-from images import classify, read_gray, to_mnist
+from images import MIME_TYPES, classify, read_gray, to_input
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CKPT = os.path.join(HERE, "weights", "mnist.pt")
 MAX_BODY = 2 * 1024 * 1024   # a drawn PNG is a few KB; the page shrinks larger photos before sending
 TOP = 5
 DATASETS = {"mnist": ("MNIST", "Draw a digit, or upload a photo of one."),          # (title, hint)
             "fashion-mnist": ("Fashion-MNIST", "Upload a photo of a piece of clothing, or draw one."),
             "kmnist": ("KMNIST", "Draw a hiragana character, or upload a photo of one.")}
+# All that GET serves from page/, read once at start: no request can name a file.
+PAGE_FILES = {"/": ("index.html", "text/html"), "/demo.js": ("demo.js", "text/javascript"),
+              "/demo.css": ("demo.css", "text/css")}
+ROUTES = {**{path: ("GET", "HEAD") for path in (*PAGE_FILES, "/config")}, "/predict": ("POST",)}
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+SAFETY_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store",
+                  "Referrer-Policy": "no-referrer"}
+LOOPBACK_HOST = re.compile(r"(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d{1,5})?", re.ASCII | re.IGNORECASE)
+
+
+@dataclass
+class Limits:
+    """What the clients of one server may hold at once; tests shorten the deadlines."""
+    connections: int = 256          # beyond this, the oldest still waiting for its request is closed
+    header_seconds: float = 10      # for a request line and headers, as a whole, not per packet
+    body_seconds: float = 10        # for a body, as a whole: 2 MB at 200 KB/s
+    drain_bytes: int = 16 << 20     # of a refused body read and dropped, so that the client reads the refusal
+    drain_seconds: float = 5
+    inferences: int = os.cpu_count() or 1   # more at once only share the same cores, each slower
+
+
+@dataclass
+class Connection:
+    """One open connection as the cap and the reaper see it."""
+    sock: socket.socket
+    phase: str                 # "headers" or "body" while the client owes bytes, "busy" while the server does
+    since: float               # when it opened: at the cap, the oldest waiting is closed first
+    deadline: float | None     # time.monotonic() past which the reaper cuts it; None while busy
+    cut: str = ""              # why it was shut down, once it is
 
 
 class Refused(Exception):
-    """A request answered with a 4xx status and {"error": message, **extra}."""
+    """A request answered with a 4xx or 5xx status and {"error": message, **extra}."""
 
     def __init__(self, status, message, headers=None, **extra):
         super().__init__(message)
@@ -42,12 +76,11 @@ class Refused(Exception):
 
 
 class Classifier:
-    """A checkpoint's model and class names; predict(body) is all of POST /predict."""
+    """A checkpoint's model and class names; predict(body) is the whole of reading an upload."""
 
     def __init__(self, path):
         self.path, self.ckpt = path, load_checkpoint(path)
-        self.model, _ = build_model(self.ckpt, path=path)
-        self.model.eval()
+        self.model = build_model(self.ckpt, path=path)[0].eval()
         self.classes = self.ckpt["data"]["classes"]
 
     def predict(self, body):
@@ -55,8 +88,8 @@ class Classifier:
             gray = read_gray(body, "the upload")
         except UserError as e:
             raise Refused(400, str(e)) from None
-        try:
-            x = to_mnist(gray, "the upload")
+        try:   # by the rule the model was trained with: as MNIST's digits, or (own class folders) fitted
+            x = to_input(gray, self.ckpt["data"].get("rule", "mnist"), "the upload")
         except UserError as e:   # the only complaint to_mnist has: nothing stands out from the paper
             raise Refused(422, str(e), blank=True) from None
         probs = classify(self.model, self.ckpt, x[None])[0]
@@ -73,14 +106,35 @@ def png_data_url(x):
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def page_config(classifier):
+    """GET /config: what the page says and how it sends, for this checkpoint."""
+    dataset = classifier.ckpt["data"].get("dataset", "")
+    accuracy = classifier.ckpt.get("metrics", {}).get("test_acc")
+    about = f"{classifier.ckpt['model']['name']} from {os.path.basename(classifier.path)}"
+    title, hint = DATASETS.get(dataset, (os.path.basename(dataset.rstrip("/")) or dataset,
+                                         "Draw one of the classes below, or upload a photo of one."))
+    if isinstance(accuracy, (int, float)):
+        about += f", {accuracy:.2f} % on the {title} test set"
+    return {"about": about, "hint": hint, "classes": list(classifier.classes), "max_body": MAX_BODY, "top": TOP}
+
+
+def json_bytes(value):
+    return json.dumps(value).encode()
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """Routes every method through respond, which answers every request, whatever goes wrong."""
 
     server_version = "mnist-demo"
-    timeout = 30   # a client that stops sending mid-request must not hold a thread forever
-    ROUTES = {"/": ("GET", "HEAD"), "/predict": ("POST",)}
+    timeout = 30   # per send: the reaper's deadlines bound the receiving, this a client that stops reading
+
+    def handle_one_request(self):
+        self.conn, self.body_read = self.server.connections[self.request], False
+        self.server.expect(self.conn, "headers", self.server.limits.header_seconds)
+        super().handle_one_request()
 
     def respond(self):
+        self.server.expect(self.conn, "busy", None)
         try:
             status, body, content_type, headers = 200, *self.route()
         except Refused as e:
@@ -88,28 +142,56 @@ class Handler(http.server.BaseHTTPRequestHandler):
             body, content_type = json_bytes({"error": str(e), **e.extra}), "application/json"
         except Exception as e:   # a bug must cost one request, not the server
             self.server.note(f"{self.command} {self.short_path()}: unexpected {type(e).__name__}: {e}")
-            status, headers = 500, {}
+            status, headers, content_type = 500, {}, "application/json"
             body = json_bytes({"error": f"unexpected {type(e).__name__} in the server; see its console"})
-            content_type = "application/json"
         self.answer(status, body, content_type, headers)
+        if not self.body_read and ("Content-Length" in self.headers or "Transfer-Encoding" in self.headers):
+            self.close_connection = True   # what is left of the body would be read as the next request
+            self.drain()
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = respond
 
     def route(self):
         """(body, content type, extra headers) of a good request; Refused otherwise."""
-        raw = urllib.parse.urlsplit(self.path).path
-        path = urllib.parse.unquote(raw)
+        self.check_names()
+        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
         if ".." in path:
             raise Refused(400, "a path may not contain '..'; this server has the page at / and POST /predict only")
-        if path not in self.ROUTES:
+        if path not in ROUTES:
             raise Refused(404, f"nothing at {self.short_path()}; the page is at / and predictions at POST /predict")
-        allowed = self.ROUTES[path]
+        allowed = ROUTES[path]
         if self.command not in allowed:
             raise Refused(405, f"{path} takes {' or '.join(allowed)}, not {self.command}",
                           headers={"Allow": ", ".join(allowed)})
-        if path == "/":
-            return self.server.page, "text/html; charset=utf-8", {"Content-Security-Policy": CSP}
-        return json_bytes(self.server.classifier.predict(self.read_body())), "application/json", {}
+        if path in PAGE_FILES:
+            return self.server.files[path], PAGE_FILES[path][1] + "; charset=utf-8", {}
+        if path == "/config":
+            return json_bytes(self.server.config), "application/json", {}
+        return json_bytes(self.predict()), "application/json", {}
+
+    def check_names(self):
+        """421 for a Host naming another machine while listening on loopback, so that a site whose name is
+        re-pointed at 127.0.0.1 (DNS rebinding) cannot use the demo; 403 for a request from another site."""
+        host, origin, url = self.headers.get("Host"), self.headers.get("Origin"), self.server.url()
+        if self.server.loopback and host is not None and not LOOPBACK_HOST.fullmatch(host.strip()):
+            raise Refused(421, f"this server answers to 127.0.0.1 or localhost only, not {host!r}; open {url}")
+        # A browser sends the Host it was given, and leaves port 80 out of the Origin.
+        own = "http://" + (host or "").strip().lower().removesuffix(":80")
+        if origin is not None and (host is None or origin.strip().lower() != own):
+            raise Refused(403, f"this server answers its own page, not one from {origin!r}; open {url}")
+
+    def predict(self):
+        kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if kind not in MIME_TYPES:
+            raise Refused(415, f"POST /predict takes an image ({', '.join(MIME_TYPES)}), not "
+                               f"{kind or 'a body without a Content-Type'}", accepted=list(MIME_TYPES))
+        body = self.read_body()
+        if not self.server.inferences.acquire(blocking=False):
+            raise Refused(503, "busy reading other images; try again in a second", headers={"Retry-After": "1"})
+        try:
+            return self.server.classifier.predict(body)
+        finally:
+            self.server.inferences.release()
 
     def read_body(self):
         """The request body, refused before a byte of it is read when its declared length is wrong."""
@@ -123,35 +205,45 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise Refused(400, f"Content-Length must be one whole number of bytes, got {', '.join(lengths)!r}")
         size = int(length)
         if size > MAX_BODY:
-            raise Refused(413, f"the upload is {size:,} bytes, more than the {MAX_BODY:,} this takes; "
-                               f"send a smaller image")
+            raise Refused(413, f"the upload is {size:,} bytes, over the {MAX_BODY:,} this takes; send a smaller image")
         if size == 0:
             raise Refused(400, "the request has no body; send the image's PNG or JPEG bytes")
-        try:
-            body = self.rfile.read(size)
-        except TimeoutError:
-            raise Refused(408, f"the upload stopped arriving for {self.timeout} s; send it again") from None
+        self.server.expect(self.conn, "body", self.server.limits.body_seconds)
+        body, self.body_read = self.rfile.read(size), True
+        self.server.expect(self.conn, "busy", None)
         if len(body) < size:
             raise Refused(400, f"the upload ended after {len(body):,} of the {size:,} bytes it declared")
         return body
 
+    def drain(self):
+        """Read and drop a refused body, within limits: closing a socket with unread bytes sends a reset,
+        and a reset makes the client drop the answer it has not read yet."""
+        length = self.headers.get("Content-Length", "").strip()
+        left = min(int(length), self.server.limits.drain_bytes) if length.isascii() and length.isdigit() else 0
+        self.server.expect(self.conn, "body", self.server.limits.drain_seconds)
+        with contextlib.suppress(OSError):   # the client gone, or the reaper's cut at the drain's deadline
+            while left > 0 and (chunk := self.rfile.read1(min(left, 1 << 16))):
+                left -= len(chunk)
+
     def answer(self, status, body, content_type, headers):
+        if self.conn.cut:   # shut down under this request: nobody is left to read an answer
+            self.close_connection = True
+            return self.server.note(f"{self.command or '-'} {self.short_path()} cut off: {self.conn.cut}")
+        headers = {"Content-Type": content_type, "Content-Length": str(len(body)), **SAFETY_HEADERS, **headers}
         try:
             self.send_response(status)
-            for key, value in {"Content-Type": content_type, "Content-Length": str(len(body)),
-                               "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", **headers}.items():
+            for key, value in headers.items():
                 self.send_header(key, value)
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):   # the page moved on, e.g. a newer stroke's request
+        except OSError:   # the page moved on (a newer stroke's request), or the client stopped reading
             self.close_connection = True
 
     def send_error(self, code, message=None, explain=None):
         # http.server's own refusals (a garbled request line, an unknown method) answer JSON like ours.
         self.close_connection = True
-        text = message or http.HTTPStatus(code).phrase
-        self.answer(code, json_bytes({"error": text}), "application/json", {})
+        self.answer(code, json_bytes({"error": message or http.HTTPStatus(code).phrase}), "application/json", {})
 
     def version_string(self):
         return self.server_version
@@ -167,284 +259,98 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def json_bytes(value):
-    return json.dumps(value).encode()
-
-
 class DemoServer(http.server.ThreadingHTTPServer):
-    """The demo on (host, port); port 0 picks a free one, which server_address then holds."""
+    """The demo on (host, port); port 0 picks a free one, which server_address then holds. A thread a
+    connection, at most limits.connections of them, and a reaper thread while the socket is open."""
 
     daemon_threads = True
+    request_queue_size = 1024   # a burst of connections waits in the kernel's queue, not a second's SYN retry
 
-    def __init__(self, address, classifier, quiet=False):
-        self.classifier, self.quiet = classifier, quiet
-        self.page = render_page(classifier).encode()
+    def __init__(self, address, classifier, quiet=False, limits=None):
+        self.classifier, self.quiet, self.limits = classifier, quiet, limits or Limits()
+        self.config = page_config(classifier)
+        self.files = {route: pathlib.Path(HERE, "page", name).read_bytes() for route, (name, _) in PAGE_FILES.items()}
+        self.inferences = threading.BoundedSemaphore(self.limits.inferences)
+        self.connections, self.lock = {}, threading.RLock()   # socket -> Connection, guarded by lock
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, Handler)
+        threading.Thread(target=self.reap, daemon=True).start()
+        self.loopback = ipaddress.ip_address(self.server_address[0]).is_loopback
+        if not self.loopback:
+            self.note(f"warning: listening on {address[0]}, not on this machine alone: anyone who can reach "
+                      f"port {self.server_port} can use this demo (--host 127.0.0.1 keeps it here)")
 
     def server_bind(self):
         # HTTPServer.server_bind looks the host up in DNS (getfqdn), which stalls on a machine offline.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
+    def process_request(self, request, client_address):
+        """At the cap, close the oldest connection still waiting for a whole request first, so that idle
+        clients cannot keep out one with a real request; 503 when every one is busy with a real one."""
+        now = time.monotonic()
+        with self.lock:
+            live = [c for c in self.connections.values() if not c.cut]
+            if len(live) >= self.limits.connections:
+                waiting = [c for c in live if c.phase != "busy"]
+                if not waiting:
+                    return self.refuse(request)
+                self.cut(min(waiting, key=lambda c: c.since), f"closed for a newer one at {len(live)} open")
+            self.connections[request] = Connection(request, "headers", now, now + self.limits.header_seconds)
+        super().process_request(request, client_address)
+
+    def refuse(self, sock):
+        """503, sent without blocking: the accepting thread must never wait on a client."""
+        body = json_bytes({"error": "every connection of the server is busy; try again in a second"})
+        head = {"Content-Type": "application/json", "Content-Length": len(body), **SAFETY_HEADERS, "Retry-After": "1"}
+        with contextlib.suppress(OSError):
+            sock.setblocking(False)
+            sock.send("\r\n".join(["HTTP/1.0 503 Service Unavailable", *(f"{k}: {v}" for k, v in head.items()),
+                                   "", ""]).encode() + body)
+        self.shutdown_request(sock)
+
+    def shutdown_request(self, request):
+        with self.lock:
+            self.connections.pop(request, None)
+        super().shutdown_request(request)
+
+    def expect(self, conn, phase, seconds):
+        with self.lock:
+            conn.phase, conn.deadline = phase, None if seconds is None else time.monotonic() + seconds
+
+    def cut(self, conn, why):
+        """Shut a connection down, under self.lock. Shut down, not closed: its thread owns the descriptor,
+        and closing it under that thread could hand the number to a new connection mid-read."""
+        conn.cut, conn.deadline = why, None
+        with contextlib.suppress(OSError):   # the client has gone already
+            conn.sock.shutdown(socket.SHUT_RDWR)
+
+    def reap(self):
+        """Cut the connections past their deadline: one for the whole request's headers, one for the
+        whole body, which a client sending a byte at a time cannot stretch as it can a socket timeout."""
+        while self.socket.fileno() >= 0:   # until server_close closes the listening socket
+            time.sleep(0.1)   # how far past its deadline a connection may live
+            now = time.monotonic()
+            with self.lock:
+                for conn in self.connections.values():
+                    if not conn.cut and conn.deadline is not None and conn.deadline < now:
+                        self.cut(conn, f"past the deadline for its {conn.phase}")
+
     def note(self, line):
+        # Control characters and non-ASCII escaped: a request's path must not drive the terminal.
         if not self.quiet:
-            print(line, file=sys.stderr, flush=True)
+            print("".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode() for c in line),
+                  file=sys.stderr, flush=True)
 
     def url(self):
         host, port = self.server_address[:2]
         return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
 
-def render_page(classifier):
-    data = classifier.ckpt["data"]
-    dataset = data.get("dataset", "")
-    accuracy = classifier.ckpt.get("metrics", {}).get("test_acc")
-    about = f"{classifier.ckpt['model']['name']} from {os.path.basename(classifier.path)}"
-    title, hint = DATASETS.get(dataset, (dataset, "Draw one of the classes below, or upload a photo of one."))
-    if isinstance(accuracy, (int, float)):
-        about += f", {accuracy:.2f} % on the {title} test set"
-    text = {"about": about, "hint": hint, "classes": " · ".join(classifier.classes)}
-    # Into the script as JSON, with "<" escaped so that no value can close the <script> element.
-    script = {"hint_js": hint, "max_body": MAX_BODY}
-    return PAGE.format(**{k: html.escape(v) for k, v in text.items()},
-                       **{k: json.dumps(v).replace("<", "\\u003c") for k, v in script.items()})
-
-
-CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
-       "connect-src 'self'; base-uri 'none'; form-action 'none'")
-
-# Braces of CSS and JS are doubled ({{ ... }}); single ones are filled in by render_page.
-PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<title>MNIST demo</title>
-<style>
-  :root {{ --ink: #1f2430; --muted: #667085; --line: #d0d5dd; --accent: #3565d8; --soft: #e6ebf5; }}
-  * {{ box-sizing: border-box; }}
-  [hidden] {{ display: none !important; }}
-  body {{ margin: 0; background: #f3f4f7; color: var(--ink);
-         font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }}
-  main {{ max-width: 720px; margin: 0 auto; padding: 22px 16px; }}
-  h1 {{ font-size: 20px; margin: 0; }}
-  .about {{ color: var(--muted); margin: 2px 0 18px; font-size: 13px; }}
-  .panes {{ display: flex; flex-wrap: wrap; gap: 18px; }}
-  .card {{ background: #fff; border-radius: 12px; padding: 16px; box-shadow: 0 1px 3px rgba(16, 24, 40, .1); }}
-  #pad {{ display: block; width: 280px; height: 280px; border: 1px solid var(--line); border-radius: 8px;
-         touch-action: none; cursor: crosshair; background: #fff; }}
-  .tools {{ display: flex; gap: 8px; margin-top: 12px; }}
-  button, label.upload {{ font: inherit; font-size: 14px; padding: 6px 14px; border-radius: 8px; cursor: pointer;
-                         border: 1px solid var(--line); background: #fff; color: var(--ink); }}
-  button:hover, label.upload:hover {{ background: #f6f7f9; }}
-  label.upload input {{ display: none; }}
-  .result {{ flex: 1; min-width: 260px; }}
-  .seen {{ display: flex; align-items: center; gap: 12px; margin-bottom: 12px; color: var(--muted); font-size: 13px; }}
-  #seen {{ width: 84px; height: 84px; image-rendering: pixelated; background: #000; border-radius: 4px; }}
-  #status {{ color: var(--muted); margin: 0 0 12px; }}
-  #status:empty {{ display: none; }}
-  #status.error {{ color: #b42318; }}
-  /* One grid for all rows, so that the bars line up after the longest class name. */
-  #bars {{ display: grid; grid-template-columns: max-content 1fr 3.6em; align-items: center; gap: 10px 12px; }}
-  .row {{ display: contents; }}
-  .row .label {{ max-width: 9em; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }}
-  .row:first-child .label {{ font-weight: 650; }}
-  .bar {{ height: 12px; background: var(--soft); border-radius: 6px; overflow: hidden; }}
-  .bar div {{ height: 100%; background: var(--accent); border-radius: 6px; }}
-  .pct {{ text-align: right; font-variant-numeric: tabular-nums; color: var(--muted); font-size: 13px; }}
-  .classes {{ color: var(--muted); font-size: 12px; margin-top: 14px; }}
-</style>
-</head>
-<body>
-<main>
-  <h1>What does the model see?</h1>
-  <p class="about">{about}</p>
-  <div class="panes">
-    <div class="card">
-      <canvas id="pad" width="280" height="280" aria-label="drawing pad"></canvas>
-      <div class="tools">
-        <button id="clear" type="button">Clear</button>
-        <label class="upload">Upload a photo…<input id="file" type="file" accept="image/png,image/jpeg"></label>
-      </div>
-    </div>
-    <div class="card result">
-      <p id="status">{hint}</p>
-      <div class="seen" id="seen-box" hidden><img id="seen" alt="the 28x28 image the model saw">
-        <span>The 28&times;28 image<br>the model saw</span></div>
-      <div id="bars"></div>
-      <div class="classes">Classes: {classes}</div>
-    </div>
-  </div>
-</main>
-<script>
-"use strict";
-const HINT = {hint_js}, MAX_BODY = {max_body}, GAP_MS = 150;
-const pad = document.getElementById("pad"), ctx = pad.getContext("2d");
-const statusLine = document.getElementById("status"), bars = document.getElementById("bars");
-const seen = document.getElementById("seen"), seenBox = document.getElementById("seen-box");
-let drawing = false, last = null, busy = false, again = false, timer = null, lastSent = 0;
-let generation = 0;   // bumped by Clear and uploads, so that an older answer arriving late is dropped
-
-function say(text, isError) {{
-  statusLine.textContent = text;
-  statusLine.className = isError ? "error" : "";
-}}
-
-function clearPad() {{
-  generation++;
-  ctx.fillStyle = "#fff";
-  ctx.fillRect(0, 0, pad.width, pad.height);
-  bars.replaceChildren();
-  seenBox.hidden = true;
-  say(HINT);
-}}
-
-function point(e) {{
-  const r = pad.getBoundingClientRect();
-  return [(e.clientX - r.left) * pad.width / r.width, (e.clientY - r.top) * pad.height / r.height];
-}}
-
-function stroke(from, to) {{
-  ctx.strokeStyle = "#000";
-  ctx.lineWidth = 18;
-  ctx.lineCap = ctx.lineJoin = "round";
-  ctx.beginPath();
-  ctx.moveTo(from[0], from[1]);
-  ctx.lineTo(to[0], to[1]);
-  ctx.stroke();
-}}
-
-pad.addEventListener("pointerdown", e => {{
-  if (e.pointerType === "mouse" && e.button !== 0) return;
-  pad.setPointerCapture(e.pointerId);
-  drawing = true;
-  last = point(e);
-  stroke(last, last);
-  schedule();
-}});
-pad.addEventListener("pointermove", e => {{
-  if (!drawing) return;
-  const events = e.getCoalescedEvents && e.getCoalescedEvents().length ? e.getCoalescedEvents() : [e];
-  for (const ev of events) {{
-    const p = point(ev);
-    stroke(last, p);
-    last = p;
-  }}
-  schedule();
-}});
-for (const type of ["pointerup", "pointercancel"]) {{
-  pad.addEventListener(type, () => {{
-    if (!drawing) return;
-    drawing = false;
-    schedule();
-  }});
-}}
-
-// At most one request in flight and one every GAP_MS; the last stroke is always sent.
-function schedule() {{
-  if (busy) {{ again = true; return; }}
-  const wait = lastSent + GAP_MS - performance.now();
-  if (wait > 0) {{
-    if (!timer) timer = setTimeout(() => {{ timer = null; schedule(); }}, wait);
-    return;
-  }}
-  busy = true;
-  lastSent = performance.now();
-  const asked = generation;
-  pad.toBlob(blob => send(blob, asked), "image/png");
-}}
-
-async function send(blob, asked) {{
-  busy = true;
-  try {{
-    const response = await fetch("/predict", {{method: "POST", body: blob,
-                                               headers: {{"Content-Type": blob.type || "image/png"}}}});
-    const data = await response.json().catch(() => ({{error: "the server answered " + response.status}}));
-    if (asked !== generation) return;
-    if (response.ok) show(data);
-    else if (data.blank) {{ bars.replaceChildren(); seenBox.hidden = true; say(HINT); }}
-    else say(data.error || "the server answered " + response.status, true);
-  }} catch (err) {{
-    if (asked === generation) say("cannot reach the demo server (" + err.message + "); is it still running?", true);
-  }} finally {{
-    busy = false;
-    if (again) {{ again = false; schedule(); }}
-  }}
-}}
-
-function show(data) {{
-  say("");
-  seen.src = data.input;
-  seenBox.hidden = false;
-  bars.replaceChildren(...data.top.map(item => {{
-    const row = document.createElement("div"), label = document.createElement("span");
-    const bar = document.createElement("div"), fill = document.createElement("div");
-    const pct = document.createElement("span");
-    row.className = "row";
-    label.className = "label";
-    label.textContent = label.title = item.label;
-    bar.className = "bar";
-    fill.style.width = (100 * item.prob).toFixed(1) + "%";
-    bar.append(fill);
-    pct.className = "pct";
-    pct.textContent = (100 * item.prob).toFixed(1) + " %";
-    row.append(label, bar, pct);
-    return row;
-  }}));
-}}
-
-// A photo is sent as its own bytes, read as predict.py reads a file; one over the server's limit is
-// redrawn at most 1024 px wide or high first.
-async function upload(file) {{
-  clearPad();
-  const asked = generation;
-  let image;
-  try {{
-    image = await createImageBitmap(file);
-  }} catch (err) {{
-    say(file.name + " is not an image this page can read; choose a PNG or JPEG file", true);
-    return;
-  }}
-  const fit = Math.min(pad.width / image.width, pad.height / image.height);
-  const w = image.width * fit, h = image.height * fit;
-  ctx.drawImage(image, (pad.width - w) / 2, (pad.height - h) / 2, w, h);
-  let body = file;
-  if (file.size > MAX_BODY) {{
-    const shrink = Math.min(1, 1024 / Math.max(image.width, image.height));
-    const small = document.createElement("canvas");
-    small.width = Math.round(image.width * shrink);
-    small.height = Math.round(image.height * shrink);
-    small.getContext("2d").drawImage(image, 0, 0, small.width, small.height);
-    body = await new Promise(done => small.toBlob(done, "image/jpeg", 0.9));
-  }}
-  say("reading " + file.name + "…");
-  busy = true;
-  send(body, asked);
-}}
-
-document.getElementById("clear").addEventListener("click", clearPad);
-document.getElementById("file").addEventListener("change", e => {{
-  const file = e.target.files[0];
-  e.target.value = "";
-  if (file) upload(file);
-}});
-clearPad();
-</script>
-</body>
-</html>
-"""
-
-
 def port_number(text):
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
+    if not (text.isascii() and text.isdigit() and int(text) <= 65535):
         raise ValueError(text)
-    return port
+    return int(text)
 
 
 port_number.__name__ = "port number (0-65535)"
@@ -457,7 +363,7 @@ def build_parser():
                    "a free one)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
                    "only; 0.0.0.0 lets anyone who can reach it in)")
-    p.add_argument("--ckpt", default=DEFAULT_CKPT, help="checkpoint or run folder (default: weights/mnist.pt, "
+    p.add_argument("--ckpt", default=DEFAULT_WEIGHTS, help="checkpoint or run folder (default: weights/mnist.pt, "
                    "shipped with the toolkit)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -465,13 +371,12 @@ def build_parser():
 
 def main(argv):
     args = build_parser().parse_args(argv)
-    if args.ckpt == DEFAULT_CKPT and not os.path.exists(DEFAULT_CKPT):
-        raise UserError(f"the shipped weights {DEFAULT_CKPT} are missing; pass --ckpt with a checkpoint "
-                        f"from train.py", 2)
     classifier = Classifier(args.ckpt)
     try:
         server = DemoServer((args.host, args.port), classifier)
     except OSError as e:
+        if e.filename:   # the page's files, not the address
+            raise UserError(f"cannot read {e.filename} ({e.strerror}); the demo needs its page/ folder whole") from None
         if e.errno == errno.EADDRINUSE:
             raise UserError(f"port {args.port} on {args.host} is already in use; stop what holds it or pick "
                             f"another with --port") from None

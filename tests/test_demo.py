@@ -1,14 +1,18 @@
 """demo.py: its endpoints against a server in this process (port 0), every bad request answered in
-JSON with the server still serving afterwards, its command line, and a real drawing in headless
-Chromium (slow; skipped without selenium, chromium and chromedriver).
+JSON with the server still serving afterwards, what it guards against (foreign Host and Origin, idle
+and slow clients, oversize bodies, too many inferences), its command line, and a real drawing in
+headless Chromium (slow; skipped without selenium, chromium and chromedriver).
 
 MNIST_DEMO_SCREENSHOT=docs/demo.png python -m pytest -q tests/test_demo.py -k browser
 redraws the screenshot of the README."""
 import base64
+import contextlib
 import http.client
 import io
 import json
 import os
+import re
+import select
 import shutil
 import signal
 import socket
@@ -36,15 +40,25 @@ def classifier():
     return demo.Classifier(os.path.join(ROOT, "weights", "mnist.pt"))
 
 
+@contextlib.contextmanager
+def serving(classifier, host="127.0.0.1", quiet=True, **limits):
+    """A DemoServer on a free port, serving in a thread: (server, base URL)."""
+    srv = demo.DemoServer((host, 0), classifier, quiet=quiet, limits=demo.Limits(**limits))
+    # A short poll, so that shutdown() returns at once rather than within the default half-second.
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield srv, f"http://127.0.0.1:{srv.server_port}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
 @pytest.fixture(scope="module")
 def server(classifier):
-    srv = demo.DemoServer(("127.0.0.1", 0), classifier, quiet=True)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv.url().rstrip("/")
-    srv.shutdown()
-    srv.server_close()
-    thread.join(5)
+    with serving(classifier) as (_, base):
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -82,26 +96,47 @@ def call(base, path, method="GET", body=None, headers=None):
             return e.code, e.headers, e.read()
 
 
-def predict(base, body, **headers):
-    status, headers, data = call(base, "/predict", "POST", body, headers)
+def predict(base, body, content_type="image/png", **headers):
+    status, headers, data = call(base, "/predict", "POST", body, {"Content-Type": content_type, **headers})
     assert headers["Content-Type"] == "application/json"
     return status, json.loads(data)
 
 
-def test_the_page_is_one_self_contained_document(server):
-    status, headers, body = call(server, "/")
-    page = body.decode()
-    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
-    assert "default-src 'none'" in headers["Content-Security-Policy"]
-    assert "<canvas" in page and "pointerdown" in page and 'type="file"' in page
-    assert "://" not in page and "@import" not in page and " src=" not in page.replace(' src="data:', "")
-    assert "Draw a digit" in page and "cnn from mnist.pt, 99.47 % on the MNIST test set" in page
+PAGE = {"/": ("index.html", "text/html; charset=utf-8"), "/demo.js": ("demo.js", "text/javascript; charset=utf-8"),
+        "/demo.css": ("demo.css", "text/css; charset=utf-8")}
+
+
+def test_the_page_is_its_files_and_fetches_nothing_from_elsewhere(server):
+    texts = {}
+    for path, (name, kind) in PAGE.items():
+        status, headers, body = call(server, path)
+        with open(os.path.join(ROOT, "page", name), "rb") as f:
+            assert status == 200 and headers["Content-Type"] == kind and body == f.read()
+        texts[name] = body.decode()
+        assert "://" not in texts[name] and "@import" not in texts[name]
+    html = texts["index.html"]
+    # Nothing inline, which a CSP without 'unsafe-inline' would block: no <style>, no script body,
+    # no style="" and no onclick="" attributes.
+    assert "<style" not in html and not re.search(r"\s(style|on[a-z]+)\s*=", html, re.IGNORECASE)
+    assert re.findall(r"<script[^>]*>", html) == ['<script src="/demo.js">'] and "</script>" in html
+    assert re.findall(r'(?:src|href)="([^"]*)"', html) == ["data:,", "/demo.css", "/demo.js"]
+    for id_ in ("pad", "clear", "file", "status", "seen-box", "seen", "bars", "about", "classes"):
+        assert f'id="{id_}"' in html
+    assert "pointerdown" in texts["demo.js"] and 'fetch("/config")' in texts["demo.js"]
+
+
+def test_the_config_gives_the_page_its_settings(server):
+    status, headers, body = call(server, "/config")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert json.loads(body) == {"about": "cnn from mnist.pt, 99.47 % on the MNIST test set",
+                                "hint": "Draw a digit, or upload a photo of one.",
+                                "classes": [str(i) for i in range(10)], "max_body": 2 * 1024 * 1024, "top": 5}
 
 
 def test_real_mnist_digits_are_read(server, digits):
     from PIL import Image
     for body, label in digits:
-        status, answer = predict(server, body, **{"Content-Type": "image/png"})
+        status, answer = predict(server, body)
         assert status == 200, answer
         assert answer["top"][0]["label"] == label
         probs = [row["prob"] for row in answer["top"]]
@@ -115,7 +150,7 @@ def test_a_photo_of_dark_ink_on_paper_is_read(server, digits):
     """A JPEG of a digit, four times MNIST's size, dark on light: what a phone or a scanner gives."""
     from PIL import Image, ImageOps
     image = ImageOps.invert(Image.open(io.BytesIO(digits[0][0]))).resize((112, 112), Image.BICUBIC)
-    status, answer = predict(server, png(np.asarray(image), "JPEG"))
+    status, answer = predict(server, png(np.asarray(image), "JPEG"), "image/jpeg")
     assert status == 200 and answer["top"][0]["label"] == digits[0][1]
 
 
@@ -125,6 +160,8 @@ def test_a_blank_canvas_gets_a_hint(server):
 
 
 def refused(base, path, method, body, headers, status, words):
+    if method == "POST":   # an image's type, so that each case meets the check it is about
+        headers = {"Content-Type": "image/png", **headers}
     started = time.perf_counter()
     got, answer_headers, data = call(base, path, method, body, headers)
     elapsed = time.perf_counter() - started
@@ -135,13 +172,16 @@ def refused(base, path, method, body, headers, status, words):
 
 
 BAD = {
-    "not an image": ("/predict", "POST", b"hello, this is text", {}, 400, "not an image this can read"),
+    "not an image": ("/predict", "POST", b"hello, this is text", {}, 400, "not an image this"),
     "over 2 MB": ("/predict", "POST", b"x" * 16, {"Content-Length": str(3 * 1024 * 1024)}, 413, "3,145,728 bytes"),
     "bad length": ("/predict", "POST", b"x" * 16, {"Content-Length": "16 bytes"}, 400, "one whole number"),
     "empty": ("/predict", "POST", b"", {}, 400, "no body"),
     "bomb": ("/predict", "POST", png_declaring(20000, 20000), {}, 400, "pixels"),
     "cut short": ("/predict", "POST", png_declaring(64, 64)[:60], {}, 400, "the upload"),
     "unknown path": ("/weights/mnist.pt", "GET", None, {}, 404, "nothing at /weights/mnist.pt"),
+    "a page file by its name": ("/index.html", "GET", None, {}, 404, "nothing at"),
+    "the page folder": ("/page/demo.js", "GET", None, {}, 404, "nothing at"),
+    "this script": ("/demo.py", "GET", None, {}, 404, "nothing at"),
     "unknown path, POST": ("/predict/", "POST", b"x", {}, 404, "nothing at"),
     "dot dot": ("/../demo.py", "GET", None, {}, 400, "'..'"),
     "dot dot, encoded": ("/%2e%2e/%2E%2E/etc/passwd", "GET", None, {}, 400, "'..'"),
@@ -167,9 +207,10 @@ def test_a_body_without_a_length_gets_411(server, digits):
     chunked body announced in the headers (the server answers before any chunk arrives, so the test
     sends none: sending them raced with the server closing the connection)."""
     host, port = server.rsplit("/", 1)[1].split(":")
-    for send in (lambda c: (c.putrequest("POST", "/predict"), c.endheaders()),
-                 lambda c: (c.putrequest("POST", "/predict"), c.putheader("Transfer-Encoding", "chunked"),
-                            c.endheaders())):
+    for send in (lambda c: (c.putrequest("POST", "/predict"), c.putheader("Content-Type", "image/png"),
+                            c.endheaders()),
+                 lambda c: (c.putrequest("POST", "/predict"), c.putheader("Content-Type", "image/png"),
+                            c.putheader("Transfer-Encoding", "chunked"), c.endheaders())):
         connection = http.client.HTTPConnection(host, int(port), timeout=10)
         try:
             send(connection)
@@ -195,10 +236,10 @@ def test_head_of_the_page_sends_headers_only(server):
     assert status == 200 and body == b"" and int(headers["Content-Length"]) > 1000
 
 
-def test_the_page_names_the_checkpoints_classes(tmp_path):
+def test_the_page_names_the_checkpoints_classes():
     """Fashion-MNIST weights: the page lists clothes and asks for a photo."""
-    page = demo.render_page(demo.Classifier(os.path.join(ROOT, "weights", "fashion-mnist.pt")))
-    assert "Ankle boot" in page and "Upload a photo of a piece of clothing" in page
+    config = demo.page_config(demo.Classifier(os.path.join(ROOT, "weights", "fashion-mnist.pt")))
+    assert "Ankle boot" in config["classes"] and "Upload a photo of a piece of clothing" in config["hint"]
 
 
 def test_a_port_in_use_is_one_line(capsys):
@@ -236,6 +277,186 @@ def test_the_command_prints_its_address_serves_and_stops_on_ctrl_c():
 
 
 # ---------------------------------------------------------------------------------------------
+# What the server guards against, over real sockets
+# ---------------------------------------------------------------------------------------------
+
+def raw_request(port, data, timeout=5, send_buffer=None):
+    """Send data over a fresh connection and read until the server closes it: (status, headers, body)."""
+    with socket.socket() as s:
+        if send_buffer:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        s.settimeout(timeout)
+        s.connect(("127.0.0.1", port))
+        s.sendall(data)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return parse_answer(answer)
+
+
+def parse_answer(answer):
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v for k, _, v in (line.partition(": ") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_predict_takes_images_only(server, digits):
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "image/svg+xml", ""):
+        status, _, data = call(server, "/predict", "POST", digits[0][0], {"Content-Type": kind})
+        answer = json.loads(data)
+        assert status == 415 and "image/png, image/jpeg" in answer["error"], answer
+        assert answer["accepted"] == list(demo.MIME_TYPES)
+    status, answer = predict(server, digits[0][0], "IMAGE/PNG; charset=binary")   # parameters and case aside
+    assert status == 200 and answer["top"][0]["label"] == digits[0][1]
+
+
+def test_a_request_from_another_sites_page_gets_403(server, digits):
+    port = server.rsplit(":", 1)[1]
+    for origin in ("http://evil.example", f"http://127.0.0.1:{port}.evil.example", "null", f"https://127.0.0.1:{port}"):
+        for path, method, body in (("/predict", "POST", digits[0][0]), ("/", "GET", None), ("/config", "GET", None)):
+            status, _, data = call(server, path, method, body, {"Content-Type": "image/png", "Origin": origin})
+            assert status == 403 and "not one from" in json.loads(data)["error"], (origin, path)
+    status, answer = predict(server, digits[0][0], Origin=f"http://127.0.0.1:{port}")   # its own page
+    assert status == 200 and answer["top"][0]["label"] == digits[0][1]
+
+
+def test_a_foreign_host_gets_421_from_a_loopback_server(server, digits):
+    """DNS rebinding: a page of evil.example, its name re-pointed at 127.0.0.1, sends Host: evil.example."""
+    port = server.rsplit(":", 1)[1]
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}", "0.0.0.0", "[::2]"):
+        for path, method in (("/", "GET"), ("/demo.js", "GET"), ("/predict", "POST"), ("/nowhere", "GET")):
+            status, _, data = call(server, path, method, digits[0][0] if method == "POST" else None,
+                                   {"Host": host, "Content-Type": "image/png"})
+            assert status == 421 and "127.0.0.1 or localhost only" in json.loads(data)["error"], (host, path)
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}", f"[::1]:{port}", "127.1.2.3"):
+        assert call(server, "/", headers={"Host": host})[0] == 200, host
+
+
+def test_every_answer_carries_a_strict_content_security_policy(server, digits):
+    port = int(server.rsplit(":", 1)[1])
+    answers = {path: call(server, path)[:2] for path in (*PAGE, "/config", "/nowhere", "/predict")}
+    answers["HEAD /"] = call(server, "/", "HEAD")[:2]
+    answers["POST /predict"] = call(server, "/predict", "POST", digits[0][0], {"Content-Type": "image/png"})[:2]
+    answers["415"] = call(server, "/predict", "POST", b"x", {"Content-Type": "text/plain"})[:2]
+    answers["421"] = call(server, "/", headers={"Host": "evil.example"})[:2]
+    answers["BREW"] = raw_request(port, b"BREW / HTTP/1.0\r\n\r\n")[:2]   # refused by http.server itself
+    assert [status for status, _ in answers.values()] == [200] * 4 + [404, 405, 200, 200, 415, 421, 501]
+    for name, (_, headers) in answers.items():
+        headers = {k.lower(): v for k, v in headers.items()}
+        csp = headers["content-security-policy"]
+        assert "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp and "default-src 'none'" in csp, name
+        assert headers["x-content-type-options"] == "nosniff" and headers["cache-control"] == "no-store", name
+        assert headers["referrer-policy"] == "no-referrer", name
+
+
+def test_idle_connections_cannot_keep_out_a_real_request(classifier, digits):
+    """300 connections that send nothing, over the cap of 256: the oldest are closed to make room."""
+    with serving(classifier) as (srv, base):
+        idle = []
+        try:
+            for _ in range(300):
+                idle.append(socket.create_connection(("127.0.0.1", srv.server_port), timeout=5))
+            started = time.perf_counter()
+            status, answer = predict(base, digits[0][0])
+            assert status == 200 and answer["top"][0]["label"] == digits[0][1]
+            assert time.perf_counter() - started < 3
+            assert idle[0].recv(1) == b""   # the oldest, closed by the server
+            assert len([c for c in srv.connections.values() if not c.cut]) <= demo.Limits().connections
+        finally:
+            for s in idle:
+                s.close()
+
+
+def cut_off_after(s, byte, within):
+    """Seconds until the server closes a connection sent one byte every 0.1 s; fails if it answers."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < within:
+        try:
+            s.send(byte)
+            if select.select([s], [], [], 0.1)[0]:
+                assert s.recv(65536) == b"", "the server answered a request still arriving"
+                return time.perf_counter() - started
+        except (ConnectionResetError, BrokenPipeError):
+            return time.perf_counter() - started
+    pytest.fail(f"a client sending a byte every 0.1 s was still connected after {within} s")
+
+
+def test_a_slow_client_is_cut_off_at_its_deadline(classifier):
+    """Its headers, then its body, trickling in: a per-recv timeout (30 s) would never fire."""
+    with serving(classifier, header_seconds=0.2, body_seconds=0.2) as (srv, base):
+        starts = {b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ": b"x",
+                  b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                  b"Content-Length: 1000\r\n\r\n": b"\0"}
+        for start, byte in starts.items():
+            with socket.create_connection(("127.0.0.1", srv.server_port), timeout=5) as s:
+                s.sendall(start)
+                assert 0.15 < cut_off_after(s, byte, within=3) < 1.5
+        assert call(base, "/")[0] == 200   # and it still serves
+
+
+def test_an_oversize_upload_is_drained_so_that_the_client_reads_413(server):
+    """A 3 MB body sent whole before reading, as a client on a slow link would: through a small send
+    buffer, it is still arriving when the answer is sent, and a close on it unread would reset the
+    connection (the client's send fails, and the answer is lost)."""
+    port = int(server.rsplit(":", 1)[1])
+    size = 3 * 1024 * 1024
+    request = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/png\r\n"
+               f"Content-Length: {size}\r\n\r\n").encode() + b"\0" * size
+    status, _, body = raw_request(port, request, send_buffer=64 * 1024)
+    assert status == 413 and "3,145,728 bytes" in json.loads(body)["error"]
+
+
+def test_inferences_beyond_the_limit_get_503_with_retry_after(classifier, digits):
+    with serving(classifier, inferences=1) as (srv, base):
+        assert srv.inferences.acquire(blocking=False)   # as an inference in progress would
+        status, headers, data = call(base, "/predict", "POST", digits[0][0], {"Content-Type": "image/png"})
+        assert status == 503 and headers["Retry-After"] == "1" and "try again" in json.loads(data)["error"]
+        srv.inferences.release()
+        assert predict(base, digits[0][0])[0] == 200
+    with serving(classifier, inferences=0) as (_, base):
+        assert call(base, "/predict", "POST", digits[0][0], {"Content-Type": "image/png"})[0] == 503
+
+
+def test_a_full_server_answers_503_when_every_connection_is_busy(classifier, digits, monkeypatch):
+    release = threading.Event()
+    monkeypatch.setattr(classifier, "predict", lambda body: release.wait(5) and {"top": [], "input": ""})
+    with serving(classifier, connections=1) as (srv, base):
+        busy = threading.Thread(target=predict, args=(base, digits[0][0]))
+        busy.start()
+        try:
+            deadline = time.perf_counter() + 5
+            while not any(c.phase == "busy" for c in list(srv.connections.values())):
+                assert time.perf_counter() < deadline
+                time.sleep(0.01)
+            status, headers, body = raw_request(srv.server_port, b"")   # answered as soon as it connects
+            assert status == 503 and headers["retry-after"] == "1" and "busy" in json.loads(body)["error"]
+            assert "frame-ancestors 'none'" in headers["content-security-policy"]
+        finally:
+            release.set()
+            busy.join(5)
+
+
+def test_log_lines_escape_control_characters_and_non_ascii(classifier, capsys):
+    with serving(classifier, quiet=False) as (srv, _):
+        status = raw_request(srv.server_port, "GET /a\x1b[31mred\x7f\u00e9 HTTP/1.0\r\n\r\n".encode())[0]
+    assert status == 404
+    err = capsys.readouterr().err
+    assert err == "GET /a\\x1b[31mred\\x7f\\xc3\\xa9 404\n"
+
+
+def test_a_server_reachable_from_elsewhere_warns_and_takes_any_host(classifier, capsys):
+    with serving(classifier, quiet=False):
+        pass
+    assert capsys.readouterr().err == ""   # loopback: no warning
+    with serving(classifier, host="0.0.0.0", quiet=False) as (_, base):
+        assert call(base, "/", headers={"Host": "demo.example"})[0] == 200
+    err = capsys.readouterr().err
+    assert err.startswith("warning: listening on 0.0.0.0, not on this machine alone: anyone who can reach port ")
+    assert err.count("\n") == 2 and err.endswith("GET / 200\n")
+
+
+# ---------------------------------------------------------------------------------------------
 # A real browser
 # ---------------------------------------------------------------------------------------------
 
@@ -255,6 +476,7 @@ def chrome(width, height):
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                  "--force-device-scale-factor=1"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})   # to see what the CSP blocked
     browser = webdriver.Chrome(options=options, service=Service(executable_path=driver))
     # The viewport itself, which --window-size leaves smaller by whatever the headless frame takes.
     browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
@@ -286,7 +508,10 @@ def test_a_digit_drawn_in_a_real_browser_is_read(server, digits, tmp_path):
         browser.get(server + "/")
         pad = browser.find_element(By.ID, "pad")
         status = browser.find_element(By.ID, "status")
+        WebDriverWait(browser, 10).until(lambda b: status.text)   # the hint, once /config has answered
         assert status.text == "Draw a digit, or upload a photo of one."
+        assert browser.find_element(By.ID, "about").text == "cnn from mnist.pt, 99.47 % on the MNIST test set"
+        assert browser.find_element(By.ID, "classes").text == "Classes: " + " · ".join(map(str, range(10)))
         draw(browser, pad, [(-72, -84), (72, -84), (-12, 96)])   # a seven: the bar, then down to the left
         WebDriverWait(browser, 20).until(settled)
         labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#bars .row .label")]
@@ -304,6 +529,9 @@ def test_a_digit_drawn_in_a_real_browser_is_read(server, digits, tmp_path):
         browser.find_element(By.ID, "file").send_keys(str(upload))
         WebDriverWait(browser, 20).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#bars .row"))
         assert browser.find_element(By.CSS_SELECTOR, "#bars .row .label").text == digits[1][1]
+        # The bars' widths are set from script, which the CSP allows; nothing on the page was refused.
+        assert browser.find_element(By.CSS_SELECTOR, "#bars .bar div").get_attribute("style").startswith("width:")
+        assert not [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
     finally:
         browser.quit()
 
