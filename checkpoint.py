@@ -2,7 +2,7 @@
 
     ckpt = load_checkpoint("runs/x/last.pt")          # checked: format, schema, the model's size
     model, which = build_model(ckpt)                   # rebuilt from the record alone
-    ckpt = make_record(stepper, args, info, norm, progress, epoch, step, partial, rngs)   # train.py saves
+    ckpt = make_record(stepper, args, data, progress, epoch, step, partial, rngs)   # train.py saves
     progress, epoch, step, partial = restore_record(ckpt, stepper)                      # and resumes
 
 A checkpoint holds plain types only (tensors, numbers, strings, lists, dicts), so
@@ -24,6 +24,7 @@ from files import write_bytes_atomic
 from models import OPTIONS, ModelError, count_params, get_model, list_models, option_problem
 
 CHECKPOINT_FORMAT = "mnist-toolkit-checkpoint"
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "mnist.pt")   # predict, demo
 MAX_PARAMS = 100_000_000   # 400 MB in fp32: 35 times the largest model of any recipe (2.8 M)
 CHECKPOINT_VERSION = 1   # bump when the layout changes, and teach load_checkpoint the old one
 
@@ -38,6 +39,9 @@ def save_checkpoint(ckpt, path):
 
 def checkpoint_path(path):
     """A run folder means its last.pt."""
+    if path == DEFAULT_WEIGHTS and not os.path.exists(path):
+        raise UserError(f"the shipped weights {DEFAULT_WEIGHTS} are missing; pass --ckpt with a checkpoint from "
+                        f"train.py", 2)
     if os.path.isdir(path):
         path = os.path.join(path, "last.pt")
         if not os.path.exists(path):
@@ -250,17 +254,18 @@ def model_kwargs(args, num_classes):
     return kwargs
 
 
-def make_record(stepper, args, info, norm, progress, epoch, step, partial, rngs):
+def make_record(stepper, args, data, progress, epoch, step, partial, rngs):
     """Everything to rebuild the model and to resume the run exactly, in plain types only, so that
     torch.load(weights_only=True) opens it. `epoch` epochs are complete, plus `step` steps of the
     next one (a Ctrl-C or --save-every save), whose running sums are `partial`; `rngs` holds every
-    rank's random streams (one entry in one process)."""
+    rank's random streams (one entry in one process); `data` is loop.Data."""
+    info, norm = data.info, data.norm
     ckpt = {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "torch_version": str(torch.__version__),
         "model": {"name": args.model, "kwargs": model_kwargs(args, len(info.classes))},
         "state_dict": stepper.model.state_dict(),
         "data": {"dataset": info.name, "mean": norm[0], "std": norm[1], "classes": list(info.classes),
-                 "input_shape": [1, 28, 28]},
+                 "input_shape": [1, 28, 28], "rule": info.rule, "test": data.record or {"kind": "builtin"}},
         "epoch": epoch, "step": step,
         "partial_epoch": {**asdict(partial), "window": list(partial.window or ())} if partial else None,
         "metrics": progress.history[-1] if progress.history else {}, "history": progress.history,

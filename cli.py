@@ -1,8 +1,9 @@
-"""The command line every script shares: one error style, argument files and number types.
+"""The command line every script shares: one error style, argument files, number types and stopping.
 
     from cli import Parser, UserError, run
     parser = Parser(prog="mine.py")          # reads @recipes/NAME.args; a bad argument is one line, exit 2
     sys.exit(run(main))                      # every expected failure becomes one line and an exit code
+    with stop_on_signals() as stop: ...      # Ctrl-C and SIGTERM ask a long command to stop at a safe point
 
 Error style: a user error prints one line on stderr and exits 2 when the command line is wrong
 (unknown name, bad number, missing path, absent device), 1 when the command was fine but the work
@@ -14,8 +15,10 @@ written for the user and its exit status in `code`, so this module needs none of
 import argparse
 import os
 import shlex
+import signal
 import sys
 import traceback
+from contextlib import contextmanager
 
 from files import WRITE_HINTS, write_problem
 
@@ -140,3 +143,81 @@ def non_negative(kind):
         return value
     parse.__name__ = f"non-negative {kind.__name__}"
     return parse
+
+
+def chance_and_strength(text):
+    """argparse type for P or P:S, a probability and a strength, both in 0..1 (S defaults to 1)."""
+    try:
+        p, _, strength = text.partition(":")
+        value = [float(p), float(strength) if strength else 1.0]   # a list: what args.json gives back
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected P or P:S (probability and strength), got {text!r}") from None
+    if not all(0 <= v <= 1 for v in value):
+        raise argparse.ArgumentTypeError(f"P and S must be between 0 and 1, got {text!r}")
+    return value
+
+
+def checked(kind, problem):
+    """argparse type for a number of KIND that problem(value) accepts (it returns None, or why not)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        why = problem(value)
+        if why:
+            raise argparse.ArgumentTypeError(why)
+        return value
+    parse.__name__ = f"{kind.__name__} value"
+    return parse
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping a long command: signals and a closed output pipe
+# ---------------------------------------------------------------------------------------------
+
+class StopRequest:
+    """Set by a signal (Ctrl-C, SIGTERM) or a closed output pipe: save at the end of this step and stop."""
+
+    def __init__(self):
+        self.why, self.code = None, None
+
+    def ask(self, why, code):
+        if self.why is None:
+            self.why, self.code = why, code
+
+    def __bool__(self):
+        return self.why is not None
+
+
+@contextmanager
+def stop_on_signals():
+    """Ctrl-C, or the SIGTERM with which schedulers (SLURM, Kubernetes) stop or preempt a job, asks the
+    run to save at the end of the step and stop; a second signal quits at once, and the last save is
+    whole anyway. Exit 130 after Ctrl-C, 143 after SIGTERM, as the shell reports a death by signal."""
+    stop = StopRequest()
+
+    def handler(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        stop.ask("interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)", 128 + signum)
+        print(f"\n{name}: saving at the end of this step (send it again to quit now)", file=sys.stderr, flush=True)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def say(stop, text, end="\n"):
+    """print for a run: when the reader of its output went away (`| head`), the run saves at the end
+    of the step and stops, as after Ctrl-C, instead of dying in the middle of it."""
+    try:
+        print(text, end=end, flush=True)
+    except BrokenPipeError:
+        close_stdout()
+        if stop is not None:
+            stop.ask("the output pipe closed", 141)

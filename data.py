@@ -1,16 +1,14 @@
 """MNIST-style datasets held on the device as one uint8 tensor, batched without a DataLoader.
 
-    python data.py --stats mnist                       # counts, pixel statistics, class balance
-    python data.py --stats fashion-mnist --data-dir DIR
+    python data.py --stats fashion-mnist --data-dir DIR   # counts, pixel statistics, class balance
     python data.py --show mnist --augment --out grid.png
 
     from data import load_split, Batches
     images, labels = load_split("mnist", "train", device="cuda")   # uint8 [60000, 1, 28, 28] on the GPU
 
-Needs only torch to import, so it can be copied into another project alone; torchvision is imported
-when files must be downloaded, and --show draws with plots.py (Pillow and torchvision's make_grid).
+Needs only torch to import, so it can be copied into another project alone: torchvision only to
+download, and the command line uses cli.py and plots.py beside it. Your own CSV, folders: userdata.py.
 """
-import argparse
 import gzip
 import math
 import os
@@ -40,6 +38,10 @@ class DatasetInfo:
     mean: float = None   # training-set pixel mean and std on the 0..1 scale
     std: float = None
     flips: bool = False  # whether a mirrored image is still the same class (clothing yes, characters no)
+    prefix: str = ""     # of the file names: EMNIST's are emnist-<split>-train-images-idx3-ubyte and so on
+    transposed: bool = False   # EMNIST stores each image transposed
+    first_label: int = 0       # EMNIST letters number their classes from 1
+    rule: str = "mnist"  # how images from elsewhere are brought to 28x28 (preprocess.py): as MNIST's digits, or "fit"
 
 
 # mean/std: over all 60,000 x 784 training pixels scaled to 0..1 (population std), measured with
@@ -52,6 +54,15 @@ DATASETS = {
         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"), 0.2860, 0.3530, flips=True),
     "kmnist": DatasetInfo("kmnist", "KMNIST", ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")),
 }
+# EMNIST (Cohen et al. 2017), in torchvision's layout EMNIST/raw/. Balanced and bymerge merge the 15
+# lowercase letters that look like their capitals into them, leaving 47 classes.
+_DIGITS, _UPPER, _LOWER = tuple("0123456789"), tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ"), tuple("abcdefghijklmnopqrstuvwxyz")
+_MERGED = _DIGITS + _UPPER + tuple("abdefghnqrt")
+for _split, _classes, _first in (("letters", _LOWER, 1), ("balanced", _MERGED, 0), ("bymerge", _MERGED, 0),
+                                 ("byclass", _DIGITS + _UPPER + _LOWER, 0), ("digits", _DIGITS, 0),
+                                 ("mnist", _DIGITS, 0)):
+    DATASETS[f"emnist-{_split}"] = DatasetInfo(f"emnist-{_split}", "EMNIST", _classes, prefix=f"emnist-{_split}-",
+                                               transposed=True, first_label=_first)
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 DEBIAN_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
@@ -98,7 +109,8 @@ def find_split(info, split, data_dir=None, download=True):
                         f"{info.folder}/raw/ or the IDX files themselves", code=2)
     dirs = search_dirs(info, data_dir)
     for folder in dirs:
-        paths = [_find(folder, stem) for stem in FILES[split]]
+        paths = [_find(folder, info.prefix + stem.replace("t10k", "test" if info.prefix else "t10k"))
+                 for stem in FILES[split]]
         if all(paths):
             return tuple(paths)
     root = data_dir or os.path.abspath("data")
@@ -122,10 +134,13 @@ def _download(info, root):
                if not os.path.exists(d)]
     try:
         import torchvision.datasets as tvd
-        cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "kmnist": tvd.KMNIST}[info.name]
         print(f"downloading {info.name} into {root} ...", file=sys.stderr)
-        cls(root, train=True, download=True)
-        cls(root, train=False, download=True)
+        for train in (True, False):
+            if info.folder == "EMNIST":   # one 0.5 GB archive holds every EMNIST split
+                tvd.EMNIST(root, split=info.prefix.split("-")[1], train=train, download=True)
+            else:
+                {"MNIST": tvd.MNIST, "FashionMNIST": tvd.FashionMNIST, "KMNIST": tvd.KMNIST}[info.folder](
+                    root, train=train, download=True)
         return None
     except Exception as e:   # network errors come in many types; their text is what the user needs
         for d in reversed(created):
@@ -220,8 +235,8 @@ def _parse_idx(path, data, magic):
 
 def _cached(gz_path):
     """The bytes of the extracted copy beside a .gz, when its size and CRC-32 are the ones the .gz's
-    trailer records (the .gz was not replaced since); else None. Checking costs 0.02 s for MNIST's
-    training images, inflating them 0.3 s."""
+    trailer records (the .gz was not replaced since); else None. Checking is a small part of what
+    inflating the .gz again would cost."""
     plain = gz_path[:-3]
     try:
         with open(gz_path, "rb") as raw:
@@ -297,18 +312,27 @@ def _stored_size(path):
 def load_split(name, split, data_dir=None, device="cpu"):
     """(images uint8 [N, 1, 28, 28], labels int64 [N]) of one split, on `device`."""
     info = dataset_info(name)
-    image_path, label_path = find_split(info, split, data_dir)
+    return read_pair(*find_split(info, split, data_dir), info, device)
+
+
+def read_pair(image_path, label_path, info, device="cpu"):
+    """An IDX image file and its label file, checked to belong together and to INFO's classes; images
+    stored transposed are turned upright, labels counted from first_label start at 0."""
     (images, keep_images), (labels, keep_labels) = _read_idx(image_path, IMAGE_MAGIC), _read_idx(label_path, LABEL_MAGIC)
     if len(images) != len(labels):
         raise DataError(f"{image_path} has {len(images):,} images but {label_path} has {len(labels):,} "
                         f"labels; the two files come from different sets, so replace both")
-    if len(labels) and int(labels.max()) >= len(info.classes):
-        raise DataError(f"{label_path} has label {int(labels.max())}, but {name} has only "
-                        f"{len(info.classes)} classes (0-{len(info.classes) - 1}); the file is corrupt or foreign")
+    labels = labels.long() - info.first_label
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(info.classes):
+        bad = int(labels.max() if labels.max() >= len(info.classes) else labels.min()) + info.first_label
+        raise DataError(f"{label_path} has label {bad}, but {info.name} has only {len(info.classes)} classes "
+                        f"({info.first_label}-{len(info.classes) - 1 + info.first_label}); the file is corrupt or foreign")
     for keep in (keep_images, keep_labels):   # only now that the two files are known to belong together
         if keep:
             _keep_extracted(*keep)
-    return images.unsqueeze(1).to(device), labels.long().to(device)
+    if info.transposed:
+        images = images.transpose(1, 2).contiguous()
+    return images.unsqueeze(1).to(device), labels.to(device)
 
 
 def pixel_stats(images):
@@ -407,7 +431,7 @@ def _chance(u, column, p):
 
 
 # Image operations on float batches [B, 1, H, W] on 0..1; the augmentation above and the robustness
-# suite of shifts.py share them.
+# suite of robustness.py share them.
 
 def dilate(x, k):
     """Grey-scale dilation with a k x k square: white ink on black grows by about k - 1 pixels."""
@@ -540,34 +564,15 @@ def print_stats(name, data_dir=None):
             print(f"  {k}  {cls:<{width}}  {c:>6,}  {100 * c / len(labels):5.2f} %  {'#' * round(50 * c / max(counts))}")
 
 
-def show_samples(name, out, data_dir=None, augment=False, seed=0, n=32):
-    """A labelled grid of random training images; with `augment`, each row of originals is followed
-    by the same images as train.py --augment would change them (flips only where the dataset allows)."""
-    from plots import label_grid, save_png   # Pillow and torchvision, beside this file
-    info = dataset_info(name)
-    images, labels = load_split(name, "train", data_dir)
-    pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n // 2 if augment else n]
-    images, captions = images[pick], [info.classes[k] for k in labels[pick].tolist()]
-    if augment:
-        changed = Augment(flip=info.flips)(images.float().div(255), torch.Generator().manual_seed(seed))
-        changed = changed.mul(255).round().clamp(0, 255).byte()
-        rows = [(images[i:i + 8], changed[i:i + 8], captions[i:i + 8]) for i in range(0, len(pick), 8)]
-        images = torch.cat([t for a, b, _ in rows for t in (a, b)])
-        captions = [c for _, _, cs in rows for c in (cs + ["augmented"] * len(cs))]
-    save_png(label_grid(images, captions), out)
-    print(f"wrote {out}: {len(captions)} {name} training images (seed {seed}"
-          f"{'; each row of originals is followed by the same images augmented' if augment else ''})")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Reports a bad argument in one line, without the usage block, like the other scripts."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def main(argv=None):
-    parser = OneLineParser(prog="data.py", description="Inspect a dataset: statistics, or a grid of samples.")
+    """`python data.py`: statistics or a picture of a dataset; errors and closed pipes as every command."""
+    from cli import run   # the command line only; the library above needs torch alone
+    return run(inspect_dataset, sys.argv[1:] if argv is None else argv)
+
+
+def inspect_dataset(argv):
+    from cli import Parser
+    parser = Parser(prog="data.py", description="Inspect a dataset: statistics, or a grid of samples.")
     parser.add_argument("--stats", metavar="NAME", choices=list(DATASETS),
                         help=f"print counts, pixel statistics and class balance ({', '.join(DATASETS)})")
     parser.add_argument("--show", metavar="NAME", choices=list(DATASETS), help="write a labelled grid of training images")
@@ -578,17 +583,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not (args.stats or args.show):
         parser.error("give --stats NAME or --show NAME")
-    try:
-        if args.stats:
-            print_stats(args.stats, args.data_dir)
-        if args.show:
-            show_samples(args.show, args.out, args.data_dir, args.augment, args.seed)
-    except BrokenPipeError:   # piped into `head`: stop quietly, and leave the final flush nowhere to fail
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (DataError, OSError, ImportError) as e:
-        message = f"cannot write {args.out} ({e.strerror})" if isinstance(e, OSError) and e.strerror else str(e)
-        print(f"data.py: error: {message}", file=sys.stderr)
-        return getattr(e, "code", 1)
+    if args.stats:
+        print_stats(args.stats, args.data_dir)
+    if args.show:
+        from plots import sample_grid, save_png   # Pillow and torchvision, beside this file
+        images, labels = load_split(args.show, "train", args.data_dir)
+        info = dataset_info(args.show)   # flips only where the dataset allows them
+        save_png(sample_grid(images, labels, info.classes, Augment(flip=info.flips) if args.augment else None,
+                             args.seed), args.out)
+        print(f"wrote {args.out}: {args.show} training images (seed {args.seed}"
+              f"{'; each row of originals is followed by the same images augmented' if args.augment else ''})")
     return 0
 
 

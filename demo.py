@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from checkpoint import DEFAULT_WEIGHTS, build_model, load_checkpoint
 from cli import Parser, UserError, run
-from images import MIME_TYPES, classify, read_gray, to_input
+from preprocess import MIME_TYPES, classify, read_gray, to_input
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_BODY = 2 * 1024 * 1024   # a drawn PNG is a few KB; the page shrinks larger photos before sending

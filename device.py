@@ -20,10 +20,9 @@ def keep_freed_memory():
     """Ask glibc to keep freed memory for reuse instead of handing it back to the system at once.
 
     By default it maps every large block afresh and returns it when freed, so each step's activations
-    and gradients fault their pages in again: 1.5 million page faults and a third of the first
-    epoch's time in a 2-epoch CPU run, measured. Keeping blocks under 32 MB in the heap, and up to
-    1 GB of freed heap, takes that to 130 thousand. Elsewhere than glibc this does nothing; returns
-    whether it was applied.
+    and gradients fault their pages in again, a large share of a CPU run's time (results/README.md
+    has the counts). Blocks under 32 MB stay in the heap, and up to 1 GB of freed heap is kept.
+    Elsewhere than glibc this does nothing; returns whether it was applied.
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -13,14 +13,14 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, build_model, checkpoint_path, load_checkpoint, load_file
 from cli import Parser, UserError, non_negative, positive, run
 from device import autocast_for, keep_freed_memory, native_bf16, pick_device, resolve_amp
 from files import write_text_atomic
-from data import DATASETS, dataset_info, load_split, normalization, split_off_val
+from data import DATASETS, DatasetInfo, dataset_info, normalization, split_off_val
 from scoring import predict_probs, score
+from userdata import open_dataset, read_any, remap
 from models import list_models
 
 
@@ -100,6 +100,35 @@ def report(name, logits, labels, classes):
             "confusion": cm.tolist()}
 
 
+def evaluation_set(args, ckpt, device):
+    """(name, DatasetInfo, images, labels) to score: every image of --test PATH; else the test split of
+    the checkpoint's data (or --dataset), the one it was trained beside where recorded; with --val N
+    the training images train.py --val N held out."""
+    recorded = ckpt["data"]
+    if args.test:
+        images, labels, names, rule, _ = read_any(args.test)
+        labels = remap(labels, names, recorded["classes"], args.test)
+        info = DatasetInfo(os.path.abspath(args.test), None, tuple(recorded["classes"]), rule=rule)
+        return args.test, info, images.to(device), labels.to(device)
+    name = args.dataset or recorded["dataset"]
+    record = recorded.get("test") if name not in DATASETS else None
+    if name not in DATASETS and args.dataset is None and not os.path.exists(name):
+        raise UserError(f"{name}, the data this model was trained on, is not there; pass --dataset PATH where it "
+                        f"is now, or --test PATH to score another labelled set", 2)
+    source = open_dataset(name, args.data_dir, None, record, device, strict=args.dataset is None)
+    if source.note and name not in DATASETS:
+        print(f"{name}: {source.note}")
+    images, labels = source.test
+    if args.val:
+        train_images, train_labels = source.train
+        if args.val >= len(train_labels):
+            raise UserError(f"--val {args.val} is not below the {len(train_labels):,} training images", 2)
+        images, labels = split_off_val(train_images, train_labels, args.val)[1]
+    if name not in DATASETS and list(source.info.classes) != list(recorded["classes"]):
+        labels = remap(labels.cpu(), list(source.info.classes), recorded["classes"], name).to(device)
+    return name, source.info, images, labels
+
+
 def wrap_state_dict(path, args):
     """A bare state_dict (what the notebooks saved) as a checkpoint of --model on --dataset."""
     state = load_file(checkpoint_path(path))
@@ -116,7 +145,10 @@ def wrap_state_dict(path, args):
 def build_parser():
     p = Parser(prog="evaluate.py", description="Evaluate one checkpoint, or the ensemble of several, on a test set.")
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files or run folders (their last.pt)")
-    p.add_argument("--dataset", choices=list(DATASETS), help="evaluate on another dataset (default: the checkpoint's)")
+    p.add_argument("--dataset", metavar="NAME_OR_PATH", help="the dataset whose test split to score (default: the "
+                   "checkpoint's; for your own data moved elsewhere, its new path)")
+    p.add_argument("--test", metavar="PATH", help="score every image of this labelled set of your own instead (a CSV, "
+                   "a folder of class folders or of IDX files), its classes matched to the checkpoint's by name")
     p.add_argument("--model", choices=list_models(), help="the architecture of a bare state_dict file (such as the "
                    "notebooks saved), which records none; it is evaluated with --dataset's normalization")
     p.add_argument("--data-dir", help="folder holding the IDX files (default: search ./data and others)")
@@ -133,7 +165,7 @@ def build_parser():
                    "softmax over the image shifted one pixel each way (and mirrored, for datasets where that keeps "
                    "the class) (default: as each checkpoint was scored in training, train.py --tta)")
     p.add_argument("--shifts", action="store_true", help="also score every model under the robustness suite "
-                   "(shifts.py: thin and thick strokes, blur, low resolution, rotation, shear, off-centre, "
+                   "(robustness.py: thin and thick strokes, blur, low resolution, rotation, shear, off-centre, "
                    "small, large, elastic, noise, stroke breaks, inverted; two severities each)")
     p.add_argument("--val", type=positive(int), metavar="N", help="score the N training images train.py --val N "
                    "holds out instead of the test set: for choosing a recipe without looking at the test set")
@@ -149,19 +181,11 @@ def main(argv):
     device = pick_device(args.device)
     ckpts = [(path, load_checkpoint(path) if args.model is None else wrap_state_dict(path, args))
              for path in args.checkpoints]
-    name = args.dataset or ckpts[0][1]["data"]["dataset"]
-    info = dataset_info(name)
+    name, info, images, labels = evaluation_set(args, ckpts[0][1], device)
     for path, ckpt in ckpts:
         if ckpt["model"]["kwargs"].get("num_classes", 10) != len(info.classes):
             raise UserError(f"{path} predicts {ckpt['model']['kwargs']['num_classes']} classes, "
                             f"but {name} has {len(info.classes)}", 2)
-    if args.val:
-        train_images, train_labels = load_split(name, "train", args.data_dir, device)
-        if args.val >= len(train_labels):
-            raise UserError(f"--val {args.val} is not below the {len(train_labels):,} training images", 2)
-        images, labels = split_off_val(train_images, train_labels, args.val)[1]
-    else:
-        images, labels = load_split(name, "test", args.data_dir, device)
     if args.subset:
         images, labels = images[:args.subset], labels[:args.subset]
     results, probs, models = {}, [], []
@@ -186,32 +210,37 @@ def main(argv):
         print(f"test images missed by all {len(ckpts)} models: {results['ensemble']['missed_by_all']}; "
               f"by at least one: {results['ensemble']['missed_by_any']}")
     if args.shifts:
-        results["shifts"] = shift_report(models, images, labels, args, info.flips)
+        results["shifts"] = shift_report(models, images, labels, args, info.flips, info.classes)
     if args.out:
         final = results["ensemble"] if len(ckpts) > 1 else results[ckpts[0][0]]
         write_outputs(args.out, name, results, final, images, labels, mean_probs, ckpts)
     return 0
 
 
-def shift_report(models, images, labels, args, flips):
-    """Accuracy of each model (and their ensemble) on the clean images and under every shift of the
-    suite at both severities; printed as a table and returned as {row: {column: accuracy}}."""
-    from shifts import SEVERITIES, SHIFTS, apply
+def shift_report(models, images, labels, args, flips, classes):
+    """Accuracy of each model (and their ensemble) on the clean images, under every shift of the suite
+    at both severities and on the held-out handwriting fonts; printed as a table and returned as
+    {row: {column: accuracy}}."""
+    from robustness import FONT_ROWS, suite
     columns = [m.label for m in models] + (["ensemble"] if len(models) > 1 else [])
     table = {}
-    for row in ["clean"] + [f"{name} {s}" for name in SHIFTS for s in SEVERITIES]:
-        x = images if row == "clean" else apply(row.split()[0], images, int(row.split()[1]))
+    rows, note = suite(images, labels, classes)
+    for row, x, y in rows:
         probs = [member_probs(m, x, args.batch_size, flips) for m in models]
         if len(models) > 1:
             probs.append(torch.stack(probs).mean(0))
-        table[row] = {col: 100.0 * (p.argmax(1) == labels).float().mean().item() for col, p in zip(columns, probs)}
-    table["mean over shifts"] = {col: sum(table[r][col] for r in table if r != "clean") / (len(table) - 1)
-                                 for col in columns}
+        table[row] = {col: 100.0 * (p.argmax(1) == y).float().mean().item() for col, p in zip(columns, probs)}
+    for name, group in (("shifts", [r for r in table if r != "clean" and r not in FONT_ROWS]),
+                        ("fonts", [r for r in FONT_ROWS if r in table])):
+        if group:
+            table[f"mean over {name}"] = {col: sum(table[r][col] for r in group) / len(group) for col in columns}
     width = max(12, *(len(c) for c in columns))
-    print(f"\naccuracy (%) under the shifts of shifts.py{', with TTA' if any(m.tta for m in models) else ''}:")
+    print(f"\naccuracy (%) under the shifts of robustness.py{', with TTA' if any(m.tta for m in models) else ''}:")
     print(f"{'shift':<18}" + "".join(f"{c:>{width + 2}}" for c in columns))
     for row, accs in table.items():
         print(f"{row:<18}" + "".join(f"{accs[c]:>{width + 2}.2f}" for c in columns))
+    if note:
+        print(note)
     return table
 
 

@@ -9,6 +9,7 @@ A pretrained model takes images on 0..1 shaped (N, 1, 28, 28), white ink on blac
 normalizes them as its training did, and returns logits in eval mode; `model.classes` names the
 outputs. Without weights an entry returns the plain model of models.get_model.
 """
+import functools as _functools
 import inspect as _inspect
 import os as _os
 
@@ -75,34 +76,30 @@ def _pretrained(name, weights, kwargs):
     return _Normalized(model, data["mean"], data["std"], data["classes"]).eval()
 
 
-def _doc(name):
-    options = [f"{k}={v!r}" for k, v in _models.model_options(name).items()] + ["in_channels=1", "num_classes=10"]
-    lines = [_models.describe(name), "", f"Options: {', '.join(options)}."]
-    shipped = _SHIPPED.get(name)
-    if shipped:
-        listed = "; ".join(f"{w!r} ({_ABOUT[w]})" for w in shipped)
-        lines.append(f"Pretrained weights (the model takes images on 0..1, (N, 1, 28, 28)): {listed}; "
-                     f"pretrained=True loads {shipped[0]!r}, weights=NAME any of them.")
-    else:
-        lines.append("No shipped weights: pretrained=True raises ValueError.")
-    return "\n".join(lines)
-
-
 def _entry(name):
+    """The hub entry of a registry model: its own signature (functools.wraps), plus `pretrained` and
+    `weights` for the shipped files."""
+    build = _models.registered(name)
+    shipped = _SHIPPED.get(name)
+
+    @_functools.wraps(build)
     def entry(pretrained=False, *, weights=None, **kwargs):
         if pretrained or weights is not None:
             return _pretrained(name, weights, kwargs)
         return _models.get_model(name, **kwargs)
 
-    # Spell out the model's options, so that help() and editors show what an entry takes.
-    P = _inspect.Parameter
-    defaults = {**_models.model_options(name), "in_channels": 1, "num_classes": 10}
-    entry.__signature__ = _inspect.Signature(
-        [P("pretrained", P.POSITIONAL_OR_KEYWORD, default=False), P("weights", P.KEYWORD_ONLY, default=None)]
-        + [P(k, P.KEYWORD_ONLY, default=v) for k, v in defaults.items()])
     entry.__name__ = entry.__qualname__ = name.replace("-", "_")
     entry.__module__ = __name__
-    entry.__doc__ = _doc(name)
+    P = _inspect.Parameter   # what help() and editors show: pretrained, weights, then the model's own arguments
+    entry.__signature__ = _inspect.Signature(
+        [P("pretrained", P.POSITIONAL_OR_KEYWORD, default=False), P("weights", P.KEYWORD_ONLY, default=None)]
+        + [p.replace(kind=P.KEYWORD_ONLY) for p in _inspect.signature(build).parameters.values()])
+    options = ", ".join(f"{k}={v!r}" for k, v in _models.model_options(name).items()) or "none"
+    listed = "; ".join(f"{w!r} ({_ABOUT[w]})" for w in shipped) if shipped else ""
+    entry.__doc__ = "\n".join([_models.describe(name), "", f"Options: {options}; in_channels=1, num_classes=10.", (
+        f"Pretrained weights (the model takes images on 0..1, (N, 1, 28, 28)): {listed}; pretrained=True loads "
+        f"{shipped[0]!r}, weights=NAME any of them." if shipped else "No shipped weights: pretrained=True raises "
+        "ValueError.")])
     return entry
 
 

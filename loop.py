@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import distributed
 from checkpoint import Partial
-from cli import close_stdout
+from cli import StopRequest, say
 from runfolder import epoch_line
 from scoring import log_probs, score
 
@@ -79,20 +79,8 @@ class Data:
     norm: tuple            # (mean, std) the model sees its inputs normalized with
     batches: object        # data.Batches: the training set, shuffled and augmented per step
     splits: dict           # {"val": (images, labels), "test": (images, labels)}
-
-
-class StopRequest:
-    """Set by a signal (Ctrl-C, SIGTERM) or a closed output pipe: save at the end of this step and stop."""
-
-    def __init__(self):
-        self.why, self.code = None, None
-
-    def ask(self, why, code):
-        if self.why is None:
-            self.why, self.code = why, code
-
-    def __bool__(self):
-        return self.why is not None
+    record: dict = None    # userdata.Source.record: which images are the test split, for the checkpoint
+    note: str = ""         # where the test split came from, said at the start
 
 
 class Stopped(Exception):
@@ -371,14 +359,3 @@ def evaluate_split(stepper, model, data, images, labels, tta):
         sums = [F.nll_loss(logp, labels[lo:hi], reduction="sum"), (logp.argmax(1) == labels[lo:hi]).sum()]
     loss_sum, correct = distributed.sum_all(world, labels.device, *sums)
     return loss_sum / n, 100.0 * int(correct) / n
-
-
-def say(stop, text, end="\n"):
-    """print for a run: when the reader of its output went away (`| head`), the run saves at the end
-    of the step and stops, as after Ctrl-C, instead of dying in the middle of it."""
-    try:
-        print(text, end=end, flush=True)
-    except BrokenPipeError:
-        close_stdout()
-        if stop is not None:
-            stop.ask("the output pipe closed", 141)

@@ -74,6 +74,13 @@ def list_models():
     return sorted(_REGISTRY)
 
 
+def registered(name):
+    """The class or function registered under NAME."""
+    if name not in _REGISTRY:
+        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    return _REGISTRY[name]
+
+
 def model_options(name):
     """The keyword arguments a model takes besides in_channels and num_classes, with defaults."""
     params = inspect.signature(_REGISTRY[name]).parameters.values()
@@ -302,7 +309,7 @@ class Fast(nn.Module):
 
     def __init__(self, in_channels=1, num_classes=10):
         super().__init__()
-        # Measured on a 2-core CPU: a 1-channel 28x28 input makes the first conv memory-bound, so it
+        # On a CPU a 1-channel 28x28 input makes the first conv memory-bound, so it
         # stays narrow and pools at once; BatchNorm at full resolution cost more time than it saved
         # in epochs, and one 5x5 conv beat two 3x3 ones at equal accuracy.
         self.features = nn.Sequential(
@@ -348,7 +355,7 @@ class Strided(nn.Module):
             x = x[..., self.crop:-self.crop, self.crop:-self.crop]
         # Flattened in (h, w, c) order: on a channels-last tensor that is a view, and its gradient
         # keeps the layout; (c, h, w) order copies, and the ReLU behind it then runs backward on
-        # mismatched layouts (10-15 % of a step on a CPU).
+        # mismatched layouts, a sizeable share of a CPU step.
         return self.classifier(self.features(x).permute(0, 2, 3, 1).flatten(1))
 
 

@@ -1,8 +1,8 @@
 """The optimizers train.py builds, and a plain-tensor step for the common ones.
 
 Constructing any `torch.optim` optimizer, stepping it or taking its state_dict imports `torch._dynamo`
-(for its compile guards), which costs 1-1.5 s of a process on a 2-core CPU: a sixth of a one-epoch
-run. `Adam`, `AdamW` and `SGD` below do the same arithmetic as torch's single-tensor code paths with
+(for its compile guards), which costs a short run on a CPU more than a second (results/README.md).
+`Adam`, `AdamW` and `SGD` below do the same arithmetic as torch's single-tensor code paths with
 the options train.py offers, and read and write torch's state_dict format, so a checkpoint moves
 between them and `torch.optim` in either direction. They are used unless the model is compiled
 (`--compile` imports `torch._dynamo` anyway, and torch's own optimizers cooperate with it).

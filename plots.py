@@ -5,12 +5,14 @@
 
 Image grids need only torchvision and Pillow (which torchvision installs). The two plots with axes
 need matplotlib; without it they are skipped with one line saying so, and the grids are still drawn.
-Every picture is written to a temporary file and renamed, so a failed write leaves no half a PNG.
+Every picture is written whole or not at all (files.write_atomic), so a failed write leaves no half a PNG.
 """
 import os
 
 import torch
 import torch.nn.functional as F
+
+from files import write_atomic
 
 RED, GREEN = (190, 20, 20), (20, 110, 40)
 
@@ -47,6 +49,20 @@ def label_grid(images, captions, nrow=8, scale=4, colors=None):
     return img
 
 
+def sample_grid(images, labels, classes, augment=None, seed=0, n=32):
+    """A labelled grid of random images of a split (uint8 [N, 1, H, W]); with `augment` (a data.Augment),
+    each row of originals is followed by the same images as train.py would change them."""
+    pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n // 2 if augment else n]
+    images, captions = images[pick], [classes[k] for k in labels[pick].tolist()]
+    if augment:
+        changed = augment(images.float().div(255), torch.Generator().manual_seed(seed))
+        changed = changed.mul(255).round().clamp(0, 255).byte()
+        rows = [(images[i:i + 8], changed[i:i + 8], captions[i:i + 8]) for i in range(0, len(pick), 8)]
+        images = torch.cat([t for a, b, _ in rows for t in (a, b)])
+        captions = [c for _, _, cs in rows for c in (cs + ["augmented"] * len(cs))]
+    return label_grid(images, captions)
+
+
 def _wrap(text, draw, font, width):
     lines = []
     for word in text.split(" "):
@@ -78,20 +94,8 @@ def _text(draw, xy, text, font, fill):
 
 
 def save_png(img, path):
-    """Write a PIL image as PNG through a temporary file (removed if the write fails)."""
-    _save_through_tmp(path, lambda tmp: img.save(tmp, format="PNG"))
-
-
-def _save_through_tmp(path, save):
-    tmp = f"{path}.tmp"
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    except OSError as e:   # name the file asked for, not the temporary one
-        raise OSError(e.errno, e.strerror or str(e), path) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write a PIL image as PNG, whole or not at all."""
+    write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def have_matplotlib():
@@ -107,7 +111,7 @@ def save_figure(fig, path):
     """Save a matplotlib figure through a temporary file, then close it."""
     import matplotlib.pyplot as plt
     try:
-        _save_through_tmp(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     finally:
         plt.close(fig)
 

@@ -1,27 +1,28 @@
-"""Classify your own images with a trained checkpoint; the shipped MNIST one by default.
+"""Classify your own images, or a CSV of pixel rows, with a trained checkpoint; the shipped MNIST one by default.
 
     python predict.py my_digit.png                     # top-3 digits with probabilities
-    python predict.py drawings/ --save-preprocessed seen/   # a folder as one batch; see what the model saw
-    python predict.py shoe.jpg --ckpt weights/fashion-mnist.pt
+    python predict.py drawings/ --save-preprocessed seen/ --out preds.csv   # a folder; what the model saw
+    python predict.py test.csv --ckpt runs/train-strided-crop-<time> --out submission.csv   # Kaggle
 
 A photo or drawing is first made to look like an MNIST image: grayscale, inverted when its
 background is light, cropped to the ink, fitted into 20x20 keeping its aspect ratio, and placed
 in 28x28 with its centre of mass in the middle, as MNIST's digits were prepared; strokes one pixel
-wide (a fine pen) are widened to MNIST's (images.py).
+wide (a fine pen) are widened to MNIST's. A model trained on your own class folders reads images
+by the rule it was trained with instead: grey, aspect kept, padded, resized (preprocess.py).
 """
 import os
 import sys
 
 import torch
 
-from checkpoint import build_model, load_checkpoint
+from checkpoint import DEFAULT_WEIGHTS, build_model, load_checkpoint
 from cli import Parser, UserError, positive, run
 from device import pick_device
-from images import FORMAT_NAMES, IMAGE_TYPES, classify, read_gray, to_mnist
+from files import write_text_atomic
+from preprocess import FORMAT_NAMES, IMAGE_TYPES, classify, read_gray, to_input
 from plots import save_png
+from userdata import read_csv
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CKPT = os.path.join(HERE, "weights", "mnist.pt")
 
 
 def gather_files(paths):
@@ -60,11 +61,15 @@ def preprocessed_names(files, folder):
 
 
 def build_parser():
-    p = Parser(prog="predict.py", description=f"Classify {FORMAT_NAMES} images with a trained checkpoint.")
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders of them")
-    p.add_argument("--ckpt", default=DEFAULT_CKPT, help="checkpoint or run folder (default: weights/mnist.pt, "
+    p = Parser(prog="predict.py", description=f"Classify {FORMAT_NAMES} images, or a CSV of pixel rows, with a "
+               "trained checkpoint.")
+    p.add_argument("images", nargs="+", metavar="IMAGE_FOLDER_OR_CSV", help="image files or folders of them; or one "
+                   "CSV of pixel rows, as Kaggle's test.csv")
+    p.add_argument("--ckpt", default=DEFAULT_WEIGHTS, help="checkpoint or run folder (default: weights/mnist.pt, "
                    "shipped with the toolkit)")
     p.add_argument("--top", type=positive(int), default=3, help="how many classes to print (default: 3)")
+    p.add_argument("--out", metavar="FILE.csv", help="also write the predictions: ImageId,Label for a CSV of pixels "
+                   "(a Kaggle submission), file,label,probability for images")
     p.add_argument("--save-preprocessed", metavar="DIR", help="write each 28x28 input as DIR/<name>.png")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default: cpu; a few "
                    "images are quicker there than the time to start a GPU)")
@@ -75,34 +80,67 @@ def build_parser():
 def main(argv):
     args = build_parser().parse_args(argv)
     device = pick_device(args.device)
-    if args.ckpt == DEFAULT_CKPT and not os.path.exists(DEFAULT_CKPT):
-        raise UserError(f"the shipped weights {DEFAULT_CKPT} are missing; pass --ckpt with a checkpoint "
-                        f"from train.py", 2)
     ckpt = load_checkpoint(args.ckpt)
     model, _ = build_model(ckpt, path=args.ckpt)
     model.to(device).eval()
-    files = gather_files(args.images)
-    outputs = preprocessed_names(files, args.save_preprocessed) if args.save_preprocessed else None
-    inputs = torch.stack([to_mnist(read_gray(f), f) for f in files])   # [N, 28, 28] uint8
-    if outputs:
-        try:
-            os.makedirs(args.save_preprocessed, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create --save-preprocessed {args.save_preprocessed} ({e.strerror}); "
-                            f"choose a writable folder") from None
-        from PIL import Image
-        for x, out in zip(inputs, outputs):
-            save_png(Image.fromarray(x.numpy(), mode="L"), out)
-    probs = classify(model, ckpt, inputs)
-    classes = ckpt["data"]["classes"]
-    top = min(args.top, len(classes))
-    width = max(len(f) for f in files)
-    for f, p in zip(files, probs):
-        values, indices = p.topk(top)
-        print(f"{f:<{width}}  " + "  ".join(f"{classes[i]} {v:6.2%}" for v, i in zip(values.tolist(), indices.tolist())))
-    if args.save_preprocessed:
-        print(f"wrote the 28x28 inputs to {args.save_preprocessed}")
+    table = len(args.images) == 1 and args.images[0].lower().endswith(".csv")
+    if table and args.save_preprocessed:
+        raise UserError("--save-preprocessed shows how images were prepared; a CSV's rows are used as they are", 2)
+    if any(p.lower().endswith(".csv") for p in args.images) and not table:
+        raise UserError("give one CSV file of pixel rows, or image files and folders, not both", 2)
+    if args.out and os.path.realpath(args.out) in {os.path.realpath(p) for p in args.images}:
+        raise UserError(f"--out {args.out} is one of the inputs; choose another file", 2)
+    if table:
+        inputs, names = read_csv(args.images[0])[0][:, 0], None
+    else:
+        names = gather_files(args.images)
+        outputs = preprocessed_names(names, args.save_preprocessed) if args.save_preprocessed else None
+        rule = ckpt["data"].get("rule", "mnist")
+        inputs = torch.stack([to_input(read_gray(f), rule, f) for f in names])   # [N, 28, 28] uint8
+        if outputs:
+            save_inputs(inputs, outputs, args.save_preprocessed)
+    probs = torch.cat([classify(model, ckpt, chunk) for chunk in inputs.split(1000)])
+    report(probs, names, ckpt["data"]["classes"], args)
     return 0
+
+
+def save_inputs(inputs, outputs, folder):
+    from PIL import Image
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --save-preprocessed {folder} ({e.strerror}); choose a writable folder") from None
+    for x, out in zip(inputs, outputs):
+        save_png(Image.fromarray(x.numpy(), mode="L"), out)
+    print(f"wrote the 28x28 inputs to {folder}")
+
+
+def report(probs, names, classes, args):
+    """The top classes of each input on stdout (a CSV's first rows only when --out writes them all), and
+    --out: ImageId,Label rows numbered from 1 for a CSV of pixels, file,label,probability for images."""
+    top = min(args.top, len(classes))
+    labels = [f"{i}" for i in range(1, len(probs) + 1)] if names is None else names
+    shown = len(probs) if names is not None or len(probs) <= 20 or not args.out else 10
+    width = max(len(n) for n in labels[:shown])
+    for name, p in zip(labels[:shown], probs[:shown]):
+        values, indices = p.topk(top)
+        print(f"{name:<{width}}  " + "  ".join(f"{classes[i]} {v:6.2%}" for v, i in zip(values.tolist(), indices.tolist())))
+    if shown < len(probs):
+        print(f"... and {len(probs) - shown:,} more rows")
+    if args.out:
+        best, index = probs.max(1)
+        if names is None:
+            text = "ImageId,Label\n" + "".join(f"{i},{classes[k]}\n" for i, k in enumerate(index.tolist(), 1))
+        else:
+            text = "file,label,probability\n" + "".join(f"{csv_cell(n)},{csv_cell(classes[k])},{p:.4f}\n"
+                                                          for n, k, p in zip(names, index.tolist(), best.tolist()))
+        write_text_atomic(text, args.out)
+        print(f"wrote {len(probs):,} predictions to {args.out}")
+
+
+def csv_cell(text):
+    """TEXT as one CSV cell: quoted when it holds a comma, a quote or a line break."""
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n\r') else text
 
 
 if __name__ == "__main__":

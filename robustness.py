@@ -1,10 +1,11 @@
-"""A robustness suite: the MNIST-style test set changed the ways real handwriting differs from it.
+"""A robustness suite: the MNIST-style test set changed the ways real handwriting differs from it, and
+digits of other writers: handwriting fonts no training run uses, drawn as scans (fontdigits.py).
 
     shifted = apply("thick", images_u8, severity=2)     # uint8 [N, 1, 28, 28] in, the same out
-    for name in SHIFTS: ...                            # every shift, at severities 1 and 2
+    rows, note = suite(images, labels, classes)          # every row evaluate.py --shifts scores
 
 Each shift is a pure function of the images, the severity and a fixed seed, batched on the images'
-device, and keeps the labels. "inverted" goes through predict.py's preprocessing (images.to_mnist),
+device, and keeps the labels. "inverted" goes through predict.py's preprocessing (preprocess.to_mnist),
 as a photo of dark ink on light paper would, so it measures that path, not the raw model.
 """
 import math
@@ -30,6 +31,28 @@ SHIFTS = {   # name: what severities 1 and 2 do
     "breaks": "ink erased in 3 and 6 random 4x4 patches on the strokes",
     "inverted": "dark ink on white (then on grey) paper, through predict.py's preprocessing",
 }
+
+
+FONT_ROWS = ("fonts 1", "fonts 2")   # digits of held-out handwriting fonts, as scans and photos (fontdigits.py)
+
+
+def suite(images, labels, classes):
+    """(row, images, labels) of every case the suite scores: clean, each shift at each severity, and
+    for digit models the held-out fonts' check sets at both severities, or a note saying how to
+    install the fonts where none are. The fonts' images have their own labels."""
+    rows = [("clean", images, labels)] + [(f"{name} {s}", apply(name, images, s), labels)
+                                          for name in SHIFTS for s in SEVERITIES]
+    note = None
+    if list(classes) == list("0123456789"):
+        import fontdigits
+        held_out = fontdigits.split_fonts(fontdigits.find_fonts())[1]
+        if held_out:
+            for row in FONT_ROWS:
+                x, y = fontdigits.check_set(held_out, severity=int(row[-1]))
+                rows.append((row, x.to(images.device), y.to(labels.device)))
+        else:
+            note = f"the handwriting-font rows need the fonts: {fontdigits.install_hint()}"
+    return rows, note
 
 
 def apply(name, images, severity, seed=0):
@@ -105,7 +128,7 @@ def _breaks(x, s, gen):
 def _inverted(x, s, gen):
     """Dark ink on white paper (severity 2: on grey paper, at lower contrast), then predict.py's
     preprocessing, one image at a time as predict.py does it."""
-    from images import to_mnist
+    from preprocess import to_mnist
     paper, ink = ((1.0, 0.0), (0.75, 0.3))[s]
     photos = paper + (ink - paper) * x
     return torch.stack([to_mnist(p[0].cpu()).to(x.device) for p in photos]).unsqueeze(1).float() / 255

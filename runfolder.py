@@ -1,11 +1,12 @@
 """A run's folder: its lock, args.json, log.csv (a row per epoch), steps.csv, checkpoints and TensorBoard.
 
     out = prepare_out(args)                                   # a new folder; an old run only with --overwrite
-    folder = RunFolder(out, args, info, norm, progress, world)   # what the training loop writes through
+    folder = RunFolder(out, args, data, progress, world)          # what the training loop writes through
     folder.append_epoch(row, step); folder.save(stepper, epoch, step, partial)
 
 Rank 0 alone writes under torchrun; a write that fails there (a full disk) stops every rank at once.
 """
+import argparse
 import csv
 import io
 import json
@@ -13,11 +14,14 @@ import os
 import time
 
 import distributed
-from checkpoint import make_record, rng_state, save_checkpoint
+from checkpoint import checkpoint_path, load_checkpoint, make_record, rng_state, save_checkpoint
 from cli import UserError
 from files import WriteError, remove_temporaries, write_problem, write_text_atomic
 
 RUN_FILES = ("last.pt", "best.pt", "log.csv", "steps.csv", "args.json")
+# Flags a resumed run may change; every other flag must match the checkpoint's.
+RESUME_MAY_CHANGE = {"epochs", "device", "data_dir", "resume", "debug", "save_every", "compile", "progress",
+                     "log_every", "tensorboard", "eval_every", "out", "overwrite"}
 # An args.json of ours holds at least these flags; --overwrite replaces a folder only when it has one.
 RUN_KEYS = {"model", "dataset", "epochs", "batch_size", "optimizer", "seed"}
 STEP_COLUMNS = ["step", "epoch", "train_loss", "train_acc", "lr", "images_per_s"]
@@ -62,7 +66,8 @@ def release_folders():
 
 def prepare_out(args):
     """Create the run folder. A folder holding another run is refused unless --overwrite."""
-    out = args.out or os.path.join("runs", f"{args.dataset}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    data = os.path.splitext(os.path.basename(args.dataset.rstrip("/\\")))[0] or "data"   # a name, or a path's last part
+    out = args.out or os.path.join("runs", f"{data}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a folder; choose another --out", 2)
     existing = [f for f in RUN_FILES if os.path.lexists(os.path.join(out, f))]
@@ -97,6 +102,47 @@ def read_run_args(folder):
     except (OSError, ValueError):
         return None
     return saved if isinstance(saved, dict) and RUN_KEYS <= set(saved) else None
+
+
+def find_resume(path):
+    """(checkpoint or None, its folder, whether that is the run's own, saved arguments) for --resume PATH.
+    A folder is the run's own when PATH is its last.pt with the run's args.json beside it; any other
+    checkpoint (a best.pt, a copy elsewhere) continues only in a new folder (--out). A run killed
+    before its first save has args.json but no last.pt: it starts over with those arguments."""
+    args_file = os.path.join(path, "args.json")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "last.pt")) and os.path.exists(args_file):
+        saved = read_run_args(path)
+        if saved is None:
+            raise UserError(f"{args_file} is not a train.py run's; start a new run instead", 2)
+        return None, os.path.abspath(path), True, saved
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt.get("args"), dict) or ckpt.get("optimizer") is None:
+        raise UserError(f"{path} holds weights without the training state a resume needs (optimizer, "
+                        f"random streams); train a new run, or evaluate it with evaluate.py", 2)
+    file = os.path.abspath(checkpoint_path(path))
+    folder = os.path.dirname(file)
+    saved = read_run_args(folder)
+    own = os.path.basename(file) == "last.pt" and saved is not None and all(
+        saved.get(k) == v for k, v in ckpt["args"].items() if k not in RESUME_MAY_CHANGE)
+    return ckpt, folder, own, ckpt["args"]
+
+
+def resume_args(build_parser, argv, saved):
+    """The saved run's arguments, with the flags typed now (ARGV, parsed by train.py's parser) that a
+    resume may change; any other flag typed must match the saved one."""
+    parser, quiet = build_parser(), build_parser()
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    explicit = vars(quiet.parse_args(argv))
+    for key, value in explicit.items():
+        if key not in RESUME_MAY_CHANGE and saved.get(key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"--resume: the run was trained with {flag} {saved.get(key)}, not {value}; "
+                            f"drop {flag} to continue it as it was, or start a new run", 2)
+    args = parser.parse_args([])
+    vars(args).update({k: v for k, v in saved.items() if k in vars(args)})
+    vars(args).update({k: v for k, v in explicit.items() if k in RESUME_MAY_CHANGE})
+    return args
 
 
 def write_args(out, args):
@@ -140,11 +186,6 @@ def append_row(out, row, columns, name="log.csv"):
         raise WriteError(write_problem(path, e)) from None
 
 
-def start_steps(out):
-    """An empty steps.csv: the header only."""
-    write_text_atomic(",".join(STEP_COLUMNS) + "\n", os.path.join(out, "steps.csv"))
-
-
 def keep_steps(source, out, last_step):
     """OUT/steps.csv as SOURCE's rows up to the global step a resumed checkpoint holds, so that it never
     shows steps that were not saved (as log.csv is rebuilt from the checkpoint). SOURCE is OUT for a
@@ -165,8 +206,8 @@ class RunFolder:
     """The folder as the training loop writes it. Under torchrun every rank calls the same methods at
     the same steps; rank 0 writes, and a failed write reaches every rank (distributed.on_rank0)."""
 
-    def __init__(self, out, args, info, norm, progress, world=None, tensorboard=False):
-        self.out, self.args, self.info, self.norm, self.world = out, args, info, norm, world
+    def __init__(self, out, args, data, progress, world=None, tensorboard=False):
+        self.out, self.args, self.data, self.world = out, args, data, world
         self.progress = progress   # checkpoint.Progress: the history and early-stopping state it saves
         self.columns = log_columns(args)
         self.rank0 = world is None or world.rank == 0
@@ -197,8 +238,8 @@ class RunFolder:
         """The checkpoint after `epoch` epochs and `step` steps of the next one. Every rank gives its
         random streams; rank 0 writes."""
         rngs = distributed.gather(self.world, rng_state(stepper.device))
-        self._write(lambda: save_checkpoint(make_record(stepper, self.args, self.info, self.norm, self.progress,
-                                                        epoch, step, partial, rngs), os.path.join(self.out, name)))
+        self._write(lambda: save_checkpoint(make_record(stepper, self.args, self.data, self.progress, epoch, step,
+                                                        partial, rngs), os.path.join(self.out, name)))
 
     def has(self, name):
         return os.path.exists(os.path.join(self.out, name))

@@ -3,6 +3,7 @@
     python train.py --model cnn --epochs 5 --device mps
     python train.py @recipes/fast.args --seed 1                 # a recipe file; later flags override it
     python train.py --model tiny --dataset fashion-mnist --data-dir DIR --val 5000
+    python train.py @recipes/strong.args --dataset train.csv       # your own data: a CSV, or a folder
     python train.py --resume runs/mnist-cnn-20261122-101500      # continue where it stopped
 
 Writes DIR/log.csv (a row per epoch), DIR/args.json (the resolved flags), DIR/last.pt after every
@@ -13,30 +14,25 @@ runs/<dataset>-<model>-<time>. Under torchrun it trains with DDP, --batch-size b
 """
 import argparse
 import importlib.util
-import json
 import os
-import signal
 import sys
-from contextlib import contextmanager
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import distributed
-from checkpoint import Progress, checkpoint_path, load_checkpoint, model_kwargs, restore_record, seed_rank
-from cli import Parser, UserError, non_negative, positive
-from data import DATASETS, Augment, Batches, dataset_info, load_split, normalization, split_off_val
+from checkpoint import Progress, model_kwargs, restore_record, seed_rank
+from cli import Parser, UserError, chance_and_strength, checked, non_negative, positive, say, stop_on_signals
+from data import DATASETS, Augment, Batches, normalization, pixel_stats, split_off_val
 from device import autocast_for, keep_freed_memory, resolve_amp
 from files import WriteError
-from loop import Config, Data, Stepper, StopRequest, Stopped, fit, say, score_untrained
+from loop import Config, Data, Stepper, Stopped, fit, score_untrained
 from models import OPTIONS, count_params, get_model, list_models, model_options, option_problem
+from forms import more_digits
 from optimizers import DEFAULT_LR, build_optimizer
-from runfolder import (RunFolder, keep_steps, lock_folder, log_columns, prepare_out, read_run_args, release_folders,
-                       rewrite_log, write_args)
-
-# Flags a resumed run may change; every other flag must match the checkpoint's.
-RESUME_MAY_CHANGE = {"epochs", "device", "data_dir", "resume", "debug", "save_every", "compile", "progress",
-                     "log_every", "tensorboard", "eval_every", "out", "overwrite"}
+from runfolder import (RunFolder, find_resume, keep_steps, lock_folder, log_columns, prepare_out, release_folders,
+                       resume_args, rewrite_log, write_args)
+from userdata import open_dataset
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,9 +53,13 @@ def add_data_flags(g):
     g.add_argument("--model", default="cnn", choices=list_models(), help="architecture (default: cnn)")
     for name, option in OPTIONS.items():   # declared once, in models.py
         having = ", ".join(m for m in list_models() if name in model_options(m))
-        g.add_argument(f"--{name}", type=model_option(name), help=f"{option.help}, for {having} (default: the "
-                       f"model's own)")
-    g.add_argument("--dataset", default="mnist", choices=list(DATASETS), help="(default: mnist)")
+        g.add_argument(f"--{name}", type=checked(option.kind, lambda v, name=name: option_problem(name, v)),
+                       help=f"{option.help}, for {having} (default: the model's own)")
+    g.add_argument("--dataset", default="mnist", metavar="NAME_OR_PATH", help=f"a built-in set ({', '.join(DATASETS)}) "
+                   "or your own: a CSV file (a label column and N*N pixel columns, as Kaggle's digit recognizer), a "
+                   "folder of class folders of images, or a folder of IDX files (default: mnist)")
+    g.add_argument("--test", metavar="PATH", help="your own labelled test set, of the same kind as --dataset (default: a "
+                   "stratified seventh of --dataset, recorded in the checkpoint)")
     g.add_argument("--data-dir", help="folder holding the IDX files, flat or as <Name>/raw/ "
                    "(default: search ./data, then download)")
     g.add_argument("--norm", default="dataset", choices=["dataset", "mnist", "unit", "raw"],
@@ -120,6 +120,12 @@ def add_regularization_flags(g):
         g.add_argument(f"--{flag}", type=chance_and_strength, default=[0.0, 0.0], metavar="P[:S]",
                        help=f"with probability P per image, {what}; strength S in 0..1 (default: 1). For "
                        f"digits that are not MNIST's: photos, scans, other pens (default: off)")
+    for flag, what in (("fonts", "digits rendered from the installed handwriting fonts (fontdigits.py; the "
+                                 "families held out for evaluate.py --shifts are never used)"),
+                       ("european", "of the training set's 7s, 1s and 4s rewritten crossed, flagged and closed "
+                                    "(forms.py)")):
+        g.add_argument(f"--{flag}", type=non_negative(int), default=0, metavar="N", help=f"add N {what}, for "
+                       f"digits written elsewhere than MNIST's (default: 0)")
     g.add_argument("--ema", type=non_negative(float), default=0.0,
                    help="keep an exponential moving average of the weights with this decay, e.g. 0.999; "
                    "it is evaluated and saved beside the raw weights (default: 0, off)")
@@ -168,42 +174,12 @@ def add_run_flags(p):
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def model_option(name):
-    """argparse type for a model option of models.OPTIONS: its kind and its range."""
-    option = OPTIONS[name]
-
-    def parse(text):
-        try:
-            value = option.kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'a whole number' if option.kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        problem = option_problem(name, value)
-        if problem:
-            raise argparse.ArgumentTypeError(problem)
-        return value
-    parse.__name__ = f"{name} value"
-    return parse
-
-
-def chance_and_strength(text):
-    """argparse type for P or P:S, a probability and a strength, both in 0..1 (S defaults to 1)."""
-    try:
-        p, _, strength = text.partition(":")
-        value = [float(p), float(strength) if strength else 1.0]   # a list: what args.json gives back
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected P or P:S (probability and strength), got {text!r}") from None
-    if not all(0 <= v <= 1 for v in value):
-        raise argparse.ArgumentTypeError(f"P and S must be between 0 and 1, got {text!r}")
-    return value
-
-
 def check_args(args):
     """Cross-flag checks that argparse cannot do alone."""
-    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard", 2)
     def bad(message):
         raise UserError(message, 2)
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        bad("--tensorboard needs the tensorboard package: pip install tensorboard")
     for option in OPTIONS:
         if getattr(args, option) is not None and option not in model_options(args.model):
             bad(f"--{option}: model {args.model!r} has no {option} option; models with one: "
@@ -222,48 +198,8 @@ def check_args(args):
             bad(f"--{flag.replace('_', '-')} reads the validation set after every epoch; drop --eval-every")
     if args.translate > 0.5:
         bad(f"--translate is a fraction of the image side; above 0.5 the digit can leave it, got {args.translate}")
-    if args.stop_val_acc is not None and args.stop_val_acc > 100:
+    if (args.stop_val_acc or 0) > 100:
         bad(f"--stop-val-acc is a percentage, at most 100, got {args.stop_val_acc}")
-
-
-def find_resume(path):
-    """(checkpoint or None, its folder, whether that is the run's own, saved arguments) for --resume PATH.
-    A folder is the run's own when PATH is its last.pt with the run's args.json beside it; any other
-    checkpoint (a best.pt, a copy elsewhere) continues only in a new folder (--out). A run killed
-    before its first save has args.json but no last.pt: it starts over with those arguments."""
-    args_file = os.path.join(path, "args.json")
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "last.pt")) and os.path.exists(args_file):
-        saved = read_run_args(path)
-        if saved is None:
-            raise UserError(f"{args_file} is not a train.py run's; start a new run instead", 2)
-        return None, os.path.abspath(path), True, saved
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt.get("args"), dict) or ckpt.get("optimizer") is None:
-        raise UserError(f"{path} holds weights without the training state a resume needs (optimizer, "
-                        f"random streams); train a new run, or evaluate it with evaluate.py", 2)
-    file = os.path.abspath(checkpoint_path(path))
-    folder = os.path.dirname(file)
-    saved = read_run_args(folder)
-    own = os.path.basename(file) == "last.pt" and saved is not None and all(
-        saved.get(k) == v for k, v in ckpt["args"].items() if k not in RESUME_MAY_CHANGE)
-    return ckpt, folder, own, ckpt["args"]
-
-
-def resume_args(parser, argv, saved):
-    """The saved run's arguments, with the flags typed now that a resume may change."""
-    quiet = build_parser()
-    for action in quiet._actions:
-        action.default = argparse.SUPPRESS
-    explicit = vars(quiet.parse_args(argv))
-    for key, value in explicit.items():
-        if key not in RESUME_MAY_CHANGE and saved.get(key) != value:
-            flag = "--" + key.replace("_", "-")
-            raise UserError(f"--resume: the run was trained with {flag} {saved.get(key)}, not {value}; "
-                            f"drop {flag} to continue it as it was, or start a new run", 2)
-    args = parser.parse_args([])
-    vars(args).update({k: v for k, v in saved.items() if k in vars(args)})
-    vars(args).update({k: v for k, v in explicit.items() if k in RESUME_MAY_CHANGE})
-    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +211,10 @@ def parse_and_check(argv, world):
     or None, whether to continue in that folder)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    for flag in ("dataset", "test"):   # a path to your own data is recorded whole: a resume may start elsewhere
+        value = getattr(args, flag)
+        if value and value not in DATASETS and os.path.exists(value):
+            setattr(args, flag, os.path.abspath(value))
     resumed, source, in_place = None, None, False
     if args.resume:
         resumed, source, own, saved = distributed.on_rank0(world, find_resume, args.resume)
@@ -283,7 +223,7 @@ def parse_and_check(argv, world):
             raise UserError(f"--resume {args.resume} is not the last.pt of its own run folder (with that run's "
                             f"args.json beside it), so continuing in place could overwrite files that are not "
                             f"its own; continue it in a new folder with --out NEW", 2)
-        args = resume_args(parser, argv, saved)
+        args = resume_args(build_parser, argv, saved)
     check_args(args)
     distributed.check_args(world, args)
     if args.lr is None:
@@ -307,26 +247,38 @@ def setup_device(args, world):
     return device, channels_last, precision
 
 
-def load_data(args, world, device, channels_last):
-    """Whole splits as uint8 on the device, the validation images held out of the training set."""
-    info = dataset_info(args.dataset)
-    distributed.fetch_data(world, args.dataset, args.data_dir)
-    images, labels = load_split(args.dataset, "train", args.data_dir, device)
+def load_data(args, world, device, channels_last, record=None):
+    """Whole splits as uint8 on the device, the validation images held out of the training set. A
+    resumed run's RECORD names the test split it was trained beside."""
+    if args.dataset in DATASETS:
+        distributed.fetch_data(world, args.dataset, args.data_dir)
+    source = open_dataset(args.dataset, args.data_dir, args.test, record, device)
+    info, (images, labels), test = source.info, source.train, source.test
     if args.val >= len(labels):
         raise UserError(f"--val {args.val} leaves nothing to train on: the training set has {len(labels):,} images", 2)
+    own = args.dataset not in DATASETS
+    norm = {"dataset": lambda: own_stats(images) if own else normalization(args.dataset, args.data_dir),
+            "mnist": lambda: normalization("mnist"), "unit": lambda: (0.0, 1.0), "raw": lambda: (0.0, 1 / 255)}[args.norm]()
     (images, labels), val = split_off_val(images, labels, args.val)
-    test = load_split(args.dataset, "test", args.data_dir, device)
     if args.subset:
         images, labels, test = images[:args.subset], labels[:args.subset], (test[0][:args.subset], test[1][:args.subset])
-    norm = {"dataset": lambda: normalization(args.dataset, args.data_dir), "mnist": lambda: normalization("mnist"),
-            "unit": lambda: (0.0, 1.0), "raw": lambda: (0.0, 1 / 255)}[args.norm]()
+    if getattr(args, "fonts", 0) or getattr(args, "european", 0):   # getattr: runs saved before these flags
+        images, labels = more_digits(images, labels, info.classes, args.fonts, args.european, args.seed)
     batches = Batches(images, labels, args.batch_size, *norm, shuffle=True, seed=args.seed,
                       augment=build_augment(args, info), drop_last=args.drop_last, channels_last=channels_last,
                       rank=world.rank if world else 0, world_size=world.size if world else 1)
     if len(batches) == 0:
         raise UserError(f"--batch-size {args.batch_size} with --drop-last leaves no batch of "
                         f"{len(labels):,} training images", 2)
-    return Data(info, norm, batches, {"val": val, "test": test})
+    return Data(info, norm, batches, {"val": val, "test": test}, source.record, source.note)
+
+
+def own_stats(images):
+    """The mean and std of a user's training images, rounded as the built-in sets' recorded ones are."""
+    mean, std = (round(v, 4) for v in pixel_stats(images))
+    if std == 0:
+        raise UserError(f"every training image is the same shade (mean {mean}); there is nothing to learn from them")
+    return mean, std
 
 
 def build_augment(args, info):
@@ -335,8 +287,7 @@ def build_augment(args, info):
     extra = {k: tuple(getattr(args, k, None) or (0.0, 0.0)) for k in ("stroke", "blur", "lowres", "elastic")}
     if not (args.augment or args.erase or flip or any(p for p, _ in extra.values())):
         return None
-    on = args.augment
-    return Augment(args.rotate if on else 0, args.translate if on else 0, args.scale if on else 0, args.erase, flip,
+    return Augment(*(v if args.augment else 0 for v in (args.rotate, args.translate, args.scale)), args.erase, flip,
                    **extra)
 
 
@@ -353,14 +304,13 @@ def build_stepper(args, world, device, data, channels_last):
 
 
 def open_folder(args, world, data, stepper, resumed, source, in_place):
-    """The run folder, with the record to continue from: (folder, where to start), or (folder, None)
-    when a resumed run is already complete. A new run (or one killed before its first save) starts
-    fresh; a resumed one continues in its own folder or, with --out, in a new one, its log rebuilt
-    from the checkpoint (rows that were never saved are dropped)."""
-    progress, start = Progress(), (1, 0, None)
+    """(the run folder, where to start), or (folder, None) when a resumed run is complete. A new run (or
+    one killed before its first save) starts fresh; a resumed one continues in its own folder or, with
+    --out, a new one, its log rebuilt from the checkpoint (rows that were never saved are dropped)."""
+    progress, start, (rank, size) = Progress(), (1, 0, None), (world.rank, world.size) if world else (0, 1)
     if resumed:
         try:
-            progress, *start = restore_record(resumed, stepper, world.rank if world else 0, world.size if world else 1)
+            progress, *start = restore_record(resumed, stepper, rank, size)
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             raise UserError(f"{args.resume} cannot be resumed: its saved training state is damaged or does not fit "
                             f"({type(e).__name__}); evaluate.py may still read its weights; start a new run") from None
@@ -375,11 +325,11 @@ def open_folder(args, world, data, stepper, resumed, source, in_place):
         keep_steps(source if resumed else out, out, last_step)
         return out
     out = distributed.on_rank0(world, make)   # every rank learns the outcome
-    if world and world.rank:   # the saved partial sums are global: count them once, on rank 0
+    if rank:   # the saved partial sums are global: count them once, on rank 0
         start = (start[0], start[1], None)
     if not resumed:
-        seed_rank(world.rank if world else 0, args.seed)
-    folder = RunFolder(out, args, data.info, data.norm, progress, world, args.tensorboard)
+        seed_rank(rank, args.seed)
+    folder = RunFolder(out, args, data, progress, world, args.tensorboard)
     if progress.early.stopped or start[0] > args.epochs:
         why = progress.early.stopped or f"it finished epoch {resumed['epoch']} of {args.epochs}"
         print(f"{out} is complete ({why}); pass a larger --epochs to train further")
@@ -387,27 +337,6 @@ def open_folder(args, world, data, stepper, resumed, source, in_place):
     if resumed:
         print(f"resuming {out} at epoch {start[0]}, step {start[1]}")
     return folder, tuple(start)
-
-
-@contextmanager
-def stop_on_signals():
-    """Ctrl-C, or the SIGTERM with which schedulers (SLURM, Kubernetes) stop or preempt a job, asks the
-    run to save at the end of the step and stop; a second signal quits at once, and the last save is
-    whole anyway. Exit 130 after Ctrl-C, 143 after SIGTERM, as the shell reports a death by signal."""
-    stop = StopRequest()
-
-    def handler(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
-        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-        stop.ask("interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)", 128 + signum)
-        print(f"\n{name}: saving at the end of this step (send it again to quit now)", file=sys.stderr, flush=True)
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def main(argv):
@@ -423,7 +352,7 @@ def train(argv):
     args, resumed, source, in_place = parse_and_check(argv, world)
     keep_freed_memory()
     device, channels_last, precision = setup_device(args, world)
-    data = load_data(args, world, device, channels_last)
+    data = load_data(args, world, device, channels_last, resumed["data"].get("test") if resumed else None)
     stepper = build_stepper(args, world, device, data, channels_last)
     config = Config.from_args(args, len(data.batches))
     folder, start = open_folder(args, world, data, stepper, resumed, source, in_place)
@@ -432,6 +361,8 @@ def train(argv):
     with stop_on_signals() as stop:
         if world:
             stepper.step_model = distributed.ready(world, stepper.model, device, args.compile)
+        if data.note:
+            say(stop, f"{args.dataset}: {data.note}")
         say(stop, f"{args.model} ({count_params(stepper.model):,} parameters) on {args.dataset}: "
                   f"{len(data.batches.labels):,} train, {len(data.splits['val'][1]):,} val, "
                   f"{len(data.splits['test'][1]):,} test images; {device}{distributed.describe(world)}, {precision}; "

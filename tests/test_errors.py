@@ -98,7 +98,7 @@ TRAIN = ["--epochs", "1", "--progress", "off"]
 CASES = [
     # (id, script, argv(f), exit code, message pattern)
     ("unknown model", T, lambda f: ["--model", "resnet9000"], 2, r"invalid choice: 'resnet9000'"),
-    ("unknown dataset", T, lambda f: ["--dataset", "cifar"], 2, r"--dataset: invalid choice"),
+    ("unknown dataset", T, lambda f: ["--dataset", "cifar"], 2, r"unknown dataset .cifar.: neither a built-in one"),
     ("unknown optimizer", T, lambda f: ["--optimizer", "lbfgs"], 2, r"--optimizer: invalid choice"),
     ("unknown scheduler", T, lambda f: ["--scheduler", "plateau"], 2, r"--scheduler: invalid choice"),
     ("unknown device", T, lambda f: ["--device", "tpu"], 2, r"unknown device 'tpu'"),
@@ -175,7 +175,7 @@ CASES = [
     ("eval malicious", E, lambda f: [f.evil], 1, r"refusing to load"),
     ("eval bare weights", E, lambda f: [f.bare], 1, r"bare weights .* accepts it with --model NAME"),
     ("eval bare weights wrong model", E, lambda f: [f.bare, "--model", "cnn"], 1, r"weights do not fit model 'cnn'"),
-    ("eval unknown dataset", E, lambda f: [f.ckpt, "--dataset", "svhn"], 2, r"--dataset: invalid choice"),
+    ("eval unknown dataset", E, lambda f: [f.ckpt, "--dataset", "svhn"], 2, r"unknown dataset 'svhn'"),
     ("eval absent cuda", E, lambda f: [f.ckpt, "--device", "cuda:3"], 2, r"CUDA|device"),
     ("eval zero batch", E, lambda f: [f.ckpt, "--batch-size", "0"], 2, r"--batch-size: must be greater than 0"),
     ("eval negative subset", E, lambda f: [f.ckpt, "--subset", "-5"], 2, r"--subset: must be 0 or more"),

@@ -80,9 +80,9 @@ def test_accuracies_in_the_docstrings_are_the_files(weights):
 
 
 def test_pretrained_normalizes_as_the_checkpoint_did(mnist_test):
-    """The wrapper on 0..1 images gives what images.classify gives on the uint8 ones."""
+    """The wrapper on 0..1 images gives what preprocess.classify gives on the uint8 ones."""
     from checkpoint import build_model, load_checkpoint
-    from images import classify
+    from preprocess import classify
     images, _ = mnist_test
     model = hub_load("cnn", pretrained=True)
     assert not model.training and model.classes == [str(d) for d in range(10)]

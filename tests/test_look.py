@@ -10,7 +10,7 @@ import data
 import plots
 from conftest import HAS_FASHION, ROOT, SHARED, run_script
 from data import load_split
-from images import to_mnist
+from preprocess import to_mnist
 
 SHIPPED = {"mnist": os.path.join(ROOT, "weights", "mnist.pt"),
            "fashion-mnist": os.path.join(ROOT, "weights", "fashion-mnist.pt")}
@@ -86,7 +86,7 @@ def mnist_test():
 
 def test_a_photo_is_turned_upright_as_its_exif_tag_says(tmp_path):
     """Phones save portrait photos sideways with an orientation tag (6: turn 90 degrees clockwise)."""
-    from images import read_gray
+    from preprocess import read_gray
     wide = Image.new("L", (40, 20), 255)
     exif = Image.Exif()
     exif[0x0112] = 6

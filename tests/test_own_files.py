@@ -17,7 +17,7 @@ import data
 import files
 from cli import UserError
 from conftest import ROOT, capture, idx_bytes, main_of, snapshot, write_idx_set
-from images import FORMAT_NAMES, read_gray, to_mnist
+from preprocess import FORMAT_NAMES, read_gray, to_mnist
 from runfolder import read_log
 
 FAST = ["--model", "fast", "--epochs", "1", "--progress", "off"]

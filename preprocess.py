@@ -1,10 +1,12 @@
-"""Images from outside the datasets (photos, drawings, uploads) made to look like MNIST's.
+"""Images from outside the datasets (photos, drawings, uploads, your class folders) as a model's input.
 
-    gray = read_gray("my_digit.png")          # or read_gray(png_bytes, name="upload")
+    gray = read_gray("my_digit.png")          # or read_gray(png_bytes, name="upload"); listed formats only
     x = to_mnist(gray)                        # uint8 [28, 28], white ink on black, centred by mass
+    x = to_input(gray, ckpt["data"]["rule"])  # by the rule the checkpoint was trained with
     probs = classify(model, ckpt, x[None])    # [1, classes] softmax, normalized as the checkpoint was
 
-predict.py and demo.py both go through these, so a drawing is read the same way everywhere.
+predict.py, demo.py and userdata.py's class folders all go through these, so an image is read the
+same way everywhere.
 """
 import io
 
@@ -103,6 +105,26 @@ def to_mnist(gray, path="image"):
     canvas = torch.zeros(28, 28)
     canvas[top:top + size[0], left:left + size[1]] = patch
     return widen_thin_strokes(canvas).mul(255).round().to(torch.uint8)
+
+
+def fit_square(gray):
+    """The rule for images of a user's own class folders, the same in training and prediction: a float
+    image [H, W] on 0..1 padded to a square with its own background (the median of its border), so
+    its aspect is kept, then resized to uint8 [28, 28]. Unlike to_mnist, nothing is inverted,
+    cropped or centred: the data's own look is what the model learns."""
+    h, w = gray.shape
+    side = max(h, w)
+    border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    canvas = torch.full((side, side), float(border.median()))
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[top:top + h, left:left + w] = gray
+    small = F.interpolate(canvas[None, None], size=(28, 28), mode="bilinear", antialias=side > 28, align_corners=False)
+    return small[0, 0].clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def to_input(gray, rule, path="image"):
+    """A float image as the model's uint8 [28, 28] input, by the rule its checkpoint records."""
+    return fit_square(gray) if rule == "fit" else to_mnist(gray, path)
 
 
 def widen_thin_strokes(canvas):
