@@ -118,31 +118,30 @@ def describe_error(e):
     return f"unexpected {type(e).__name__}: {e}; rerun with --debug for the traceback and report it", 1
 
 
-def positive(kind):
-    """argparse type for numbers that must be > 0, with a one-line message otherwise."""
+def checked(kind, problem, expected):
+    """argparse type for a number of KIND that problem(value) accepts: it returns None, or why not
+    ("must be 0 or more"); EXPECTED names what a text that is no number should have been."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not value > 0 or value != value or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        why = problem(value)
+        if why:
+            raise argparse.ArgumentTypeError(f"{why}, got {text!r}")
         return value
-    parse.__name__ = f"positive {kind.__name__}"
+    parse.__name__ = expected
     return parse
+
+
+def positive(kind):
+    """argparse type for numbers that must be > 0 (and finite), with a one-line message otherwise."""
+    return checked(kind, lambda v: None if v > 0 and v != float("inf") else "must be greater than 0",
+                   f"a positive {kind.__name__}")
 
 
 def non_negative(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value >= 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
-        return value
-    parse.__name__ = f"non-negative {kind.__name__}"
-    return parse
+    return checked(kind, lambda v: None if v >= 0 and v != float("inf") else "must be 0 or more", "a number")
 
 
 def chance_and_strength(text):
@@ -155,22 +154,6 @@ def chance_and_strength(text):
     if not all(0 <= v <= 1 for v in value):
         raise argparse.ArgumentTypeError(f"P and S must be between 0 and 1, got {text!r}")
     return value
-
-
-def checked(kind, problem):
-    """argparse type for a number of KIND that problem(value) accepts (it returns None, or why not)."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        why = problem(value)
-        if why:
-            raise argparse.ArgumentTypeError(why)
-        return value
-    parse.__name__ = f"{kind.__name__} value"
-    return parse
 
 
 # ---------------------------------------------------------------------------------------------

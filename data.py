@@ -156,8 +156,7 @@ MAX_BYTES = 1 << 30
 
 
 def read_idx(path, magic):
-    """An IDX file (.gz or plain) as a uint8 tensor; see _read_idx."""
-    return _read_idx(path, magic)[0]
+    return _read_idx(path, magic)[0]   # the tensor alone
 
 
 def _read_idx(path, magic):
@@ -259,14 +258,7 @@ def _read_body(f, limit, growing):
     memory follows what the file really holds; from a plain file, whose size was checked, at once."""
     if not growing:
         body = bytearray(limit)
-        view, got = memoryview(body), 0
-        while got < limit:
-            n = f.readinto(view[got:got + (1 << 22)])
-            if not n:
-                break
-            got += n
-        del view
-        del body[got:]
+        del body[f.readinto(body):]   # a buffered file fills the buffer unless it ends first
         return body
     chunks, got = [], 0
     while got < limit:
@@ -371,8 +363,8 @@ def normalize(images_u8, mean, std, dtype=torch.float32):
 class Augment:
     """Random affine (rotation degrees, translation as a fraction of the side, scale range),
     optional random erasing and horizontal flips (right for clothing, wrong for digits), and the
-    changes that real handwriting brings and an affine does not: stroke width, blur, low resolution
-    and elastic warps, each given as (probability, strength) with strength in 0..1."""
+    changes that real handwriting brings and an affine does not: stroke width, blur, low resolution,
+    elastic warps and scan noise, each given as (probability, strength) with strength in 0..1."""
     degrees: float = 10.0
     translate: float = 0.1
     scale: float = 0.1
@@ -382,12 +374,14 @@ class Augment:
     blur: tuple = (0.0, 0.0)      # a Gaussian blur (sigma 1), blended in
     lowres: tuple = (0.0, 0.0)    # down to 14, 12 or 10 pixels a side and back (strength: how far down)
     elastic: tuple = (0.0, 0.0)   # a smooth random warp of up to 3 pixels (times strength)
+    noise: tuple = (0.0, 0.0)     # grain of std up to 0.4 (times strength), as a scanner or camera adds
 
     @property
     def DRAWS(self):
         """Uniforms drawn per image, in order: Batches skips other ranks' draws. Only the changes that
         are switched on draw, so adding them leaves the streams of older recipes as they were."""
-        return 10 + sum(2 for p, _ in (self.stroke, self.blur, self.lowres) if p) + (1 + 32 if self.elastic[0] else 0)
+        return (10 + sum(2 for p, _ in (self.stroke, self.blur, self.lowres) if p) + (1 + 32 if self.elastic[0] else 0)
+                + (3 if self.noise[0] else 0))
 
     def __call__(self, x, gen):
         """Augment a float batch [B, 1, H, W] on 0..1. Random numbers come from the CPU generator
@@ -418,6 +412,11 @@ class Augment:
             sides = [(14, amount < 1 / 3), (12, (amount >= 1 / 3) & (amount < 2 / 3)), (10, amount >= 2 / 3)]
             for side, pick in sides:
                 x = torch.where((pick & (on > 0)).view(b, 1, 1, 1), low_resolution(x, side), x)
+        if self.noise[0]:   # hashed from each pixel and a per-image phase: one uniform draws a whole field
+            on, amount, phase = _chance(u, next(extra), self.noise[0]), u[:, next(extra)].abs(), u[:, next(extra)]
+            rows, cols = torch.meshgrid(*(torch.arange(n, device=dev, dtype=x.dtype) for n in x.shape[-2:]), indexing="ij")
+            grain = torch.sin(rows * 12.9898 + cols * 78.233 + phase.view(b, 1, 1, 1) * 437.585) * 43758.5453
+            x = (x + (on * amount * self.noise[1] * 1.39).view(b, 1, 1, 1) * (grain - grain.floor() - 0.5)).clamp(0, 1)
         if self.flip:
             x = torch.where((u[:, 4] > 0).view(b, 1, 1, 1), x.flip(-1), x)
         if self.erase:

@@ -38,12 +38,12 @@ class Option:
     def problem(self, value):
         """Why VALUE is not a valid setting, or None."""
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            return f"expected a number, got {value!r}"
+            return "must be a number"
         if self.kind is int and value != int(value):
-            return f"expected a whole number, got {value!r}"
+            return "must be a whole number"
         above = value >= self.high if self.open_high else value > self.high
         if value < self.low or above:
-            return f"must be from {self.low:g} to {self.high:g}{' (excluded)' if self.open_high else ''}, got {value!r}"
+            return f"must be from {self.low:g} to {self.high:g}{' (excluded)' if self.open_high else ''}"
         return None
 
 
@@ -89,7 +89,7 @@ def model_options(name):
 
 def option_problem(key, value):
     """Why VALUE is not a valid setting of the model argument KEY (an option, in_channels or
-    num_classes), or None."""
+    num_classes), as words to follow it ("must be from 1 to 1024"), or None."""
     option = OPTIONS.get(key) or (Option(int, 1, SHAPE_LIMITS[key], key) if key in SHAPE_LIMITS else None)
     return "is not a model argument" if option is None else option.problem(value)
 
@@ -104,7 +104,7 @@ def get_model(name, **kwargs):
     for key, value in kwargs.items():
         problem = option_problem(key, value)
         if problem:
-            raise ModelError(f"model {name!r}: {key} {problem}")
+            raise ModelError(f"model {name!r}: {key}={value!r} {problem}")
     return _REGISTRY[name](**kwargs)
 
 

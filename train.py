@@ -53,7 +53,8 @@ def add_data_flags(g):
     g.add_argument("--model", default="cnn", choices=list_models(), help="architecture (default: cnn)")
     for name, option in OPTIONS.items():   # declared once, in models.py
         having = ", ".join(m for m in list_models() if name in model_options(m))
-        g.add_argument(f"--{name}", type=checked(option.kind, lambda v, name=name: option_problem(name, v)),
+        g.add_argument(f"--{name}", type=checked(option.kind, lambda v, name=name: option_problem(name, v),
+                                                 "a whole number" if option.kind is int else "a number"),
                        help=f"{option.help}, for {having} (default: the model's own)")
     g.add_argument("--dataset", default="mnist", metavar="NAME_OR_PATH", help=f"a built-in set ({', '.join(DATASETS)}) "
                    "or your own: a CSV file (a label column and N*N pixel columns, as Kaggle's digit recognizer), a "
@@ -116,7 +117,8 @@ def add_regularization_flags(g):
     for flag, what in (("stroke", "thicker or thinner strokes (2x2 dilation or erosion, blended in by up to S)"),
                        ("blur", "Gaussian blur (sigma 1, blended in by up to S)"),
                        ("lowres", "a round trip through 14, 12 or 10 pixels a side (S: how far down)"),
-                       ("elastic", "a smooth random warp of up to 3*S pixels")):
+                       ("elastic", "a smooth random warp of up to 3*S pixels"),
+                       ("noise", "scan or camera grain of std up to 0.4*S")):
         g.add_argument(f"--{flag}", type=chance_and_strength, default=[0.0, 0.0], metavar="P[:S]",
                        help=f"with probability P per image, {what}; strength S in 0..1 (default: 1). For "
                        f"digits that are not MNIST's: photos, scans, other pens (default: off)")
@@ -284,7 +286,7 @@ def own_stats(images):
 def build_augment(args, info):
     flip = info.flips and args.augment if args.flip is None else args.flip
     # getattr: runs saved before these flags existed resume without them
-    extra = {k: tuple(getattr(args, k, None) or (0.0, 0.0)) for k in ("stroke", "blur", "lowres", "elastic")}
+    extra = {k: tuple(getattr(args, k, None) or (0.0, 0.0)) for k in ("stroke", "blur", "lowres", "elastic", "noise")}
     if not (args.augment or args.erase or flip or any(p for p, _ in extra.values())):
         return None
     return Augment(*(v if args.augment else 0 for v in (args.rotate, args.translate, args.scale)), args.erase, flip,
