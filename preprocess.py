@@ -9,6 +9,7 @@ predict.py, demo.py and userdata.py's class folders all go through these, so an 
 same way everywhere.
 """
 import io
+import math
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,7 @@ def gray_values(im):
 
 def to_mnist(gray, path="image"):
     """A float image [H, W] on 0..1 as MNIST would have it: uint8 [28, 28], white ink on black."""
+    gray = native_grid(gray)
     border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     paper = border.median()
     if paper > 0.5:                          # dark ink on light paper: make the ink bright
@@ -105,6 +107,28 @@ def to_mnist(gray, path="image"):
     canvas = torch.zeros(28, 28)
     canvas[top:top + size[0], left:left + size[1]] = patch
     return widen_thin_strokes(canvas).mul(255).round().to(torch.uint8)
+
+
+def native_grid(gray, step=0.08):
+    """A blocky image (a coarse scan or an 8x8 or 16x16 digit blown up by repeating pixels) at the
+    resolution it really has, one pixel a block; any other image as it is. Resized as it comes, a
+    blown-up 8x8 digit stays a staircase of hard-edged blocks that no MNIST digit looks like; from its
+    own few pixels, the resize to 20x20 draws it smooth, as a blurred MNIST digit. Blocks are found as
+    the common divisor of the places where rows and columns change (by more than STEP, so that a
+    compressed file's faint ripples do not count), if it is 3 pixels or more in both directions."""
+    sizes = []
+    for axis in (0, 1):
+        changes = ((gray.diff(dim=axis).abs() > step).any(dim=1 - axis)).nonzero().squeeze(1) + 1
+        if len(changes) < 3:
+            return gray
+        block = math.gcd(*changes.tolist())
+        sizes.append((block, changes[0].item() % block))
+    (bh, oh), (bw, ow) = sizes
+    if min(bh, bw) < 3:
+        return gray
+    # the centre of each block, from the first whole one; a part block at an edge adds nothing
+    return gray[oh + bh // 2::bh, ow + bw // 2::bw].contiguous() if min(gray.shape) // max(bh, bw) >= MIN_SIDE // 2 \
+        else gray
 
 
 def fit_square(gray):

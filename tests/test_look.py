@@ -104,6 +104,30 @@ def test_preprocessing_recovers_an_mnist_like_digit(mnist_test):
     assert diff < 25, diff
 
 
+def test_a_blown_up_coarse_digit_is_read_at_its_own_resolution(mnist_test, monkeypatch):
+    """An 8x8 digit enlarged by repeating pixels (16 to a side) is taken back to its 8x8 grid, so that
+    the resize to MNIST's 20x20 draws it smooth instead of as a staircase of blocks; photos, drawings
+    and small enlargements are left as they are."""
+    import torch.nn.functional as F
+    from preprocess import native_grid
+    digit = mnist_test[0][0:1].float() / 255
+    coarse = F.interpolate(digit, size=(8, 8), mode="area")[0, 0]
+    blocky = 1 - coarse.repeat_interleave(16, 0).repeat_interleave(16, 1)   # dark on white, 128x128
+    torch.testing.assert_close(native_grid(blocky), 1 - coarse)
+
+    def kinks(x):   # second differences: a staircase's flat runs and jumps have many, a smooth ramp few
+        x = x.float()
+        return (x[:, 2:] - 2 * x[:, 1:-1] + x[:, :-2]).abs().sum() + (x[2:] - 2 * x[1:-1] + x[:-2]).abs().sum()
+    mended = to_mnist(blocky)
+    import preprocess
+    monkeypatch.setattr(preprocess, "native_grid", lambda gray: gray)
+    assert kinks(mended) < 0.8 * kinks(to_mnist(blocky))   # 0.64-0.73 on the first five test digits
+    photo = torch.rand(64, 64)
+    assert native_grid(photo) is photo
+    twice = 1 - digit[0, 0].repeat_interleave(2, 0).repeat_interleave(2, 1)   # blocks of 2: a fine scan
+    assert native_grid(twice) is twice
+
+
 @pytest.mark.skipif(not os.path.exists(SHIPPED["mnist"]), reason="weights/mnist.pt not present")
 def test_a_large_off_centre_drawing_classifies_like_the_original(mnist_test, tmp_path, capsys):
     from checkpoint import build_model, load_checkpoint
