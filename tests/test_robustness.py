@@ -97,8 +97,9 @@ def test_unknown_shift_is_refused():
 
 def test_new_augmentations_draw_only_when_on_and_resume_exactly():
     assert Augment().DRAWS == 10   # older recipes keep their random streams
-    aug = Augment(0, 0, 0, stroke=(1.0, 1.0), blur=(0.5, 1.0), lowres=(0.5, 1.0), elastic=(0.5, 1.0))
-    assert aug.DRAWS == 10 + 2 + 2 + 2 + 33
+    aug = Augment(0, 0, 0, stroke=(1.0, 1.0), blur=(0.5, 1.0), lowres=(0.5, 1.0), elastic=(0.5, 1.0),
+                  noise=(0.5, 1.0))
+    assert aug.DRAWS == 10 + 2 + 2 + 2 + 33 + 3
     x, y = load_split("mnist", "test")
     x, y = x[:96], y[:96]
     b = Batches(x, y, 32, 0.1307, 0.3081, shuffle=True, seed=3, augment=aug)
@@ -110,6 +111,17 @@ def test_new_augmentations_draw_only_when_on_and_resume_exactly():
         assert torch.equal(torch.cat([a, c]), w)
     plain = Batches(x, y, 32, 0.1307, 0.3081, shuffle=True, seed=3, augment=Augment(0, 0, 0))
     assert not torch.equal(whole[0], next(plain.epoch(1))[0])
+
+
+def test_noise_augmentation_adds_grain_like_the_noise_shift():
+    """Grain on the black paper, different per image, of about the noise shift's strength at S = 1."""
+    x = load_split("mnist", "test")[0][:64].float() / 255
+    out = Augment(0, 0, 0, noise=(1.0, 1.0))(x, torch.Generator().manual_seed(0))
+    paper = x == 0
+    grain = out[paper].mean().item()
+    shifted = robustness.apply("noise", (x * 255).to(torch.uint8), 1).float()[paper].mean().item() / 255
+    assert 0.3 * shifted < grain < 3 * shifted and not torch.equal(out[0] - x[0], out[1] - x[1])
+    assert out.min() >= 0 and out.max() <= 1
 
 
 def test_stroke_augmentation_thickens_or_thins():
