@@ -10,6 +10,8 @@ same way everywhere.
 """
 import io
 import math
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -35,21 +37,16 @@ def read_gray(source, name=None):
     Only FORMATS are decoded; the pixel count is checked from the header before anything is; a JPEG
     is decoded straight at a fraction of its size where that suffices. Transparent areas count as
     white paper; 16-bit, 32-bit and float images are scaled to 0..1 by their own range."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
     name = name or (source if isinstance(source, str) else "the image")
+    quiet_pillow()
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
-                        formats=list(FORMATS)) as im:
-            w, h = im.size
-            if w * h > MAX_PIXELS:
-                raise UserError(f"{name} declares {w}x{h} pixels, more than the {MAX_PIXELS:,} this reads; "
-                                f"give a smaller image")
-            if im.format in ("JPEG", "MPO"):
-                im.draft("RGB" if im.mode not in ("L", "1") else "L", (MAX_SIDE, MAX_SIDE))
-            im.load()
-            im = ImageOps.exif_transpose(im)   # a phone stores a portrait photo sideways, plus a tag saying so
-            im.thumbnail((MAX_SIDE, MAX_SIDE))
-            gray = gray_values(im)
+        with warnings.catch_warnings():
+            # Pillow warns about a damaged file (corrupt EXIF, a size past its own bomb limit, which
+            # MAX_PIXELS refuses first) in lines that would surround the one a bad image gets. (The filter
+            # is the process's, not the thread's: in the demo's threads a warning may at worst show.)
+            warnings.simplefilter("ignore")
+            gray = decode(source, name)
     except UnidentifiedImageError:
         raise UserError(f"{name} is not an image this reads; give a {FORMAT_NAMES} file") from None
     except Image.DecompressionBombError:
@@ -60,6 +57,54 @@ def read_gray(source, name=None):
     if min(w, h) < MIN_SIDE:
         raise UserError(f"{name} is only {w}x{h} pixels; give an image at least {MIN_SIDE}x{MIN_SIDE}")
     return gray
+
+
+def decode(source, name):
+    """read_gray's decoding, within its checks: the pixel count from the header first, then a JPEG
+    drafted at a fraction of its size, any image shrunk to MAX_SIDE and turned upright."""
+    from PIL import Image, ImageOps
+    with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
+                    formats=list(FORMATS)) as im:
+        w, h = im.size
+        if w * h > MAX_PIXELS:
+            raise UserError(f"{name} declares {w}x{h} pixels, more than the {MAX_PIXELS:,} this reads; "
+                            f"give a smaller image")
+        if im.format in ("JPEG", "MPO"):
+            im.draft("RGB" if im.mode not in ("L", "1") else "L", (MAX_SIDE, MAX_SIDE))
+        im.load()
+        im = ImageOps.exif_transpose(im)   # a phone stores a portrait photo sideways, plus a tag saying so
+        im.thumbnail((MAX_SIDE, MAX_SIDE))
+        return gray_values(im)
+
+
+_quieted = []   # holds True once quiet_pillow has run in this process
+
+
+def quiet_pillow():
+    """Stop Pillow's logger and the libtiff inside Pillow from printing about a damaged file: their
+    lines would surround the one line a bad image gets, and what is wrong reaches read_gray as an
+    exception anyway. libtiff writes from C, through handlers unset here on the copy Pillow loaded,
+    found in /proc/self/maps (Linux; elsewhere its lines stay)."""
+    if _quieted:
+        return
+    import ctypes
+    import logging
+    import PIL.Image   # noqa: F401  (loads Pillow's C core, and libtiff with it)
+    logging.getLogger("PIL").addHandler(logging.NullHandler())   # else logging's last resort prints errors
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if os.path.basename(line.split()[-1]).startswith("libtiff")}
+    except OSError:
+        paths = set()
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)   # the copy already loaded: dlopen hands back the same library
+            for setter in ("TIFFSetErrorHandler", "TIFFSetErrorHandlerExt", "TIFFSetWarningHandler",
+                           "TIFFSetWarningHandlerExt"):
+                getattr(lib, setter)(None)
+        except (OSError, AttributeError):   # not libtiff after all, or one without those functions
+            pass
+    _quieted.append(True)
 
 
 def gray_values(im):

@@ -167,3 +167,39 @@ def test_an_image_declaring_too_many_pixels_is_refused_before_decoding(tmp_path,
     code, _, err = capture(lambda: main_of("predict", [str(path)]))
     assert code == 1 and message in err, err
     assert len(err.strip().splitlines()) == 1 and time.perf_counter() - t0 < 5
+
+
+def tiff_claiming(samples, width=40, height=40):
+    """An uncompressed 8-bit TIFF whose header claims SAMPLES values a pixel (one is right)."""
+    import struct
+    entries = [(256, 3, width), (257, 3, height), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 0),
+               (277, 3, samples), (278, 3, height), (279, 4, width * height)]
+    data_at = 8 + 2 + 12 * len(entries) + 4
+    ifd = b"".join(struct.pack("<HHII", tag, kind, 1, data_at if tag == 273 else value) if kind == 4 else
+                   struct.pack("<HHIHH", tag, kind, 1, value, 0) for tag, kind, value in entries)
+    return b"II*\0" + struct.pack("<I", 8) + struct.pack("<H", len(entries)) + ifd + b"\0\0\0\0" + \
+        b"\xff" * (width * height)
+
+
+def test_pillow_and_its_libtiff_print_nothing_around_the_one_line(tmp_path):
+    """A size past Pillow's own bomb limit (a Python warning), a TIFF claiming 72 samples a pixel (a
+    record of Pillow's logger) and an LZW TIFF with damaged codes (libtiff, writing from C): each is
+    refused with a UserError and nothing else on stderr. In a fresh process: its stderr is the real one."""
+    from PIL import Image, ImageDraw
+    (tmp_path / "big.png").write_bytes(png_declaring(10000, 10000))
+    (tmp_path / "samples.tif").write_bytes(tiff_claiming(72))
+    image = Image.new("L", (40, 40), 255)
+    ImageDraw.Draw(image).line([(20, 4), (20, 36)], fill=0, width=4)
+    image.save(tmp_path / "lzw.tif", compression="tiff_lzw")
+    raw = bytearray((tmp_path / "lzw.tif").read_bytes())
+    raw[8:60] = bytes(b ^ 0x55 for b in raw[8:60])   # the strip's codes, just after the 8-byte header
+    (tmp_path / "lzw.tif").write_bytes(raw)
+    script = ("import sys; from cli import UserError; from preprocess import read_gray\n"
+              "for path in sys.argv[1:]:\n"
+              "    try:\n        read_gray(path)\n    except UserError as e:\n        print(e)\n")
+    done = subprocess.run([sys.executable, "-c", script, *(str(tmp_path / f) for f in ("big.png", "samples.tif",
+                           "lzw.tif"))], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3 and "declares 10000x10000 pixels" in lines[0], lines
+    assert "is not an image this reads" in lines[1] and "cannot be read (decoder error" in lines[2], lines
