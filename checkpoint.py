@@ -11,7 +11,6 @@ options, dataset, normalization and classes, so `build_model(load_checkpoint(pat
 The resume record is built and read back in one place, at the end of this file.
 """
 import io
-import math
 import os
 import pickle
 import warnings
@@ -111,21 +110,24 @@ def schema_problem(ckpt):
     for key, value in model["kwargs"].items():
         problem = option_problem(key, value) if isinstance(key, str) else "is not a name"
         if problem:
-            return f"its model argument {key}={value!r} {problem}"
+            return f"its model argument {key}={value!r:.40} {problem}"
     for key in ("state_dict",) + (("ema_state_dict",) if ckpt.get("ema_state_dict") is not None else ()):
         weights = ckpt.get(key)
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
             return f"its {key} is missing or holds something other than tensors"
     if not (isinstance(data, dict) and isinstance(data.get("dataset"), str)
-            and all(isinstance(data.get(k), (int, float)) and math.isfinite(data[k]) for k in ("mean", "std"))
+            # finite and of a pixel's scale (0..1 or 0..255); compared, not made a float, which a huge int overflows
+            and all(isinstance(data.get(k), (int, float)) and -1e6 < data[k] < 1e6 for k in ("mean", "std"))
             and data["std"] > 0
             and isinstance(data.get("classes"), list) and all(isinstance(c, str) for c in data["classes"])):
         return "its data record (dataset, finite mean, std above 0, classes) is missing or malformed"
     if model["kwargs"].get("num_classes", 10) != len(data["classes"]):
         return f"its model predicts {model['kwargs'].get('num_classes', 10)} classes but it names {len(data['classes'])}"
-    channels = (data.get("input_shape") or [1])[0]
-    if model["kwargs"].get("in_channels", 1) != channels:
-        return f"its model reads {model['kwargs'].get('in_channels', 1)} channels but its data has {channels}"
+    shape = data.get("input_shape") or [1, 28, 28]   # older records lack it: they were all 1x28x28
+    if shape != [1, 28, 28]:   # every reader of images and IDX files here gives one channel of 28x28
+        return f"its data's input_shape {str(shape)[:40]} is not [1, 28, 28], the only shape this toolkit reads"
+    if model["kwargs"].get("in_channels", 1) != 1:
+        return f"its model reads {model['kwargs'].get('in_channels', 1)} channels but its data has 1"
     if not isinstance(ckpt.get("metrics", {}), dict) or not isinstance(ckpt.get("history", []), list):
         return "its metrics or history is malformed"
     return None

@@ -230,8 +230,14 @@ def altered(tmp_path, change):
     (lambda c: c["model"]["kwargs"].update(width=512), r"weights do not fit model 'vgg' \(features.0.0.weight is"),
     (lambda c: c["model"]["kwargs"].update(num_classes=12), r"predicts 12 classes but it names 10"),
     (lambda c: c["model"]["kwargs"].update(in_channels=3), r"reads 3 channels but its data has 1"),
+    (lambda c: c["data"].update(input_shape=5), r"input_shape 5 is not \[1, 28, 28\]"),
+    (lambda c: c["data"].update(input_shape={"c": 1}), r"input_shape \{'c': 1\} is not"),
+    (lambda c: (c["data"].update(input_shape=[3, 28, 28]), c["model"]["kwargs"].update(in_channels=3)),
+     r"input_shape \[3, 28, 28\] is not \[1, 28, 28\], the only shape"),
     (lambda c: c["data"].update(mean=float("nan")), r"finite mean"),
     (lambda c: c["data"].update(std=float("inf")), r"finite mean, std above 0"),
+    (lambda c: c["data"].update(mean=10 ** 400), r"finite mean"),   # too big for a float: no OverflowError
+    (lambda c: c["model"]["kwargs"].update(num_classes=10 ** 400), r"num_classes=1\d{39} must be from 1 to 100000"),
 ])
 def test_a_checkpoint_is_sized_and_checked_before_its_model_is_built(tmp_path, change, message):
     path = altered(tmp_path, change)
