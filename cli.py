@@ -87,10 +87,15 @@ def run(main, argv=None):
         error, (message, code) = e, describe_error(e)   # `e` itself is unbound when the except block ends
     except KeyboardInterrupt as e:
         error, message, code = e, "interrupted", 130
-    if "--debug" in argv or os.environ.get("MNIST_DEBUG", "") not in ("", "0"):
+    if debug_asked(argv):
         traceback.print_exception(error)
     print(f"{prog}: error: {message}", file=sys.stderr)
     return code
+
+
+def debug_asked(argv):
+    """Whether a failure should show its traceback: --debug on the command line, or MNIST_DEBUG=1."""
+    return "--debug" in argv or os.environ.get("MNIST_DEBUG", "") not in ("", "0")
 
 
 def close_stdout():

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from cli import UserError, describe_error, run
+from cli import UserError, debug_asked, describe_error, run
 from device import pick_device as pick_one_device
 from data import dataset_info, find_split
 
@@ -79,7 +79,7 @@ def launch(main, argv=None):
     if world is None:
         return run(main, argv)
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv or os.environ.get("MNIST_DEBUG", "") not in ("", "0")
+    debug = debug_asked(argv)
     stdout, stderr = sys.stdout, sys.stderr
     if world.rank:   # the others' stderr is kept, and shown only for a failure rank 0 cannot know of
         sys.stdout = open(os.devnull, "w")

@@ -85,6 +85,28 @@ def test_the_lowest_module_imports_nothing_of_ours():
     assert GRAPH["files"] == set() and GRAPH["cli"] == {"files"}
 
 
+def calls_of(path, owner, names):
+    """Lines of PATH that call owner.NAME for a NAME in NAMES (os.replace, ...)."""
+    return [n.lineno for n in ast.walk(ast.parse(open(path).read())) if isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Attribute) and n.func.attr in names
+            and isinstance(n.func.value, ast.Name) and n.func.value.id == owner]
+
+
+def test_one_atomic_writer():
+    """Only files.py renames a temporary file over a target; data.py keeps its own cache write, as it
+    copies out alone."""
+    renames = {os.path.relpath(p, ROOT): calls_of(p, "os", {"replace", "rename"}) for p in SOURCES}
+    assert {p for p, lines in renames.items() if lines} <= {"files.py", "data.py"}
+
+
+def test_the_resume_record_is_made_and_read_in_checkpoint_py():
+    """The keys only resuming reads are written and read back in checkpoint.py alone (STYLE 17)."""
+    keys = {"rng", "rng_ranks", "stopping", "ema_steps", "scaler"}
+    users = {os.path.relpath(p, ROOT) for p in SOURCES for n in ast.walk(ast.parse(open(p).read()))
+             if isinstance(n, ast.Constant) and n.value in keys}
+    assert users == {"checkpoint.py"}
+
+
 def test_the_readme_file_table_names_every_module():
     """Every top-level .py file appears in the README's table of files, and nothing else does."""
     text = open(os.path.join(ROOT, "README.md")).read()
