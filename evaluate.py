@@ -115,7 +115,11 @@ def evaluation_set(args, ckpt, device):
     if name not in DATASETS and args.dataset is None and not os.path.exists(name):
         raise UserError(f"{name}, the data this model was trained on, is not there; pass --dataset PATH where it "
                         f"is now, or --test PATH to score another labelled set", 2)
-    source = open_dataset(name, args.data_dir, None, record, device, strict=args.dataset is None)
+    trained = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    recorded_dir = trained.get("data_dir") if trained.get("dataset") == name else None
+    # where training found the IDX files (EMNIST in a --data-dir): with no flags, the data is where it was
+    data_dir = args.data_dir or (recorded_dir if isinstance(recorded_dir, str) and os.path.isdir(recorded_dir) else None)
+    source = open_dataset(name, data_dir, None, record, device, strict=args.dataset is None)
     if source.note and name not in DATASETS:
         print(f"{name}: {source.note}")
     images, labels = source.test
@@ -251,7 +255,7 @@ def write_outputs(out, name, results, final, images, labels, probs, ckpts):
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create --out {out} ({e.strerror}); choose a writable folder") from None
-    classes = dataset_info(name).classes
+    classes = ckpts[0][1]["data"]["classes"]   # the checkpoint's: your own data's names are in no table
     write_text_atomic(json.dumps({"dataset": name, "test_images": len(labels), "results": results}, indent=1),
                       os.path.join(out, "report.json"))
     csv = "true\\predicted," + ",".join(classes) + "\n" + "".join(

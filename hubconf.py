@@ -4,6 +4,7 @@ weights for `cnn`, `vgg` and `resnet`.
     model = torch.hub.load("<owner>/<repo>", "cnn", pretrained=True)              # MNIST, 99.45 %
     model = torch.hub.load(".", "vgg", source="local", weights="fashion-mnist")   # Fashion-MNIST, 91.81 %
     model = torch.hub.load(".", "resnet", source="local", width=64)               # untrained, any option
+    model = torch.hub.load(".", "strided_crop", source="local", weights="runs/kaggle")   # your own run
 
 A pretrained model takes images on 0..1 shaped (N, 1, 28, 28), white ink on black as in MNIST,
 normalizes them as its training did, and returns logits in eval mode; `model.classes` names the
@@ -50,20 +51,11 @@ class _Normalized(_nn.Module):
 
 
 def _pretrained(name, weights, kwargs):
-    shipped, entry = _SHIPPED.get(name, ()), name.replace("-", "_")
-    if weights is None:
-        if not shipped:
-            raise ValueError(f"{entry} has no shipped weights; pretrained=True works for "
-                             f"{', '.join(_SHIPPED)}, or leave it out for an untrained {entry}")
-        weights = shipped[0]
-    if weights not in _ABOUT:
-        raise ValueError(f"unknown weights {weights!r}; the shipped ones are {', '.join(map(repr, _ABOUT))}")
-    if weights not in shipped:
-        owner = next(e for e, names in _SHIPPED.items() if weights in names)
-        raise ValueError(f"the {weights!r} weights belong to {owner}, not {entry}; "
-                         + (f"{entry} has {', '.join(map(repr, shipped))}" if shipped else f"{entry} has none"))
-    path = _os.path.join(_HERE, "weights", f"{weights}.pt")
+    path = _weights_path(name, weights)
     ckpt = _checkpoint.load_checkpoint(path)
+    if ckpt["model"]["name"] != name:
+        raise ValueError(f"{weights} holds a {ckpt['model']['name']} model, not {name}; load it with the "
+                         f"{ckpt['model']['name'].replace('-', '_')} entry")
     built = {**_models.model_options(name), **ckpt["model"]["kwargs"]}
     for key, value in kwargs.items():
         if key not in built:
@@ -74,6 +66,27 @@ def _pretrained(name, weights, kwargs):
     model, _ = _checkpoint.build_model(ckpt, path=path)
     data = ckpt["data"]
     return _Normalized(model, data["mean"], data["std"], data["classes"]).eval()
+
+
+def _weights_path(name, weights):
+    """The checkpoint WEIGHTS names: a shipped one, or one of your own (a .pt file or a run folder of
+    train.py), whose classes and normalization come with it."""
+    if isinstance(weights, str) and weights not in _ABOUT and (weights.endswith(".pt") or _os.path.isdir(weights)):
+        return _checkpoint.checkpoint_path(weights)
+    shipped, entry = _SHIPPED.get(name, ()), name.replace("-", "_")
+    if weights is None:
+        if not shipped:
+            raise ValueError(f"{entry} has no shipped weights; pretrained=True works for "
+                             f"{', '.join(_SHIPPED)}, or leave it out for an untrained {entry}")
+        weights = shipped[0]
+    if weights not in _ABOUT:
+        raise ValueError(f"unknown weights {weights!r}; the shipped ones are {', '.join(map(repr, _ABOUT))}, "
+                         f"or give a checkpoint of your own (a .pt file or a run folder)")
+    if weights not in shipped:
+        owner = next(e for e, names in _SHIPPED.items() if weights in names)
+        raise ValueError(f"the {weights!r} weights belong to {owner}, not {entry}; "
+                         + (f"{entry} has {', '.join(map(repr, shipped))}" if shipped else f"{entry} has none"))
+    return _os.path.join(_HERE, "weights", f"{weights}.pt")
 
 
 def _entry(name):

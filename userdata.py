@@ -36,8 +36,9 @@ class Source:
 
 def open_dataset(spec, data_dir=None, test=None, record=None, device="cpu", strict=True):
     """The dataset SPEC names: a built-in name, a .csv file, or a folder. TEST is a labelled test set
-    of the same kind; RECORD a checkpoint's record of the test split, to score the same images. When
-    the data is not the data RECORD was made on, that is an error if STRICT, else a fresh split."""
+    of the same kind; RECORD a checkpoint's record of the test split (a share, or the --test file), to
+    score the same images. When the data is not the data RECORD was made on, that is an error if
+    STRICT, else a fresh split."""
     if spec in DATASETS:
         if test:
             raise DataError(f"--test is for your own data; {spec} has its own test split", 2)
@@ -46,6 +47,11 @@ def open_dataset(spec, data_dir=None, test=None, record=None, device="cpu", stri
     if not os.path.exists(spec):
         raise DataError(f"unknown dataset {spec!r}: neither a built-in one ({', '.join(DATASETS)}) nor a file or "
                         f"folder of that name", 2)
+    if not test and record and record.get("kind") == "file":   # trained beside --test PATH: score that set again,
+        test = record["path"]                                    # never a share of the images it trained on
+        if not os.path.exists(test):
+            raise DataError(f"{test}, the test set the model was trained beside, is not there; pass --test PATH "
+                            f"where it is now", 2)
     images, labels, classes, rule, own_test = read_any(spec)
     info = DatasetInfo(os.path.abspath(spec), None, tuple(classes), rule=rule)
     if test or own_test:
@@ -304,7 +310,8 @@ def read_class_folders(folder):
     images, labels = [], []
     for k, name in enumerate(classes):
         sub = os.path.join(folder, name)
-        files = sorted(f for f in os.listdir(sub) if f.lower().endswith(IMAGE_TYPES))
+        # hidden files are skipped as hidden folders are: macOS leaves a ._name.png beside each image it copies
+        files = sorted(f for f in os.listdir(sub) if f.lower().endswith(IMAGE_TYPES) and not f.startswith("."))
         if not files:
             raise DataError(f"{sub} holds no {FORMAT_NAMES} images; add some or remove the folder", 2)
         if len(images) + len(files) > MAX_BYTES // 784:

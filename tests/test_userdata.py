@@ -76,6 +76,24 @@ def test_evaluate_scores_the_same_test_images_with_no_flags(kaggle_run, capsys):
     assert f"accuracy {ckpt['history'][-1]['test_acc']:.2f} % (" in printed
 
 
+def test_a_model_trained_beside_test_path_is_evaluated_on_that_file_again(kaggle, tmp_path):
+    """--test PATH is recorded; evaluate.py with no flags scores that file, not a share of the training
+    data (most of which the model learned from), and a missing one is named rather than replaced."""
+    images, labels = bars(70, 10, seed=2)
+    test = write_csv(tmp_path / "test-labelled.csv", images, labels)
+    out = str(tmp_path / "run")
+    code, _, err = capture(lambda: main_of("train", [*FAST, "--epochs", "1", "--dataset", kaggle[0], "--test", test,
+                                                   "--out", out]))
+    assert code == 0, err
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    code, printed, err = capture(lambda: main_of("evaluate", [out]))
+    assert code == 0 and f"test set {os.path.abspath(test)}" in printed, err
+    assert f"accuracy {ckpt['history'][-1]['test_acc']:.2f} % (" in printed and "/70)" in printed
+    os.remove(test)
+    code, _, err = capture(lambda: main_of("evaluate", [out]))
+    assert code == 2 and "the test set the model was trained beside, is not there; pass --test PATH" in err, err
+
+
 def test_a_kaggle_submission_in_the_third_command(kaggle, kaggle_run, tmp_path):
     submission = str(tmp_path / "submission.csv")
     code, printed, err = capture(lambda: main_of("predict", [kaggle[1], "--ckpt", kaggle_run[0], "--out", submission]))
@@ -100,12 +118,24 @@ def test_a_class_folder_set_trains_evaluates_and_predicts_with_its_folder_names(
     assert code == 0, err
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     assert ckpt["data"]["classes"] == names and ckpt["data"]["rule"] == "fit"
-    code, printed, err = capture(lambda: main_of("evaluate", [out]))
+    report = str(tmp_path / "report")
+    code, printed, err = capture(lambda: main_of("evaluate", [out, "--out", report]))
     assert code == 0 and "circle" in printed and "cross" in printed, err
+    assert open(os.path.join(report, "confusion.csv")).readline() == "true\\predicted,circle,cross,dot\n"
     picture = str(tmp_path / "symbols" / "dot" / "2.png")
     code, printed, err = capture(lambda: main_of("predict", [picture, "--ckpt", out]))
     assert code == 0, err
     assert printed.split()[1] == "dot"
+    import demo
+    classifier = demo.Classifier(out)   # the page's /config lists the folder names; an upload reads by the same rule
+    assert demo.page_config(classifier)["classes"] == names
+    assert classifier.predict(open(picture, "rb").read())["top"][0]["label"] == "dot"
+    from conftest import ROOT
+    from preprocess import fit_square, read_gray
+    model = torch.hub.load(ROOT, "strided_crop", source="local", weights=out)   # the run folder as its weights
+    assert model.classes == names
+    with torch.no_grad():   # the hub model takes 0..1 images, read by the rule the run was trained with
+        assert names[model(fit_square(read_gray(picture))[None, None] / 255).argmax().item()] == "dot"
 
 
 def emnist_folder(root, split, images, labels):
@@ -137,6 +167,8 @@ def test_emnist_letters_by_name_come_upright_with_their_letters(tmp_path):
                                                    "--data-dir", root, "--out", out]))
     assert code == 0, err
     assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["data"]["classes"][:3] == ["a", "b", "c"]
+    code, printed, err = capture(lambda: main_of("evaluate", [out]))   # no --data-dir: where training found it
+    assert code == 0 and "test loss" in printed, err
 
 
 def test_an_idx_folder_with_other_classes_takes_names_from_classes_txt(tmp_path):
@@ -205,9 +237,24 @@ def test_a_bad_csv_gets_one_line_naming_the_row(tmp_path, case, lines, message):
 
 def test_a_csv_far_larger_than_any_real_set_is_refused_before_reading(tmp_path, monkeypatch):
     path = tmp_path / "huge.csv"
-    path.write_text("label,p0\n0,1\n")
+    path.write_text("\n".join(good_lines()) + "\n")
     monkeypatch.setattr(userdata, "MAX_CSV_BYTES", 10)
     with pytest.raises(data.DataError, match="far more than any MNIST-style set as CSV"):
+        userdata.read_csv(str(path))
+    before = snapshot(str(tmp_path))
+    code, _, err = capture(lambda: main_of("train", [*FAST, "--dataset", str(path), "--out", str(tmp_path / "run")]))
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "huge.csv is " in err and "Traceback" not in err, err
+    assert snapshot(str(tmp_path)) == before
+    code, _, err = capture(lambda: main_of("predict", [str(path), "--out", str(tmp_path / "submission.csv")]))
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "far more than any" in err, err
+    assert snapshot(str(tmp_path)) == before
+
+
+def test_too_many_rows_are_refused_by_count(tmp_path, monkeypatch):
+    path = tmp_path / "long.csv"
+    path.write_text("\n".join(good_lines()) + "\n")
+    monkeypatch.setattr(userdata, "MAX_BYTES", 20)   # 6 rows of 5 cells
+    with pytest.raises(data.DataError, match="holds 6 rows, more than any MNIST-style set"):
         userdata.read_csv(str(path))
 
 
@@ -217,7 +264,7 @@ def folder_case(tmp_path, layout):
     for name, files in layout.items():
         (root / name).mkdir(parents=True)
         for f in files:
-            if f.endswith(".png") and not f.startswith("broken"):
+            if f.endswith(".png") and not f.startswith(("broken", "._")):   # those two: bytes that are no image
                 Image.new("L", (20, 20), 60 + 40 * len(f)).save(root / name / f)
             else:
                 (root / name / f).write_text("not an image")
@@ -236,6 +283,12 @@ def test_a_bad_class_folder_gets_one_line_naming_it(tmp_path, layout, message):
     code, _, err = capture(lambda: main_of("train", [*FAST, "--dataset", root, "--out", str(tmp_path / "run")]))
     assert code != 0 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_hidden_files_beside_the_images_are_not_read(tmp_path):
+    root = folder_case(tmp_path, {"cats": ["a.png", "._a.png"], "dogs": ["bb.png", "._bb.png"], ".hidden": ["c.png"]})
+    images, labels, classes = userdata.read_class_folders(root)   # the ._ files hold no image
+    assert classes == ["cats", "dogs"] and labels.tolist() == [0, 1]
 
 
 def test_images_all_of_one_shade_are_refused(tmp_path):
