@@ -19,7 +19,8 @@ import torch
 
 from data import DATASETS, MAX_BYTES, DataError, DatasetInfo, load_split, read_pair
 
-MAX_CSV_BYTES = 4 << 30   # Kaggle's train.csv is 73 MB, EMNIST ByClass written out as CSV about 1.2 GB
+MAX_CSV_BYTES = 2 << 30   # Kaggle's train.csv is 73 MB, EMNIST ByClass written out as CSV about 1.2 GB
+CHUNK_CELLS = 8 << 20     # cells parsed at a time: 64 MB of int64 however long the file, not 8 bytes a cell
 TEST_SHARE, TEST_SEED = 1 / 7, 12345
 MAX_CLASSES = 1000
 
@@ -127,13 +128,14 @@ def read_csv(path, need_labels=False):
     label column is the one a header names "label", or the first column without a header; a file whose
     header has no label column holds pixels only (Kaggle's test.csv). Images of other than 28x28
     pixels (N*N columns) are resized to 28x28. Names come from a classes.txt beside the file."""
-    import numpy as np   # a C parser: a Python one takes a minute over Kaggle's 33 million cells
+    import numpy as np
     size = os.path.getsize(path)
     if size > MAX_CSV_BYTES:
         raise DataError(f"{path} is {size:,} bytes, far more than any MNIST-style set as CSV; give another file")
     with open(path, "rb") as f:
         raw = f.read()
     header, body, first_line = split_header(raw, path)
+    del raw   # the text is held once from here on
     columns = header if header is not None else [str(i) for i in range(body[:body.find(b"\n")].count(b",") + 1)]
     label = next((i for i, name in enumerate(columns) if name.lower() == "label"), None)
     if header is None and (need_labels or not square(len(columns))):
@@ -145,22 +147,20 @@ def read_csv(path, need_labels=False):
     if not square(width):
         raise DataError(f"{path} has {width} pixel columns, which is not a square number; an N x N image needs "
                         f"N*N of them (784 for 28x28)")
-    rows = check_rows(body, len(columns), first_line, path, np)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            cells = np.fromstring(body.replace(b"\n", b","), dtype=np.int64, sep=",")
-        except ValueError:
-            cells = None
-    if cells is None or cells.size != rows * len(columns):
-        raise DataError(first_bad_cell(body, columns, first_line, path))
-    table = torch.from_numpy(cells).view(rows, len(columns))
-    labels = table[:, label].contiguous() if label is not None else None
-    keep = [c for c in range(len(columns)) if c != label]
-    pixels = table[:, keep[0]:keep[-1] + 1] if keep == list(range(keep[0], keep[-1] + 1)) else table[:, keep]
-    if not (cells.size and 0 <= cells.min() and cells.max() <= 255):   # the quick test first, then which cell
-        check_range(pixels, labels, columns, label, first_line, path)
-    return to_images(pixels.to(torch.uint8), int(width ** 0.5)), labels, class_names(path)
+    ends = line_ends(body, len(columns), first_line, path, np)
+    pixels = torch.empty(len(ends), width, dtype=torch.uint8)
+    labels = torch.empty(len(ends), dtype=torch.int64) if label is not None else None
+    step = max(1, CHUNK_CELLS // len(columns))
+    for lo in range(0, len(ends), step):
+        hi = min(len(ends), lo + step)
+        text = body[0 if lo == 0 else int(ends[lo - 1]) + 1:int(ends[hi - 1])]
+        table = parse_cells(text, hi - lo, columns, first_line + lo, path, np)
+        if labels is not None:
+            labels[lo:hi] = table[:, label]
+        part = torch.cat([table[:, :label], table[:, label + 1:]], 1) if label is not None else table
+        check_range(part, labels[lo:hi] if labels is not None else None, columns, label, first_line + lo, path)
+        pixels[lo:hi] = part
+    return to_images(pixels, int(width ** 0.5)), labels, class_names(path)
 
 
 def split_header(raw, path):
@@ -184,12 +184,13 @@ def square(n):
     return n > 0 and round(n ** 0.5) ** 2 == n
 
 
-def check_rows(body, width, first_line, path, np):
-    """The number of data lines, once each is known to hold WIDTH cells (one line names a ragged one)."""
+def line_ends(body, width, first_line, path, np):
+    """Where each data line ends (the offsets of its newlines), once each is known to hold WIDTH cells
+    (one line names a ragged one)."""
     data = np.frombuffer(body, dtype=np.uint8)
     ends = np.flatnonzero(data == 10)
     if len(ends) == 0:
-        return 0
+        return ends
     starts = np.concatenate([[0], ends[:-1] + 1])
     per_line = np.add.reduceat(data == 44, starts, dtype=np.int32) + 1   # commas in each line, plus one
     ragged = np.flatnonzero(per_line != width)
@@ -199,7 +200,21 @@ def check_rows(body, width, first_line, path, np):
                         f"{'header' if first_line == 2 else 'first line'}; fix or remove that line")
     if len(ends) * width > MAX_BYTES:
         raise DataError(f"{path} holds {len(ends):,} rows, more than any MNIST-style set; give a smaller file")
-    return len(ends)
+    return ends
+
+
+def parse_cells(text, rows, columns, first_line, path, np):
+    """ROWS lines of whole numbers as an int64 table [ROWS, len(COLUMNS)], by numpy's C parser (a Python
+    one takes a minute over Kaggle's 33 million cells); a cell that is no number gets its line named."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # numpy's deprecation of fromstring's text mode, still its fastest
+        try:
+            cells = np.fromstring(text.replace(b"\n", b","), dtype=np.int64, sep=",")
+        except ValueError:
+            cells = None
+    if cells is None or cells.size != rows * len(columns):
+        raise DataError(first_bad_cell(text, columns, first_line, path))
+    return torch.from_numpy(cells).view(rows, len(columns))
 
 
 def first_bad_cell(body, columns, first_line, path):
@@ -215,6 +230,10 @@ def first_bad_cell(body, columns, first_line, path):
 
 
 def check_range(pixels, labels, columns, label, first_line, path):
+    """One line naming the first pixel outside 0..255 or label below 0 (or absurdly large), if any."""
+    if len(pixels) and 0 <= pixels.min() and pixels.max() <= 255 and (
+            labels is None or (labels.min() >= 0 and labels.max() < 1_000_000)):
+        return
     bad = ((pixels < 0) | (pixels > 255)).nonzero()
     if len(bad):
         row, col = bad[0].tolist()

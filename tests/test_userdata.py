@@ -184,9 +184,23 @@ def test_an_idx_folder_with_other_classes_takes_names_from_classes_txt(tmp_path)
     assert len(source.test[1]) == 90   # its own test files, not a share
 
 
-def test_reading_kaggles_train_csv_is_bounded_and_quick_enough(kaggle):
+def test_a_csv_is_parsed_in_bounded_chunks_with_the_same_result(kaggle, monkeypatch):
     pixels, labels, names = userdata.read_csv(kaggle[0], need_labels=True)
     assert pixels.shape == (420, 1, 28, 28) and pixels.dtype == torch.uint8 and labels.tolist()[:3] == [0, 1, 2]
+    monkeypatch.setattr(userdata, "CHUNK_CELLS", 785 * 50)   # 50 rows at a time: 9 chunks, the last one short
+    small_pixels, small_labels, _ = userdata.read_csv(kaggle[0], need_labels=True)
+    assert torch.equal(small_pixels, pixels) and torch.equal(small_labels, labels)
+
+
+@pytest.mark.parametrize("text, message", [("0,1,x,3,4", r"line 6, column pixel1: 'x' is not a whole number"),
+                                           ("1,1,2,300,4", r"line 6, column pixel2: 300 is outside the pixel range"),
+                                           ("-1,1,2,3,4", r"line 6: label -1 is not a class number")])
+def test_a_bad_cell_in_a_later_chunk_names_its_own_line(tmp_path, monkeypatch, text, message):
+    path = tmp_path / "chunks.csv"
+    path.write_text("\n".join(broken(good_lines(), 6, text)) + "\n")
+    monkeypatch.setattr(userdata, "CHUNK_CELLS", 5 * 2)   # two rows at a time: line 6 is in the third chunk
+    with pytest.raises(data.DataError, match=message):
+        userdata.read_csv(str(path), need_labels=True)
 
 
 def test_csv_without_a_header_and_other_sizes(tmp_path):
