@@ -146,7 +146,7 @@ def time_loop(model_name, make_feed, amp, device, channels_last, steps):
     model = get_model(model_name).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, argparse.Namespace(optimizer="adam", lr=LOOP.lr, weight_decay=0.0))
+    optimizer = build_optimizer(model, "adam", LOOP.lr)
     stepper = Stepper(model, model, optimizer, device, autocast=autocast_for(amp, device), channels_last=channels_last)
     train_epoch(stepper, LOOP, make_feed(2), 1)   # warm-up: allocations, and cuDNN's autotuning on CUDA
     if device.type == "cuda":   # the GPU's own clock: no host-side timing noise in the figure

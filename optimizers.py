@@ -7,7 +7,7 @@ the options train.py offers, and read and write torch's state_dict format, so a 
 between them and `torch.optim` in either direction. They are used unless the model is compiled
 (`--compile` imports `torch._dynamo` anyway, and torch's own optimizers cooperate with it).
 
-    optimizer = build_optimizer(model, args)   # args: train.py's flags
+    optimizer = build_optimizer(model, "adam", lr=3e-3)   # as train.py's --optimizer and --lr
 """
 import torch
 
@@ -143,17 +143,17 @@ class SGD(PlainOptimizer):
         p.add_(grad, alpha=-group["lr"])
 
 
-def build_optimizer(model, args):
-    """The optimizer of train.py's --optimizer, with its --lr, --weight-decay and (SGD) --momentum and
-    --nesterov: the plain-tensor version where there is one, unless the model is compiled."""
-    params, lr, wd, compiled = model.parameters(), args.lr, args.weight_decay, getattr(args, "compile", False)
-    if args.optimizer == "sgd":
-        return (torch.optim.SGD if compiled else SGD)(params, lr=lr, momentum=args.momentum,
-                                                      nesterov=args.nesterov, weight_decay=wd)
-    if args.optimizer == "adam":
+def build_optimizer(model, name, lr, weight_decay=0.0, momentum=0.9, nesterov=False, compiled=False):
+    """The optimizer NAME (train.py's --optimizer: sgd, adam, adamw, radam or adadelta) over the model's
+    parameters: the plain-tensor version where there is one, unless the model is compiled."""
+    params, wd = model.parameters(), weight_decay
+    if name == "sgd":
+        return (torch.optim.SGD if compiled else SGD)(params, lr=lr, momentum=momentum, nesterov=nesterov,
+                                                      weight_decay=wd)
+    if name == "adam":
         return (torch.optim.Adam if compiled else Adam)(params, lr=lr, weight_decay=wd)
-    if args.optimizer == "adamw":
+    if name == "adamw":
         return (torch.optim.AdamW if compiled else AdamW)(params, lr=lr, weight_decay=wd)
-    if args.optimizer == "radam":
+    if name == "radam":
         return torch.optim.RAdam(params, lr, weight_decay=wd, decoupled_weight_decay=True)
     return torch.optim.Adadelta(params, lr, weight_decay=wd)

@@ -298,8 +298,10 @@ def build_stepper(args, world, device, data, channels_last):
     model = get_model(args.model, **model_kwargs(args, len(data.info.classes))).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum, args.nesterov,
+                                compiled=args.compile)
     return Stepper(
-        model, torch.compile(model) if args.compile else model, build_optimizer(model, args), device,
+        model, torch.compile(model) if args.compile else model, optimizer, device,
         ema=AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None,
         scaler=torch.amp.GradScaler(device.type) if args.amp == "fp16" else None,
         autocast=autocast_for(args.amp, device), channels_last=channels_last, world=world)

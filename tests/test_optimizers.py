@@ -1,6 +1,5 @@
 """The plain-tensor optimizers step like torch.optim's, share its state_dict format, and leave
 torch._dynamo unimported."""
-import argparse
 import io
 import subprocess
 import sys
@@ -89,9 +88,7 @@ def test_a_saved_state_for_another_model_is_refused():
 def test_build_optimizer_uses_torch_optim_when_compiled_and_for_the_rest():
     model, _ = model_and_batches()
     def build(name, compile=False):
-        args = argparse.Namespace(optimizer=name, lr=1e-3, weight_decay=0.0, momentum=0.9, nesterov=False,
-                                  compile=compile)
-        return type(optimizers.build_optimizer(model, args))
+        return type(optimizers.build_optimizer(model, name, 1e-3, compiled=compile))
     assert build("adam") is optimizers.Adam and build("sgd") is optimizers.SGD and build("adamw") is optimizers.AdamW
     assert build("adam", compile=True) is torch.optim.Adam
     assert build("radam") is torch.optim.RAdam and build("adadelta") is torch.optim.Adadelta
@@ -99,10 +96,9 @@ def test_build_optimizer_uses_torch_optim_when_compiled_and_for_the_rest():
 
 def test_training_does_not_import_dynamo():
     """The reason these exist: torch.optim imports torch._dynamo, over a second of every short run."""
-    code = ("import sys, argparse, torch, optimizers\n"
+    code = ("import sys, torch, optimizers\n"
             "m = torch.nn.Linear(3, 2)\n"
-            "args = argparse.Namespace(optimizer='adam', lr=1e-3, weight_decay=0.0, momentum=0, nesterov=False)\n"
-            "o = optimizers.build_optimizer(m, args)\n"
+            "o = optimizers.build_optimizer(m, 'adam', 1e-3)\n"
             "m(torch.randn(4, 3)).sum().backward(); o.step(); o.zero_grad(); o.state_dict()\n"
             "print('torch._dynamo' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

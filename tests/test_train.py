@@ -91,26 +91,25 @@ def test_recipes_run_and_learn(capsys, synth, tmp_path, flags):
 
 
 def test_lr_schedules_have_their_shapes():
-    from types import SimpleNamespace
-    a = SimpleNamespace(scheduler="exp", gamma=0.9, step_size=2, warmup=0)
+    from dataclasses import replace
+    a = loop.Config(epochs=5, lr=1e-3, scheduler="exp", gamma=0.9, step_size=2)
     assert loop.lr_factor(0, 10, 50, a) == 1 and loop.lr_factor(25, 10, 50, a) == pytest.approx(0.81)
-    a.scheduler = "step"
+    a = replace(a, scheduler="step")
     assert [loop.lr_factor(s, 10, 50, a) for s in (0, 19, 20, 45)] == pytest.approx([1, 1, 0.9, 0.81])
-    a.scheduler = "cosine"
+    a = replace(a, scheduler="cosine")
     assert loop.lr_factor(25, 10, 50, a) == pytest.approx(0.5)
-    a.scheduler = "onecycle"
+    a = replace(a, scheduler="onecycle")
     f = [loop.lr_factor(s, 10, 100, a) for s in range(100)]
     assert f[0] == pytest.approx(0.04) and max(f) == pytest.approx(1, abs=1e-3) and f[-1] < 1e-3
-    a.scheduler, a.warmup = "none", 2
+    a = replace(a, scheduler="none", warmup=2)
     assert loop.lr_factor(4, 10, 50, a) == pytest.approx(0.25) and loop.lr_factor(30, 10, 50, a) == 1
 
 
 def test_l1_l2_penalties_match_their_formulas():
-    from types import SimpleNamespace
     model = torch.nn.Linear(3, 2)
     expected = 0.1 * sum(p.abs().sum() for p in model.parameters()) + 0.01 * sum(
         (p ** 2).sum() for p in model.parameters())
-    assert loop.penalty(model, SimpleNamespace(l1=0.1, l2=0.01)).item() == pytest.approx(expected.item())
+    assert loop.penalty(model, loop.Config(epochs=1, lr=1e-3, l1=0.1, l2=0.01)).item() == pytest.approx(expected.item())
 
 
 def test_eval_untrained_logs_epoch_zero(capsys, synth, tmp_path):
