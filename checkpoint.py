@@ -284,6 +284,15 @@ def make_record(stepper, args, data, progress, epoch, step, partial, rngs):
     return ckpt
 
 
+def slim_checkpoint(ckpt):
+    """The checkpoint without what only resuming needs (optimizer, RNG, partial sums): a third of the size.
+    What make_record adds later stays unless it is named here as resume state."""
+    resume_only = ("optimizer", "scheduler", "stopping", "rng", "rng_ranks", "scaler", "ema_steps")
+    slim = {k: v for k, v in ckpt.items() if k not in resume_only and v is not None}
+    slim["step"], slim["partial_epoch"] = 0, None
+    return slim
+
+
 def restore_record(ckpt, stepper, rank=0, world_size=1):
     """The other way: weights, optimizer, EMA, scaler and random streams into the stepper; returns
     (progress, first epoch, first step, partial sums). A checkpoint saved with another number of

@@ -14,22 +14,13 @@ import warnings
 
 import torch
 
-from checkpoint import build_model, load_checkpoint, save_checkpoint
+from checkpoint import build_model, load_checkpoint, save_checkpoint, slim_checkpoint
 from cli import Parser, UserError, positive, run
 from files import write_atomic, write_bytes_atomic
 from data import load_split, normalize
 
 FORMATS = {"pt2": ".pt2", "onnx": ".onnx", "ckpt": ".pt"}
 TOLERANCE = 1e-4   # largest logit difference accepted; float32 kernels differ in the last bits
-
-
-def slim_checkpoint(ckpt):
-    """The checkpoint without what only resuming needs (optimizer, RNG, partial sums): a third of the size."""
-    keep = ("format", "version", "torch_version", "model", "state_dict", "ema_state_dict", "data", "epoch",
-            "metrics", "history", "args")
-    slim = {k: ckpt[k] for k in keep if ckpt.get(k) is not None}
-    slim["step"], slim["partial_epoch"] = 0, None
-    return slim
 
 
 def export_pt2(model, example, out):

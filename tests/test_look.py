@@ -209,6 +209,9 @@ def test_export_ckpt_is_slim_and_evaluates_the_same(synth_run, tmp_path, capsys)
     code, _, err = run_script("export", [run, "--format", "ckpt", "--out", out, "--data-dir", folder], capsys)
     assert code == 0, err
     assert os.path.getsize(out) < os.path.getsize(os.path.join(run, "last.pt")) / 2
+    full, slim = (torch.load(p, map_location="cpu", weights_only=True) for p in (os.path.join(run, "last.pt"), out))
+    assert set(full) - set(slim) == {"optimizer", "scheduler", "stopping", "rng", "scaler"}   # the resume state
+    assert all(torch.equal(slim["state_dict"][k], v) for k, v in full["state_dict"].items()) and slim["data"] == full["data"]
     a, b = (run_script("evaluate", [p, "--data-dir", folder], capsys)[1] for p in (run, out))
     assert a.split("accuracy")[1].split("%")[0] == b.split("accuracy")[1].split("%")[0]
 
