@@ -25,7 +25,6 @@ the machine's speed taken out.
 
 Every timing is the median of several repeats, and ratios are taken within a repeat.
 """
-import argparse
 import itertools
 import json
 import os

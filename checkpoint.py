@@ -24,6 +24,12 @@ from models import OPTIONS, ModelError, count_params, get_model, list_models, op
 
 CHECKPOINT_FORMAT = "mnist-toolkit-checkpoint"
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "mnist.pt")   # predict, demo
+
+
+def add_ckpt_flag(parser):
+    """--ckpt, for the commands that read images with a trained model (predict.py, demo.py)."""
+    parser.add_argument("--ckpt", default=DEFAULT_WEIGHTS, help="checkpoint or run folder (default: "
+                        "weights/mnist.pt, shipped with the toolkit)")
 MAX_PARAMS = 100_000_000   # 400 MB in fp32: 35 times the largest model of any recipe (2.8 M)
 CHECKPOINT_VERSION = 1   # bump when the layout changes, and teach load_checkpoint the old one
 

@@ -40,6 +40,8 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, **kwargs):
         super().__init__(fromfile_prefix_chars="@", **kwargs)
+        # read from the raw argv by run() (debug_asked), so that even a failure in parsing can show it
+        self.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -25,7 +25,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
-from checkpoint import DEFAULT_WEIGHTS, build_model, load_checkpoint
+from checkpoint import add_ckpt_flag, build_model, load_checkpoint
 from cli import Parser, UserError, run
 from preprocess import MIME_TYPES, classify, read_gray, to_input
 
@@ -363,9 +363,7 @@ def build_parser():
                    "a free one)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
                    "only; 0.0.0.0 lets anyone who can reach it in)")
-    p.add_argument("--ckpt", default=DEFAULT_WEIGHTS, help="checkpoint or run folder (default: weights/mnist.pt, "
-                   "shipped with the toolkit)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_ckpt_flag(p)
     return p
 
 

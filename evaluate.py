@@ -17,7 +17,7 @@ import torch
 from checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, build_model, checkpoint_path, load_checkpoint, load_file
 from cli import Parser, UserError, non_negative, positive, run
 from device import autocast_for, keep_freed_memory, native_bf16, pick_device, resolve_amp
-from files import write_text_atomic
+from files import make_folder, write_text_atomic
 from data import DATASETS, DatasetInfo, dataset_info, normalization, split_off_val
 from scoring import predict_probs, score
 from userdata import open_dataset, read_any, remap
@@ -175,7 +175,6 @@ def build_parser():
                    "holds out instead of the test set: for choosing a recipe without looking at the test set")
     p.add_argument("--out", help="folder for report.json, confusion.csv and the pictures (confusion, mistakes, "
                    "correct, curves)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
@@ -251,10 +250,7 @@ def shift_report(models, images, labels, args, flips, classes):
 def write_outputs(out, name, results, final, images, labels, probs, ckpts):
     """report.json, confusion.csv and the pictures of plots.py, into the folder `out`."""
     import plots
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --out {out} ({e.strerror}); choose a writable folder") from None
+    make_folder(out, "--out")
     classes = ckpts[0][1]["data"]["classes"]   # the checkpoint's: your own data's names are in no table
     write_text_atomic(json.dumps({"dataset": name, "test_images": len(labels), "results": results}, indent=1),
                       os.path.join(out, "report.json"))

@@ -71,7 +71,6 @@ def build_parser():
     p.add_argument("--check-images", type=positive(int), default=256,
                    help="test images to compare the export on (default: 256)")
     p.add_argument("--data-dir", help="folder holding the IDX files (default: search ./data and others)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 

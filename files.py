@@ -101,6 +101,15 @@ def write_atomic(path, write, durable=False):
             pass
 
 
+def make_folder(path, flag):
+    """Create the folder PATH (and its parents) that the command-line option FLAG names, or raise
+    WriteError saying that FLAG cannot be written there."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"cannot write to {flag} {path} ({e.strerror}); choose a writable folder") from None
+
+
 def write_bytes_atomic(data, path, durable=True):
     """Bytes to `path` through a fresh temporary file; synced to disk with its folder unless told not to."""
     def write(tmp):

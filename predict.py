@@ -15,10 +15,10 @@ import sys
 
 import torch
 
-from checkpoint import DEFAULT_WEIGHTS, build_model, load_checkpoint
+from checkpoint import add_ckpt_flag, build_model, load_checkpoint
 from cli import Parser, UserError, positive, run
 from device import pick_device
-from files import write_text_atomic
+from files import make_folder, write_text_atomic
 from preprocess import FORMAT_NAMES, IMAGE_TYPES, classify, read_gray, to_input
 from plots import save_png
 from userdata import read_csv
@@ -65,15 +65,13 @@ def build_parser():
                "trained checkpoint.")
     p.add_argument("images", nargs="+", metavar="IMAGE_FOLDER_OR_CSV", help="image files or folders of them; or one "
                    "CSV of pixel rows, as Kaggle's test.csv")
-    p.add_argument("--ckpt", default=DEFAULT_WEIGHTS, help="checkpoint or run folder (default: weights/mnist.pt, "
-                   "shipped with the toolkit)")
+    add_ckpt_flag(p)
     p.add_argument("--top", type=positive(int), default=3, help="how many classes to print (default: 3)")
     p.add_argument("--out", metavar="FILE.csv", help="also write the predictions: ImageId,Label for a CSV of pixels "
                    "(a Kaggle submission), file,label,probability for images")
     p.add_argument("--save-preprocessed", metavar="DIR", help="write each 28x28 input as DIR/<name>.png")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default: cpu; a few "
                    "images are quicker there than the time to start a GPU)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
@@ -106,10 +104,7 @@ def main(argv):
 
 def save_inputs(inputs, outputs, folder):
     from PIL import Image
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --save-preprocessed {folder} ({e.strerror}); choose a writable folder") from None
+    make_folder(folder, "--save-preprocessed")
     for x, out in zip(inputs, outputs):
         save_png(Image.fromarray(x.numpy(), mode="L"), out)
     print(f"wrote the 28x28 inputs to {folder}")

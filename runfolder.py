@@ -16,7 +16,7 @@ import time
 import distributed
 from checkpoint import checkpoint_path, load_checkpoint, make_record, rng_state, save_checkpoint
 from cli import UserError
-from files import WriteError, remove_temporaries, write_problem, write_text_atomic
+from files import WriteError, make_folder, remove_temporaries, write_problem, write_text_atomic
 
 RUN_FILES = ("last.pt", "best.pt", "log.csv", "steps.csv", "args.json")
 # Flags a resumed run may change; every other flag must match the checkpoint's.
@@ -77,10 +77,7 @@ def prepare_out(args):
     if existing and read_run_args(out) is None:
         raise UserError(f"--out {out} holds {', '.join(existing)} but no args.json of a train.py run, so they are "
                         f"not a run of ours; --overwrite replaces only a run folder: choose another --out", 2)
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write to --out {out} ({e.strerror}); choose a writable folder") from None
+    make_folder(out, "--out")
     lock_folder(out)   # before anything of a running run could be removed
     try:
         probe = os.path.join(out, ".write-test")

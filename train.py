@@ -173,7 +173,6 @@ def add_run_flags(p):
                    "(default: about 20 rows an epoch; 0: none)")
     g.add_argument("--tensorboard", action="store_true", help="also write the step and epoch figures to "
                    "DIR/tb/ for TensorBoard (needs: pip install tensorboard)")
-    g.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def check_args(args):

@@ -226,6 +226,7 @@ def altered(tmp_path, change):
 
 @pytest.mark.parametrize("change, message", [
     (lambda c: c["model"]["kwargs"].update(width=4096), r"width=4096 must be from 1 to 1024"),
+    (lambda c: c["model"]["kwargs"].update(width=32.0), r"width=32.0 must be a whole number"),
     (lambda c: c["model"]["kwargs"].update(width=1024), r"would have 292,631,562 parameters, more than the 100,000,000"),
     (lambda c: c["model"]["kwargs"].update(width=512), r"weights do not fit model 'vgg' \(features.0.0.weight is"),
     (lambda c: c["model"]["kwargs"].update(num_classes=12), r"predicts 12 classes but it names 10"),
