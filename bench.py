@@ -52,8 +52,9 @@ from userdata import read_csv
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # The speed recipes; bench.py adds --seed, --out and --progress off.
 RECIPES = {"fast": "recipes/fast.args", "strong": "recipes/strong.args"}
-# (mean test accuracy %, median wall s of the whole process) on a 2-core CPU, in fp32 on AVX2 and as is
-TARGETS = {"fast": (99.0, 4.5), "strong": (99.5, 25.0)}
+# (mean test accuracy %, lowest seed's %, median wall s of the whole process) on a 2-core CPU, in fp32 on
+# AVX2 and as is
+TARGETS = {"fast": (99.0, 98.9, 4.5), "strong": (99.5, 0.0, 25.0)}
 
 
 class Feed:
@@ -328,20 +329,25 @@ def print_table(report, opts):
     for name, seconds in report.get("startup_s", {}).items():
         rows.append((f"start-up: {name}", f"{seconds:.2f} s", "<= 3 s" if "csv" in name else ""))
     for name, r in report.get("recipes", {}).items():
-        acc, wall = TARGETS[name]
-        rows.append((f"{name}: median wall time, {r['seeds']} seeds", f"{r['median_wall_s']:.1f} s", f"<= {wall:g} s"))
+        acc, lowest, wall = TARGETS[name]
+        met = {True: "met", False: "MISSED"}
+        rows.append((f"{name}: median wall time, {r['seeds']} seeds", f"{r['median_wall_s']:.1f} s",
+                     f"<= {wall:g} s: {met[r['median_wall_s'] <= wall]}"))
         rows.append((f"{name}: ... of which training", f"{r['median_training_s']:.1f} s", ""))
-        rows.append((f"{name}: mean (min) test accuracy", f"{r['mean_acc']:.2f} ({r['min_acc']:.2f}) %",
-                     f">= {acc:g} %"))
+        # three decimals: the mean of five two-decimal figures, which 99.498 rounded to 99.50 would hide
+        rows.append((f"{name}: mean (min) test accuracy", f"{r['mean_acc']:.3f} ({r['min_acc']:.2f}) %",
+                     f">= {acc:g}{f' ({lowest:g})' if lowest else ''} %: "
+                     f"{met[r['mean_acc'] >= acc - 1e-9 and r['min_acc'] >= lowest]}"))
     if "eval_images_per_s" in report:
         rows.append(("evaluation images/s (10k test set)", f"{report['eval_images_per_s']:,.0f}", ""))
         rows.append((f"python evaluate.py CKPT ({opts.model}), whole process", f"{report['evaluate_process_s']:.1f} s",
                      "<= 5 s"))
     width = max(len(r[0]) for r in rows)
-    print(f"| {'measure':<{width}} | {'value':>16} | target (2-core CPU) |")
-    print(f"|{'-' * (width + 2)}|{'-' * 18}|---------------------|")
+    tw = max(19, *(len(r[2]) for r in rows))
+    print(f"| {'measure':<{width}} | {'value':>16} | {'target (2-core CPU)':<{tw}} |")
+    print(f"|{'-' * (width + 2)}|{'-' * 18}|{'-' * (tw + 2)}|")
     for name, value, target in rows:
-        print(f"| {name:<{width}} | {value:>16} | {target:<19} |")
+        print(f"| {name:<{width}} | {value:>16} | {target:<{tw}} |")
     for name, r in report.get("recipes", {}).items():
         print(f"{name}: {r['command']}")
 
