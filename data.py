@@ -108,9 +108,9 @@ def find_split(info, split, data_dir=None, download=True):
         raise DataError(f"--data-dir {data_dir} does not exist; pass the folder that holds "
                         f"{info.folder}/raw/ or the IDX files themselves", code=2)
     dirs = search_dirs(info, data_dir)
+    names = [info.prefix + stem.replace("t10k", "test" if info.prefix else "t10k") for stem in FILES[split]]
     for folder in dirs:
-        paths = [_find(folder, info.prefix + stem.replace("t10k", "test" if info.prefix else "t10k"))
-                 for stem in FILES[split]]
+        paths = [_find(folder, name) for name in names]
         if all(paths):
             return tuple(paths)
     root = data_dir or os.path.abspath("data")
@@ -121,7 +121,7 @@ def find_split(info, split, data_dir=None, download=True):
     else:
         problem = "download not attempted"
     raise DataError(
-        f"cannot find {info.name} files {' and '.join(f + '[.gz]' for f in FILES[split])}; "
+        f"cannot find {info.name} files {' and '.join(f + '[.gz]' for f in names)}; "
         f"looked in {', '.join(dirs)}; downloading into {root} failed ({problem}). "
         f"Copy the files into one of those folders or pass --data-dir"
         + (f" (on Debian or Ubuntu: apt-get install {DEBIAN_PACKAGES[info.name]})" if info.name in DEBIAN_PACKAGES else ""))

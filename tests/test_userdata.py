@@ -314,3 +314,8 @@ def test_images_all_of_one_shade_are_refused(tmp_path):
 def test_an_unknown_name_or_path_is_one_line(tmp_path):
     code, _, err = capture(lambda: main_of("train", [*FAST, "--dataset", "cifar"]))
     assert code == 2 and "unknown dataset 'cifar': neither a built-in one (mnist, fashion-mnist" in err
+
+
+def test_a_missing_emnist_set_is_named_by_its_own_file_names(tmp_path):
+    with pytest.raises(data.DataError, match=r"emnist-letters-train-images-idx3-ubyte\[\.gz\] and emnist-letters-"):
+        data.find_split(data.DATASETS["emnist-letters"], "train", str(tmp_path), download=False)
