@@ -12,6 +12,7 @@ import io
 import math
 import os
 import warnings
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -77,16 +78,12 @@ def decode(source, name):
         return gray_values(im)
 
 
-_quieted = []   # holds True once quiet_pillow has run in this process
-
-
+@cache   # once a process
 def quiet_pillow():
     """Stop Pillow's logger and the libtiff inside Pillow from printing about a damaged file: their
     lines would surround the one line a bad image gets, and what is wrong reaches read_gray as an
     exception anyway. libtiff writes from C, through handlers unset here on the copy Pillow loaded,
     found in /proc/self/maps (Linux; elsewhere its lines stay)."""
-    if _quieted:
-        return
     import ctypes
     import logging
     import PIL.Image   # noqa: F401  (loads Pillow's C core, and libtiff with it)
@@ -104,7 +101,6 @@ def quiet_pillow():
                 getattr(lib, setter)(None)
         except (OSError, AttributeError):   # not libtiff after all, or one without those functions
             pass
-    _quieted.append(True)
 
 
 def gray_values(im):
