@@ -15,13 +15,13 @@
    of the whole process and as training alone (the epochs' seconds in its log.csv).
 5. evaluation: images/s on the test set, and the whole `python evaluate.py CKPT` process.
 
-The header names the CPU, the kernels torch dispatches (its capability, and oneDNN's limit when
-ONEDNN_MAX_CPU_ISA sets one), the threads and the precision that --amp resolved to. A fixed reference
-workload (plain fp32 convolutions, the same in every version of the toolkit) is timed before and
-after the rest, so runs on other days or machines compare: a figure over the reference's seconds is
-the machine's speed taken out.
+The header names the CPU, the kernels torch dispatches (its capability, and the limits that
+ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS set), the threads and the precision --amp chose. A
+fixed reference workload (plain fp32 convolutions, the same in every version of the toolkit) is
+timed before and after the rest, so that runs on other days or machines compare.
 
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python bench.py   # as a CPU without AVX-512 would run
+    # as a CPU without AVX-512 runs: ATen's, oneDNN's (convolutions) and MKL's (matrix products) switches
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python bench.py
 
 Every timing is the median of several repeats, and ratios are taken within a repeat.
 """
@@ -52,8 +52,7 @@ from userdata import read_csv
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # The speed recipes; bench.py adds --seed, --out and --progress off.
 RECIPES = {"fast": "recipes/fast.args", "strong": "recipes/strong.args"}
-# (mean test accuracy %, lowest seed's %, median wall s of the whole process) on a 2-core CPU, in fp32 on
-# AVX2 and as is
+# (mean test accuracy %, lowest seed's %, median wall s of the whole process): 2 cores, AVX2 fp32 and as is
 TARGETS = {"fast": (99.0, 98.9, 4.5), "strong": (99.5, 0.0, 25.0)}
 
 
@@ -72,9 +71,8 @@ class Feed:
 
 
 class NotebookMNIST(torch.utils.data.Dataset):
-    """What torchvision.datasets.MNIST does per item: a PIL image through the transforms.
-
-    Built on the tensors already loaded, so it needs no download and reads the same files."""
+    """What torchvision.datasets.MNIST does per item: a PIL image through the transforms. Built on the
+    tensors already loaded, so it needs no download and reads the same files."""
 
     def __init__(self, images, labels, transform):
         self.images, self.labels, self.transform = images.cpu(), labels.cpu(), transform
@@ -136,7 +134,8 @@ def describe_machine(opts, device):
             "threads": torch.get_num_threads(), "precision": opts.precision}
     if device.type == "cpu":
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-        info["onednn_max_isa"] = os.environ.get("ONEDNN_MAX_CPU_ISA", "not set")
+        info.update({key: os.environ.get(var, "not set") for key, var in (
+            ("onednn_max_isa", "ONEDNN_MAX_CPU_ISA"), ("mkl_instructions", "MKL_ENABLE_INSTRUCTIONS"))})
     return info
 
 
@@ -314,7 +313,8 @@ def bench_evaluation(opts, device, report, tmp):
 
 def print_table(report, opts):
     m = report["machine"]
-    kernels = f"; ATen {m['cpu_capability']} kernels, ONEDNN_MAX_CPU_ISA {m['onednn_max_isa']}" if "cpu_capability" in m else ""
+    kernels = (f"; ATen {m['cpu_capability']} kernels, ONEDNN_MAX_CPU_ISA {m['onednn_max_isa']}, "
+               f"MKL_ENABLE_INSTRUCTIONS {m['mkl_instructions']}") if "cpu_capability" in m else ""
     print(f"\n{m['machine']}{kernels}; {m['threads']} threads; torch {m['torch']}; {m['precision']}; "
           f"{opts.model}, batch {opts.batch_size}, {opts.steps} steps, median of {opts.repeats}")
     rows = [("reference workload (fixed fp32 job), before / after", " / ".join(f"{s:.2f} s" for s in report["reference_s"]),

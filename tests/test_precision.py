@@ -106,7 +106,8 @@ def test_under_the_avx2_switches_a_real_process_trains_in_fp32(synth, tmp_path):
     """The switches as a user sets them, read by torch itself at start-up (not pretended)."""
     out = str(tmp_path / "run")
     result = run_cli(["train.py", "--model", "fast", "--epochs", "1", "--data-dir", synth, "--out", out,
-                      "--progress", "off"], env={"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
+                      "--progress", "off"], env={"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                                             "MKL_ENABLE_INSTRUCTIONS": "AVX2"})
     assert result.returncode == 0, result.stderr
     assert "fp32 (--amp auto:" in result.stdout
     assert json.load(open(os.path.join(out, "args.json")))["amp"] == "off"
