@@ -532,8 +532,8 @@ class Batches:
                 span = hi - lo
                 before = span * self.rank // self.world_size
                 lo, hi = lo + before, lo + span * (self.rank + 1) // self.world_size
-            idx = order[lo:hi] if order is not None else slice(lo, hi)
-            x, y = self.images[idx], self.labels[idx]
+            # index_select copies whole images; indexing with [order] gathers them pixel by pixel, 10x slower
+            x, y = (t.index_select(0, order[lo:hi]) if order is not None else t[lo:hi] for t in (self.images, self.labels))
             if self.augment is not None:
                 aug_gen.manual_seed((self.seed * 100_003 + epoch) * 1_000_003 + i)
                 if before:   # skip the lower ranks' draws (the CPU generator draws in sequence)
