@@ -134,8 +134,8 @@ def describe_machine(opts, device):
             "threads": torch.get_num_threads(), "precision": opts.precision}
     if device.type == "cpu":
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-        info.update({key: os.environ.get(var, "not set") for key, var in (
-            ("onednn_max_isa", "ONEDNN_MAX_CPU_ISA"), ("mkl_instructions", "MKL_ENABLE_INSTRUCTIONS"))})
+        info["onednn_max_isa"] = os.environ.get("ONEDNN_MAX_CPU_ISA", "not set")
+        info["mkl_instructions"] = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "not set")
     return info
 
 
