@@ -44,11 +44,12 @@ def gather_files(paths):
 def preprocessed_names(files, folder):
     """FOLDER/<name>.png for each input, checked before anything is read or written: never one of the
     inputs themselves, and never one name for two inputs (a.png and a.jpg)."""
-    inputs = {os.path.realpath(f): f for f in files}
+    # Compared without case: macOS and Windows file systems take A.png and a.png for one file.
+    inputs = {os.path.realpath(f).casefold(): f for f in files}
     outputs, taken = [], {}
     for f in files:
         out = os.path.join(folder, os.path.splitext(os.path.basename(f))[0] + ".png")
-        real = os.path.realpath(out)
+        real = os.path.realpath(out).casefold()
         if real in inputs:
             raise UserError(f"--save-preprocessed {folder} would write over the input {inputs[real]}; "
                             f"choose a folder that holds none of the images", 2)

@@ -94,6 +94,18 @@ def test_save_preprocessed_refuses_two_inputs_with_one_name(tmp_path):
     assert snapshot(str(tmp_path)) == before
 
 
+def test_save_preprocessed_refuses_names_that_differ_only_in_case(tmp_path):
+    # one file on macOS's and Windows' file systems, where the second would overwrite the first
+    from PIL import Image
+    folder = tmp_path / "drawings"
+    folder.mkdir()
+    Image.open(digit_png(folder / "seven.png")).save(folder / "Seven.jpg")
+    before = snapshot(str(tmp_path))
+    code, line = one_line(lambda: main_of("predict", [str(folder), "--save-preprocessed", str(tmp_path / "seen")]))
+    assert code == 2 and "seven.png" in line and "Seven.jpg" in line and "would both become" in line
+    assert snapshot(str(tmp_path)) == before
+
+
 @pytest.fixture(scope="module")
 def run_elsewhere(tmp_path_factory, synth_data):
     """A finished run, and a copy of its last.pt in a folder of the user's with a log.csv of their own."""
