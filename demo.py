@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from checkpoint import add_ckpt_flag, build_model, load_checkpoint
 from cli import Parser, UserError, run
-from preprocess import MIME_TYPES, classify, read_gray, to_input
+from preprocess import FORMAT_NAMES, MIME_TYPES, classify, read_gray, to_input
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_BODY = 2 * 1024 * 1024   # a drawn PNG is a few KB; the page shrinks larger photos before sending
@@ -115,7 +115,8 @@ def page_config(classifier):
                                          "Draw one of the classes below, or upload a photo of one."))
     if isinstance(accuracy, (int, float)):
         about += f", {accuracy:.2f} % on the {title} test set"
-    return {"about": about, "hint": hint, "classes": list(classifier.classes), "max_body": MAX_BODY, "top": TOP}
+    return {"about": about, "hint": hint, "classes": list(classifier.classes), "max_body": MAX_BODY, "top": TOP,
+            "accept": list(MIME_TYPES), "formats": FORMAT_NAMES}
 
 
 def json_bytes(value):

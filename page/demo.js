@@ -5,7 +5,8 @@ const GAP_MS = 150;
 const pad = document.getElementById("pad"), ctx = pad.getContext("2d");
 const statusLine = document.getElementById("status"), bars = document.getElementById("bars");
 const seen = document.getElementById("seen"), seenBox = document.getElementById("seen-box");
-let config = {about: "", hint: "", classes: [], max_body: Infinity, top: 5};   // until /config answers
+let config = {about: "", hint: "", classes: [], max_body: Infinity, top: 5,   // until /config answers
+              accept: [], formats: "PNG or JPEG"};
 let drawing = false, last = null, busy = false, again = false, timer = null, lastSent = 0;
 let generation = 0;   // bumped by Clear and uploads, so that an older answer arriving late is dropped
 
@@ -118,28 +119,30 @@ function show(data) {
 }
 
 // A photo is sent as its own bytes, read as predict.py reads a file; one over the server's limit is
-// redrawn at most 1024 px wide or high first.
+// redrawn at most 1024 px wide or high first. One the browser cannot draw (TIFF outside Safari) is
+// still sent when it fits: the server reads more formats, and its answer shows what it saw.
 async function upload(file) {
   clearPad();
   const asked = generation;
-  let image;
-  try {
-    image = await createImageBitmap(file);
-  } catch (err) {
-    say(file.name + " is not an image this page can read; choose a PNG or JPEG file", true);
+  const image = await createImageBitmap(file).catch(() => null);
+  if (!image && (file.size > config.max_body || (file.type && !config.accept.includes(file.type)))) {
+    const limit = file.size > config.max_body ? " under " + Math.floor(config.max_body / 1048576) + " MB" : "";
+    say(file.name + " is not an image this page can read; choose a " + config.formats + " file" + limit, true);
     return;
   }
-  const fit = Math.min(pad.width / image.width, pad.height / image.height);
-  const w = image.width * fit, h = image.height * fit;
-  ctx.drawImage(image, (pad.width - w) / 2, (pad.height - h) / 2, w, h);
   let body = file;
-  if (file.size > config.max_body) {
-    const shrink = Math.min(1, 1024 / Math.max(image.width, image.height));
-    const small = document.createElement("canvas");
-    small.width = Math.round(image.width * shrink);
-    small.height = Math.round(image.height * shrink);
-    small.getContext("2d").drawImage(image, 0, 0, small.width, small.height);
-    body = await new Promise(done => small.toBlob(done, "image/jpeg", 0.9));
+  if (image) {
+    const fit = Math.min(pad.width / image.width, pad.height / image.height);
+    const w = image.width * fit, h = image.height * fit;
+    ctx.drawImage(image, (pad.width - w) / 2, (pad.height - h) / 2, w, h);
+    if (file.size > config.max_body) {
+      const shrink = Math.min(1, 1024 / Math.max(image.width, image.height));
+      const small = document.createElement("canvas");
+      small.width = Math.round(image.width * shrink);
+      small.height = Math.round(image.height * shrink);
+      small.getContext("2d").drawImage(image, 0, 0, small.width, small.height);
+      body = await new Promise(done => small.toBlob(done, "image/jpeg", 0.9));
+    }
   }
   say("reading " + file.name + "…");
   busy = true;
@@ -158,6 +161,7 @@ async function start() {
     return;
   }
   document.getElementById("about").textContent = config.about;
+  document.getElementById("file").accept = config.accept.join(",");
   document.getElementById("classes").textContent = "Classes: " + config.classes.join(" · ");
   if (!statusLine.textContent && !bars.children.length) say(config.hint);
 }

@@ -137,7 +137,8 @@ def test_the_config_gives_the_page_its_settings(server):
     assert status == 200 and headers["Content-Type"] == "application/json"
     assert json.loads(body) == {"about": shipped_about(),
                                 "hint": "Draw a digit, or upload a photo of one.",
-                                "classes": [str(i) for i in range(10)], "max_body": 2 * 1024 * 1024, "top": 5}
+                                "classes": [str(i) for i in range(10)], "max_body": 2 * 1024 * 1024, "top": 5,
+                                "accept": list(demo.MIME_TYPES), "formats": demo.FORMAT_NAMES}
 
 
 def test_real_mnist_digits_are_read(server, digits):
@@ -539,6 +540,21 @@ def test_a_digit_drawn_in_a_real_browser_is_read(server, digits, tmp_path):
         # The bars' widths are set from script, which the CSP allows; nothing on the page was refused.
         assert browser.find_element(By.CSS_SELECTOR, "#bars .bar div").get_attribute("style").startswith("width:")
         assert not [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+
+        # The picker offers what the server reads. Chrome cannot draw a TIFF, so the page sends it as it
+        # is and shows the server's reading; a file of another type gets one line.
+        from PIL import Image
+        assert browser.find_element(By.ID, "file").get_attribute("accept") == ",".join(demo.MIME_TYPES)
+        Image.open(io.BytesIO(digits[3][0])).save(tmp_path / "digit.tif")
+        browser.find_element(By.ID, "file").send_keys(str(tmp_path / "digit.tif"))
+        WebDriverWait(browser, 20).until(lambda b: settled(b) and b.find_elements(By.CSS_SELECTOR, "#bars .row"))
+        assert browser.find_element(By.CSS_SELECTOR, "#bars .row .label").text == digits[3][1]
+        assert browser.find_element(By.ID, "seen-box").is_displayed()
+        (tmp_path / "notes.txt").write_text("not a picture")
+        browser.find_element(By.ID, "file").send_keys(str(tmp_path / "notes.txt"))
+        WebDriverWait(browser, 20).until(lambda b: "notes.txt" in status.text)
+        assert status.text == f"notes.txt is not an image this page can read; choose a {demo.FORMAT_NAMES} file"
+        assert not browser.find_elements(By.CSS_SELECTOR, "#bars .row")
     finally:
         browser.quit()
 
