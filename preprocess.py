@@ -42,12 +42,7 @@ def read_gray(source, name=None):
     name = name or (source if isinstance(source, str) else "the image")
     quiet_pillow()
     try:
-        with warnings.catch_warnings():
-            # Pillow warns about a damaged file (corrupt EXIF, a size past its own bomb limit, which
-            # MAX_PIXELS refuses first) in lines that would surround the one a bad image gets. (The filter
-            # is the process's, not the thread's: in the demo's threads a warning may at worst show.)
-            warnings.simplefilter("ignore")
-            gray = decode(source, name)
+        gray = decode(source, name)
     except UnidentifiedImageError:
         raise UserError(f"{name} is not an image this reads; give a {FORMAT_NAMES} file") from None
     except Image.DecompressionBombError:
@@ -80,13 +75,16 @@ def decode(source, name):
 
 @cache   # once a process
 def quiet_pillow():
-    """Stop Pillow's logger and the libtiff inside Pillow from printing about a damaged file: their
+    """Stop Pillow's warnings, its logger and the libtiff inside Pillow from printing about a damaged
+    file (corrupt EXIF, a size past Pillow's own bomb limit, which MAX_PIXELS refuses first): their
     lines would surround the one line a bad image gets, and what is wrong reaches read_gray as an
-    exception anyway. libtiff writes from C, through handlers unset here on the copy Pillow loaded,
+    exception anyway. The warnings filter names Pillow's modules only, so other warnings still show,
+    in every thread. libtiff writes from C, through handlers unset here on the copy Pillow loaded,
     found in /proc/self/maps (Linux; elsewhere its lines stay)."""
     import ctypes
     import logging
     import PIL.Image   # noqa: F401  (loads Pillow's C core, and libtiff with it)
+    warnings.filterwarnings("ignore", module=r"PIL\.")
     logging.getLogger("PIL").addHandler(logging.NullHandler())   # else logging's last resort prints errors
     try:
         with open("/proc/self/maps") as f:
