@@ -123,7 +123,7 @@ def confusion_png(cm, classes, path, title):
     fig, ax = plt.subplots(figsize=(1.0 + 0.75 * n, 0.6 + 0.7 * n))
     # A log-like scale keeps the few mistakes visible next to the thousand-count diagonal.
     shown = cm.double().log1p()
-    ax.imshow(shown, cmap="Blues")
+    ax.imshow(shown.numpy(), cmap="Blues")   # a tensor here makes numpy warn (its __array__ takes no copy=)
     top = shown.max().item()
     for t in range(n):
         for p in range(n):
