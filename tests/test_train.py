@@ -240,7 +240,7 @@ def test_a_recipe_file_is_read_and_later_flags_override_it(capsys, synth_data, t
                                              synth_data, "--out", out, "--progress", "off"], capsys)
     assert code == 0, err
     saved = json.load(open(os.path.join(out, "args.json")))
-    assert saved["model"] == "strided-crop" and saved["scheduler"] == "onecycle" and saved["lr"] == 4e-2   # from the file
+    assert saved["model"] == "strided-crop20" and saved["scheduler"] == "onecycle" and saved["lr"] == 4e-2   # from the file
     assert saved["batch_size"] == 64 and saved["seed"] == 3                                           # overridden
     code, _, err = run_script("train", ["--resume", out, "@recipes/fast.args", "--batch-size", "64"], capsys)
     assert code == 0, err   # the same file again is no change of flags
