@@ -4,7 +4,7 @@ weights for `cnn`, `vgg` and `resnet`.
     model = torch.hub.load("<owner>/<repo>", "cnn", pretrained=True)              # MNIST, 99.45 %
     model = torch.hub.load(".", "vgg", source="local", weights="fashion-mnist")   # Fashion-MNIST, 91.81 %
     model = torch.hub.load(".", "resnet", source="local", width=64)               # untrained, any option
-    model = torch.hub.load(".", "strided_crop", source="local", weights="runs/kaggle")   # your own run
+    model = torch.hub.load(".", "strided_wide_crop20", source="local", weights="runs/kaggle")   # your own run
 
 A pretrained model takes images on 0..1 shaped (N, 1, 28, 28), white ink on black as in MNIST,
 normalizes them as its training did, and returns logits in eval mode; `model.classes` names the

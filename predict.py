@@ -2,7 +2,7 @@
 
     python predict.py my_digit.png                     # top-3 digits with probabilities
     python predict.py drawings/ --save-preprocessed seen/ --out preds.csv   # a folder; what the model saw
-    python predict.py test.csv --ckpt runs/train-strided-crop-<time> --out submission.csv   # Kaggle
+    python predict.py test.csv --ckpt runs/train-strided-wide-crop20-<time> --out submission.csv   # Kaggle
 
 A photo or drawing is first made to look like an MNIST image: grayscale, inverted when its
 background is light, cropped to the ink, fitted into 20x20 keeping its aspect ratio, and placed
