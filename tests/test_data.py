@@ -182,6 +182,15 @@ def test_augment_is_seeded_and_keeps_shapes():
     assert ((erased > 0.01) & (erased < 0.4)).all()   # every image lost one box of 2-33 %
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.float64, 1e-12)])
+def test_affine_grid_is_torchs(dtype, tol):
+    theta = torch.randn(5, 2, 3, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    for h, w in ((28, 28), (20, 32), (1, 3)):
+        ours = data.affine_grid(theta.view(5, 6), h, w)
+        torchs = torch.nn.functional.affine_grid(theta, [5, 1, h, w], align_corners=False)
+        assert ours.shape == torchs.shape and (ours - torchs).abs().max() < tol
+
+
 def test_real_mnist_matches_its_published_facts():
     x, y = load_split("mnist", "train")
     assert x.shape == (60000, 1, 28, 28)
