@@ -4,7 +4,7 @@
     python bench.py --json bench.json        # the same, plus the figures in a file
     python bench.py --skip strong --seeds 3  # leave out the 99.5 % recipe, seeds 1-3
 
-1. throughput: images/s of one training loop (train.py's) fed three ways: torchvision
+1. throughput: images/s of train.py's training step (forward, loss, backward, Adam) fed three ways: torchvision
    Dataset + DataLoader with per-sample ToTensor/Normalize (the notebooks' way), our on-device
    batches, and batches staged in advance (the limit). Same model, batch size and optimizer.
 2. overhead: our step time against the staged one.
@@ -38,15 +38,11 @@ import time
 
 import torch
 
-from cli import Parser, UserError, positive, recipe_flags, run
+from cli import Parser, UserError, positive, read_log, recipe_flags, run, write_text_atomic
 from device import autocast_for, machine, pick_device, resolve_amp
-from files import write_text_atomic
-from data import Batches, dataset_info, load_split
-from loop import Config, Stepper, train_epoch
+from data import Batches, dataset_info, load_split, predict_logits
 from models import get_model, list_models
 from optimizers import build_optimizer
-from runfolder import read_log
-from scoring import predict_logits
 from userdata import read_csv
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -54,20 +50,6 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 RECIPES = {"fast": "recipes/fast.args", "strong": "recipes/strong.args"}
 # (mean test accuracy %, lowest seed's %, median wall s of the whole process): 2 cores, AVX2 fp32 and as is
 TARGETS = {"fast": (99.0, 98.9, 4.5), "strong": (99.5, 0.0, 25.0)}
-
-
-class Feed:
-    """`steps` batches drawn from `source()` as the loop runs, behind the interface train_epoch
-    expects of Batches, so the pipeline's own work is on the clock."""
-
-    def __init__(self, source, steps):
-        self.source, self.steps = source, steps
-
-    def __len__(self):
-        return self.steps
-
-    def epoch(self, epoch=0, start=0):
-        return itertools.islice(self.source(), start, self.steps)
 
 
 class NotebookMNIST(torch.utils.data.Dataset):
@@ -90,9 +72,6 @@ def notebook_loader(images, labels, batch_size, mean, std, seed, workers):
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
     return torch.utils.data.DataLoader(NotebookMNIST(images, labels, tf), batch_size=batch_size, shuffle=True,
                                        num_workers=workers, generator=torch.Generator().manual_seed(seed))
-
-
-LOOP = Config(epochs=1, lr=1e-3)   # a plain run at a constant learning rate: no schedule, penalty, clipping or saving
 
 
 def timed(call, repeats, warm=0):
@@ -139,23 +118,40 @@ def describe_machine(opts, device):
     return info
 
 
-def time_loop(model_name, make_feed, amp, device, channels_last, steps):
-    """Seconds for `steps` steps of train.py's training loop (Adam at lr 1e-3), after two warm-up steps."""
+def train_steps(model, optimizer, batches, autocast):
+    """train.py's training step over BATCHES (forward, cross-entropy, backward, Adam), its loss summed on
+    the device as train.py does and read back once at the end, which waits for the last step."""
+    model.train()
+    total = torch.zeros(())
+    for x, y in batches:
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total = total.to(loss.device) + loss.detach().float()
+    return total.item()
+
+
+def time_loop(model_name, source, amp, device, channels_last, steps):
+    """Seconds for `steps` training steps (Adam at lr 1e-3) on batches from source(), after two warm-up
+    steps; the feed's own work is on the clock."""
     torch.manual_seed(0)
     model = get_model(model_name).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, "adam", LOOP.lr)
-    stepper = Stepper(model, model, optimizer, device, autocast=autocast_for(amp, device), channels_last=channels_last)
-    train_epoch(stepper, LOOP, make_feed(2), 1)   # warm-up: allocations, and cuDNN's autotuning on CUDA
+    optimizer, autocast = build_optimizer(model, "adam", 1e-3), autocast_for(amp, device)
+    train_steps(model, optimizer, itertools.islice(source(), 2), autocast)   # allocations, cuDNN's autotuning
     if device.type == "cuda":   # the GPU's own clock: no host-side timing noise in the figure
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        train_epoch(stepper, LOOP, make_feed(steps), 1)
+        train_steps(model, optimizer, itertools.islice(source(), steps), autocast)
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1000
-    return train_epoch(stepper, LOOP, make_feed(steps), 1)["seconds"]   # it reads the loss back at its end: synced
+    t0 = time.perf_counter()
+    train_steps(model, optimizer, itertools.islice(source(), steps), autocast)
+    return time.perf_counter() - t0
 
 
 def bench_pipelines(opts, device, report):
@@ -181,7 +177,7 @@ def bench_pipelines(opts, device, report):
     times = {name: [] for name in feeds}
     for _ in range(opts.repeats):
         for name, (source, channels_last) in feeds.items():
-            times[name].append(time_loop(opts.model, lambda n: Feed(source, n), opts.amp, device, channels_last,
+            times[name].append(time_loop(opts.model, source, opts.amp, device, channels_last,
                                          opts.steps))
     med = {name: statistics.median(t) for name, t in times.items()}
     report["throughput"] = {name: opts.steps * opts.batch_size / s for name, s in med.items()}

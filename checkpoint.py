@@ -2,36 +2,35 @@
 
     ckpt = load_checkpoint("runs/x/last.pt")          # checked: format, schema, the model's size
     model, which = build_model(ckpt)                   # rebuilt from the record alone
-    ckpt = make_record(stepper, args, data, progress, epoch, step, partial, rngs)   # train.py saves
-    progress, epoch, step, partial = restore_record(ckpt, stepper)                      # and resumes
+    ckpt = make_checkpoint(model, args, data, history) # what train.py saves (it adds its resume state)
 
 A checkpoint holds plain types only (tensors, numbers, strings, lists, dicts), so
 `torch.load(path, weights_only=True)` opens it and no pickled code can run. It names its model and
 options, dataset, normalization and classes, so `build_model(load_checkpoint(path))` needs nothing else.
-The resume record is built and read back in one place, at the end of this file.
+What only continuing a run needs (optimizer state and the like) is added and read back in train.py.
 """
 import io
 import os
 import pickle
 import warnings
-from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from cli import UserError
-from files import write_bytes_atomic
+from cli import UserError, write_bytes_atomic
 from models import OPTIONS, ModelError, count_params, get_model, list_models, option_problem
 
 CHECKPOINT_FORMAT = "mnist-toolkit-checkpoint"
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "mnist.pt")   # predict, demo
 
 
+MAX_PARAMS = 100_000_000   # 400 MB in fp32: 35 times the largest model of any recipe (2.8 M)
+CHECKPOINT_VERSION = 1   # bump when the layout changes, and teach load_checkpoint the old one
+
+
 def add_ckpt_flag(parser):
     """--ckpt, for the commands that read images with a trained model (predict.py, demo.py)."""
     parser.add_argument("--ckpt", default=DEFAULT_WEIGHTS, help="checkpoint or run folder (default: "
                         "weights/mnist.pt, shipped with the toolkit)")
-MAX_PARAMS = 100_000_000   # 400 MB in fp32: 35 times the largest model of any recipe (2.8 M)
-CHECKPOINT_VERSION = 1   # bump when the layout changes, and teach load_checkpoint the old one
 
 
 def save_checkpoint(ckpt, path):
@@ -134,8 +133,8 @@ def schema_problem(ckpt):
         return f"its data's input_shape {str(shape)[:40]} is not [1, 28, 28], the only shape this toolkit reads"
     if model["kwargs"].get("in_channels", 1) != 1:
         return f"its model reads {model['kwargs'].get('in_channels', 1)} channels but its data has 1"
-    if not isinstance(ckpt.get("metrics", {}), dict) or not isinstance(ckpt.get("history", []), list):
-        return "its metrics or history is malformed"
+    if not isinstance(ckpt.get("history", []), list):
+        return "its history is malformed"
     return None
 
 
@@ -185,74 +184,8 @@ def build_model(ckpt, weights="auto", path="checkpoint"):
 
 
 # ---------------------------------------------------------------------------------------------
-# The resume record: what a run saves to continue exactly, built and restored side by side
+# Making one
 # ---------------------------------------------------------------------------------------------
-
-@dataclass
-class EarlyStop:
-    """Early-stopping state, saved with the run: the best validation figures so far and why it stopped."""
-    best_val_acc: float = -1.0        # for best.pt
-    best_val_loss: float = None       # for --patience
-    best_epoch: int = None
-    bad_epochs: int = 0
-    stopped: str = None               # the reason, once the run has stopped early
-
-    @classmethod
-    def from_record(cls, record):
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (record or {}).items() if k in known})
-
-
-@dataclass
-class Partial:
-    """The running sums of an epoch stopped part way (Ctrl-C, --save-every), so a resumed epoch reports
-    what an uninterrupted one would; `window` holds the sums at the last row of steps.csv."""
-    loss_sum: float = 0.0
-    correct: int = 0
-    seen: int = 0
-    seconds: float = 0.0
-    window: tuple = None
-
-    @classmethod
-    def from_record(cls, record):
-        if not record:
-            return cls()
-        window = record.get("window")
-        return cls(record["loss_sum"], int(record["correct"]), int(record["seen"]), float(record["seconds"]),
-                   tuple(window) if window else None)
-
-
-@dataclass
-class Progress:
-    """What a run has done: one row per finished epoch, and the early-stopping state."""
-    history: list = field(default_factory=list)
-    early: EarlyStop = field(default_factory=EarlyStop)
-
-
-def rng_state(device):
-    """The global RNG states dropout draws from; data order and augmentation are seeded per step."""
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    elif device.type == "mps":
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    elif device.type == "mps" and "mps" in state:
-        torch.mps.set_rng_state(state["mps"])
-
-
-def seed_rank(rank, seed, salt=0):
-    """Give ranks above 0 their own dropout stream (rank 0 keeps the one-process stream); without it,
-    every rank would draw the same masks."""
-    if rank:
-        torch.manual_seed((seed * 1_000_003 + salt) * 1_009 + rank)
-
 
 def model_kwargs(args, num_classes):
     """Keyword arguments for get_model: the data's shape, and the model options given on the command line.
@@ -262,60 +195,24 @@ def model_kwargs(args, num_classes):
     return kwargs
 
 
-def make_record(stepper, args, data, progress, epoch, step, partial, rngs):
-    """Everything to rebuild the model and to resume the run exactly, in plain types only, so that
-    torch.load(weights_only=True) opens it. `epoch` epochs are complete, plus `step` steps of the
-    next one (a Ctrl-C or --save-every save), whose running sums are `partial`; `rngs` holds every
-    rank's random streams (one entry in one process); `data` is loop.Data."""
-    info, norm = data.info, data.norm
+def make_checkpoint(model, args, data, history, ema=None):
+    """The record every reader of checkpoints opens: the model and its options, its weights (and the
+    EMA weights), DATA (dataset, normalization, classes, input shape, the test split), train.py's
+    flags and HISTORY, its rows of log.csv. `epoch` is the last epoch in it."""
     ckpt = {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "torch_version": str(torch.__version__),
-        "model": {"name": args.model, "kwargs": model_kwargs(args, len(info.classes))},
-        "state_dict": stepper.model.state_dict(),
-        "data": {"dataset": info.name, "mean": norm[0], "std": norm[1], "classes": list(info.classes),
-                 "input_shape": [1, 28, 28], "rule": info.rule, "test": data.record or {"kind": "builtin"}},
-        "epoch": epoch, "step": step,
-        "partial_epoch": {**asdict(partial), "window": list(partial.window or ())} if partial else None,
-        "metrics": progress.history[-1] if progress.history else {}, "history": progress.history,
-        "args": dict(vars(args)),
-        "optimizer": stepper.optimizer.state_dict(),
-        "scheduler": {"name": args.scheduler, "note": "the lr is a function of the global step"},
-        "stopping": {k: v for k, v in asdict(progress.early).items() if v is not None},
-        "rng": rngs[0], "scaler": stepper.scaler.state_dict() if stepper.scaler else None,
+        "model": {"name": args.model, "kwargs": model_kwargs(args, len(data["classes"]))},
+        "state_dict": model.state_dict(), "data": data, "args": dict(vars(args)),
+        "epoch": history[-1]["epoch"] if history else 0, "history": list(history),
     }
-    if len(rngs) > 1:
-        ckpt["rng_ranks"] = rngs
-    if stepper.ema is not None:
-        ckpt.update(ema_state_dict=stepper.ema.module.state_dict(), ema_steps=int(stepper.ema.n_averaged))
+    if ema is not None:
+        ckpt["ema_state_dict"] = ema.module.state_dict()
     return ckpt
 
 
 def slim_checkpoint(ckpt):
-    """The checkpoint without what only resuming needs (optimizer, RNG, partial sums): a third of the size.
-    What make_record adds later stays unless it is named here as resume state."""
-    resume_only = ("optimizer", "scheduler", "stopping", "rng", "rng_ranks", "scaler", "ema_steps")
-    slim = {k: v for k, v in ckpt.items() if k not in resume_only and v is not None}
-    slim["step"], slim["partial_epoch"] = 0, None
-    return slim
-
-
-def restore_record(ckpt, stepper, rank=0, world_size=1):
-    """The other way: weights, optimizer, EMA, scaler and random streams into the stepper; returns
-    (progress, first epoch, first step, partial sums). A checkpoint saved with another number of
-    ranks (or by one process) has no stream for the extra ranks: they start a fresh one, so their
-    dropout masks differ from an uninterrupted run's from there on."""
-    stepper.model.load_state_dict(ckpt["state_dict"])
-    stepper.optimizer.load_state_dict(ckpt["optimizer"])
-    if stepper.ema is not None:
-        stepper.ema.module.load_state_dict(ckpt["ema_state_dict"])
-        stepper.ema.n_averaged.fill_(ckpt["ema_steps"])
-    if stepper.scaler is not None and ckpt.get("scaler"):
-        stepper.scaler.load_state_dict(ckpt["scaler"])
-    states = ckpt.get("rng_ranks")
-    if states and len(states) == world_size:
-        set_rng_state(states[rank], stepper.device)
-    else:
-        set_rng_state(ckpt["rng"], stepper.device)
-        seed_rank(rank, ckpt["args"]["seed"], salt=ckpt["epoch"] * 1_000_003 + ckpt["step"] + 1)
-    progress = Progress(list(ckpt["history"]), EarlyStop.from_record(ckpt.get("stopping")))
-    return progress, ckpt["epoch"] + 1, int(ckpt["step"]), Partial.from_record(ckpt.get("partial_epoch"))
+    """The checkpoint with only what make_checkpoint writes, without what continuing the run needs:
+    a third of the size."""
+    keep = ("format", "version", "torch_version", "model", "state_dict", "ema_state_dict", "data", "args", "epoch",
+            "history")
+    return {k: ckpt[k] for k in keep if ckpt.get(k) is not None}

@@ -1,9 +1,11 @@
-"""The command line every script shares: one error style, argument files, number types and stopping.
+"""What every command shares: one error style, argument files, number types, stopping, and files
+written whole or not at all.
 
     from cli import Parser, UserError, run
     parser = Parser(prog="mine.py")          # reads @recipes/NAME.args; a bad argument is one line, exit 2
     sys.exit(run(main))                      # every expected failure becomes one line and an exit code
     with stop_on_signals() as stop: ...      # Ctrl-C and SIGTERM ask a long command to stop at a safe point
+    write_text_atomic("...", "runs/x/args.json")                 # the old file or the new one, never half
 
 Error style: a user error prints one line on stderr and exits 2 when the command line is wrong
 (unknown name, bad number, missing path, absent device), 1 when the command was fine but the work
@@ -11,16 +13,23 @@ failed (corrupt file, diverged loss, full disk), 130 on Ctrl-C. `--debug` or MNI
 traceback. A closed output pipe (`| head`) ends a command quietly. An exception class that sets
 `user_error = True` (UserError here, and data.py's, models.py's and files.py's own) carries a message
 written for the user and its exit status in `code`, so this module needs none of theirs.
+
+Files: the data goes to a temporary file with a name of its own in the target's folder, created
+exclusively (never through a link someone planted there), then replaces the target in one rename, so
+a crash, a full disk or a second process leaves either the old file or the new one, never half of
+either. This module imports nothing of the toolkit's, so everything else may use it.
 """
 import argparse
+import csv
+import errno
 import os
+import re
+import secrets
 import shlex
 import signal
 import sys
 import traceback
 from contextlib import contextmanager
-
-from files import WRITE_HINTS, write_problem
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -161,6 +170,111 @@ def chance_and_strength(text):
     if not all(0 <= v <= 1 for v in value):
         raise argparse.ArgumentTypeError(f"P and S must be between 0 and 1, got {text!r}")
     return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Files written whole or not at all
+# ---------------------------------------------------------------------------------------------
+
+# What to do about the errors a write meets; the message names the file and the system's reason.
+WRITE_HINTS = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some of your quota or "
+               "write elsewhere", errno.EROFS: "the file system is read-only: write elsewhere",
+               errno.EACCES: "check the folder's permissions or write elsewhere", errno.EFBIG: "write elsewhere"}
+
+
+class WriteError(Exception):
+    """A file could not be written (full disk, read-only folder, quota); the previous version is intact."""
+    user_error, code = True, 1   # cli.run prints the message as it is
+
+
+def write_problem(path, e):
+    """One sentence for an OSError met while writing PATH."""
+    hint = WRITE_HINTS.get(e.errno, "check the disk and the folder")
+    return f"cannot write {path}: {e.strerror or e}; {hint}"
+
+
+TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp")   # the temporary files write_atomic makes: .NAME.<random>.tmp
+
+
+def remove_temporaries(folder, names):
+    """Delete the temporary files a killed process left in FOLDER while writing one of NAMES (the
+    caller holds the folder, so no write of its own is under way). Only our own names are touched."""
+    for entry in os.listdir(folder):
+        match = TEMPORARY.fullmatch(entry)
+        if match and match.group(1) in names:
+            try:
+                os.remove(os.path.join(folder, entry))
+            except OSError:
+                pass
+
+
+def open_new(path, mode="wb"):
+    """Open a file that must not exist yet, for writing: O_EXCL refuses an existing name, and with
+    O_NOFOLLOW a symlink planted at the name is refused instead of followed."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    return os.fdopen(os.open(path, flags, 0o644), mode)
+
+
+def write_atomic(path, data, durable=False):
+    """DATA (bytes or text) to PATH through a fresh temporary file beside it, .NAME.<random>.tmp, which
+    then replaces PATH in one rename; DATA may also be a function that writes the temporary file's
+    path itself (a library's save). With DURABLE the file and its folder are synced to disk before
+    and after the rename (checkpoints: a power cut must not leave an empty last.pt). A failed write
+    removes the temporary file and raises WriteError naming PATH; the previous version stays."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            with open_new(tmp, "w" if isinstance(data, str) else "wb") as f:
+                f.write(data)
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if durable and hasattr(os, "O_DIRECTORY"):   # POSIX: the rename itself, on disk
+            try:
+                fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError:   # a file system that cannot sync a folder: the file itself is synced
+                pass
+    except OSError as e:
+        kept = "; the previous version is kept" if os.path.exists(path) else ""
+        raise WriteError(write_problem(path, e) + kept) from None
+    finally:
+        try:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+        except OSError:   # the folder itself went away or turned read-only: nothing more to do
+            pass
+
+
+def make_folder(path, flag):
+    """Create the folder PATH (and its parents) that the command-line option FLAG names, or raise
+    WriteError saying that FLAG cannot be written there."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"cannot write to {flag} {path} ({e.strerror}); choose a writable folder") from None
+
+
+def write_bytes_atomic(data, path, durable=True):
+    """Bytes to PATH, whole or not at all, synced to disk with its folder unless told not to."""
+    write_atomic(path, data, durable)
+
+
+def write_text_atomic(text, path):
+    write_atomic(path, text)
+
+
+def read_log(path):
+    """The rows of a CSV log (train.py's log.csv and steps.csv) as dicts of strings."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def png_data_url(x):
 def page_config(classifier):
     """GET /config: what the page says and how it sends, for this checkpoint."""
     dataset = classifier.ckpt["data"].get("dataset", "")
-    accuracy = classifier.ckpt.get("metrics", {}).get("test_acc")
+    accuracy = (classifier.ckpt.get("history") or [{}])[-1].get("test_acc")
     about = f"{classifier.ckpt['model']['name']} from {os.path.basename(classifier.path)}"
     title, hint = DATASETS.get(dataset, (os.path.basename(dataset.rstrip("/")) or dataset,
                                          "Draw one of the classes below, or upload a photo of one."))

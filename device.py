@@ -4,7 +4,7 @@
     amp, note = resolve_amp("auto", device)        # "bf16" where the device computes it natively, else "off"
     with autocast_for(amp, device): ...
 
-Chosen once, at the top of a command (STYLE: choose the device once).
+Each command chooses its device once, at the top, and builds its autocast context once.
 """
 import ctypes
 import os

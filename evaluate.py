@@ -15,11 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, build_model, checkpoint_path, load_checkpoint, load_file
-from cli import Parser, UserError, non_negative, positive, run
+from cli import Parser, UserError, make_folder, non_negative, positive, read_log, run, write_text_atomic
 from device import autocast_for, keep_freed_memory, native_bf16, pick_device, resolve_amp
-from files import make_folder, write_text_atomic
-from data import DATASETS, DatasetInfo, dataset_info, normalization, split_off_val
-from scoring import predict_probs, score
+from data import DATASETS, DatasetInfo, dataset_info, normalization, predict_probs, score, split_off_val
 from userdata import open_dataset, read_any, remap
 from models import list_models
 
@@ -42,11 +40,10 @@ class Member:
     model: torch.nn.Module
     ckpt: dict
     tta: bool           # test-time augmentation
-    amp: str            # the precision of its forward passes: off, bf16 or fp16
-    autocast: object
+    autocast: object    # the autocast context of its precision: off, bf16 or fp16
 
 
-def scoring(ckpt, args, device):
+def tta_and_precision(ckpt, args, device):
     """(tta, amp) for a checkpoint. --tta and --amp as given; by default the TTA train.py scored it with,
     and its training precision where this device computes that natively, fp32 otherwise. An old run
     or a bare state_dict records neither: no TTA, fp32."""
@@ -195,9 +192,9 @@ def main(argv):
     for path, ckpt in ckpts:
         model, which = build_model(ckpt, args.weights, path)
         model.to(device)
-        tta, amp = scoring(ckpt, args, device)
+        tta, amp = tta_and_precision(ckpt, args, device)
         member = Member(os.path.basename(os.path.dirname(path)) if os.path.basename(path) == "last.pt" else path,
-                        model, ckpt, tta, amp, autocast_for(amp, device))
+                        model, ckpt, tta, autocast_for(amp, device))
         models.append(member)
         p = member_probs(member, images, args.batch_size, info.flips)
         how = [f"{which} weights"] + (["TTA"] if tta else []) + ([amp] if amp != "off" else [])
@@ -278,7 +275,6 @@ def write_outputs(out, name, results, final, images, labels, probs, ckpts):
 def run_history(path, ckpt):
     """The epoch rows of the run: its log.csv when it sits beside the checkpoint, else the history
     the checkpoint carries (the same rows, up to the epoch it was saved at)."""
-    from runfolder import read_log
     log = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path(path))), "log.csv")
     if os.path.exists(log):
         try:
@@ -290,7 +286,6 @@ def run_history(path, ckpt):
 
 def run_steps(path):
     """The rows of the steps.csv beside a checkpoint, or none."""
-    from runfolder import read_log
     steps = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path(path))), "steps.csv")
     try:
         return read_log(steps) if os.path.exists(steps) else []

@@ -16,7 +16,7 @@ import torch
 
 from checkpoint import build_model, load_checkpoint, save_checkpoint, slim_checkpoint
 from cli import Parser, UserError, positive, run
-from files import write_atomic, write_bytes_atomic
+from cli import write_atomic, write_bytes_atomic
 from data import load_split, normalize
 
 FORMATS = {"pt2": ".pt2", "onnx": ".onnx", "ckpt": ".pt"}

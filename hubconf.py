@@ -30,7 +30,7 @@ for _module in (_models, _checkpoint):
         raise ImportError(f"another module named {_module.__name__!r} ({_module.__file__}) was imported before "
                           f"this repository's; load the hub model in a process that has not imported it")
 
-# Shipped weights per entry, the default first; the accuracies are each file's metrics["test_acc"].
+# Shipped weights per entry, the default first; the accuracies are the test_acc of each file's last history row.
 _SHIPPED = {"cnn": ("mnist",), "vgg": ("mnist-top", "fashion-mnist"), "resnet": ("fashion-mnist-top",)}
 _ABOUT = {"mnist": "MNIST, 99.45 %", "mnist-top": "MNIST, 99.76 %",
           "fashion-mnist": "Fashion-MNIST, 91.81 %", "fashion-mnist-top": "Fashion-MNIST, 94.53 %"}

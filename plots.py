@@ -12,7 +12,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from files import write_atomic
+from cli import write_atomic
 
 RED, GREEN = (190, 20, 20), (20, 110, 40)
 

@@ -16,9 +16,8 @@ import sys
 import torch
 
 from checkpoint import add_ckpt_flag, build_model, load_checkpoint
-from cli import Parser, UserError, positive, run
+from cli import Parser, UserError, make_folder, positive, run, write_text_atomic
 from device import pick_device
-from files import make_folder, write_text_atomic
 from preprocess import FORMAT_NAMES, IMAGE_TYPES, classify, read_gray, to_input
 from plots import save_png
 from userdata import read_csv

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from cli import UserError, non_negative, positive, recipe_flags  # noqa: E402
 from device import machine  # noqa: E402
-from files import write_text_atomic  # noqa: E402
+from cli import write_text_atomic  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "results")
 QUICK_IMAGES = 512   # --quick: train and test on this many images, for one epoch

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli, write_idx_set
-from runfolder import read_log
+from cli import read_log
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from checkpoint import build_model, load_checkpoint
 from conftest import main_of, run_script
 from data import load_split, normalize
-from scoring import tta_views
+from data import tta_views
 
 
 @pytest.fixture(scope="module")

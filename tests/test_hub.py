@@ -76,7 +76,7 @@ def test_accuracies_in_the_docstrings_are_the_files(weights):
     import hubconf
     ckpt = torch.load(os.path.join(ROOT, "weights", f"{weights}.pt"), weights_only=True)
     assert ckpt["model"]["name"] == WEIGHTS[weights]
-    assert hubconf._ABOUT[weights].endswith(f"{ckpt['metrics']['test_acc']:.2f} %")
+    assert hubconf._ABOUT[weights].endswith(f"{ckpt['history'][-1]['test_acc']:.2f} %")
 
 
 def test_pretrained_normalizes_as_the_checkpoint_did(mnist_test):
@@ -101,7 +101,7 @@ def test_pretrained_cnn_scores_what_its_file_records(mnist_test):
     with torch.no_grad():
         predicted = torch.cat([model(batch).argmax(1) for batch in images.split(2500)])
     accuracy = round((predicted == labels).double().mean().item() * 100, 2)
-    recorded = torch.load(os.path.join(ROOT, "weights", "mnist.pt"), weights_only=True)["metrics"]["test_acc"]
+    recorded = torch.load(os.path.join(ROOT, "weights", "mnist.pt"), weights_only=True)["history"][-1]["test_acc"]
     assert accuracy == recorded >= 99.4
 
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import data
-import files
+import cli
 from cli import UserError
 from conftest import ROOT, capture, idx_bytes, main_of, snapshot, write_idx_set
 from preprocess import FORMAT_NAMES, read_gray, to_mnist
-from runfolder import read_log
+from cli import read_log
 
 FAST = ["--model", "fast", "--epochs", "1", "--progress", "off"]
 
@@ -168,17 +168,22 @@ def test_overwrite_replaces_a_run_of_ours(run_elsewhere, tmp_path):
 def test_a_temporary_name_planted_as_a_link_is_not_followed(tmp_path, monkeypatch):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    monkeypatch.setattr(files.secrets, "token_hex", lambda n: "0123456789ab")
+    monkeypatch.setattr(cli.secrets, "token_hex", lambda n: "0123456789ab")
     target = tmp_path / "args.json"
     os.symlink(victim, tmp_path / ".args.json.0123456789ab.tmp")
-    with pytest.raises(files.WriteError, match="cannot write .*args.json"):
-        files.write_text_atomic("{}", str(target))
+    with pytest.raises(cli.WriteError, match="cannot write .*args.json"):
+        cli.write_text_atomic("{}", str(target))
     assert victim.read_text() == "precious" and not target.exists()
 
 
-def test_temporary_names_are_fresh_and_in_the_target_folder(tmp_path):
-    names = {files.temporary_name(str(tmp_path / "last.pt")) for _ in range(50)}
-    assert len(names) == 50 and all(os.path.dirname(n) == str(tmp_path) for n in names)
+def test_temporary_names_are_fresh_and_in_the_target_folder(tmp_path, monkeypatch):
+    made = []
+    real = cli.open_new
+    monkeypatch.setattr(cli, "open_new", lambda path, mode="wb": made.append(path) or real(path, mode))
+    for _ in range(20):
+        cli.write_text_atomic("{}", str(tmp_path / "last.pt"))
+    assert len(set(made)) == 20 and all(os.path.dirname(n) == str(tmp_path) for n in made)
+    assert sorted(os.listdir(tmp_path)) == ["last.pt"]
 
 
 def test_a_lock_file_planted_as_a_link_is_refused(synth_data, tmp_path):
@@ -193,12 +198,12 @@ def test_a_lock_file_planted_as_a_link_is_refused(synth_data, tmp_path):
 
 
 def test_a_log_planted_as_a_link_is_not_appended_to(tmp_path):
-    import runfolder
+    import train
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     os.symlink(victim, tmp_path / "log.csv")
-    with pytest.raises(files.WriteError):
-        runfolder.append_row(str(tmp_path), {"epoch": 1}, ["epoch"])
+    with pytest.raises(cli.WriteError):
+        train.append_rows(str(tmp_path), "log.csv", [{"epoch": 1}], ["epoch"])
     assert victim.read_text() == "precious"
 
 
@@ -206,7 +211,7 @@ def test_a_checkpoint_save_syncs_the_file_and_its_folder(tmp_path, monkeypatch):
     from checkpoint import save_checkpoint
     synced = []
     real = os.fsync
-    monkeypatch.setattr(files.os, "fsync", lambda fd: synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
+    monkeypatch.setattr(cli.os, "fsync", lambda fd: synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
                         or real(fd))
     save_checkpoint({"x": torch.zeros(3)}, str(tmp_path / "last.pt"))
     assert any(p.endswith(".tmp") for p in synced) and str(tmp_path) in synced

@@ -1,4 +1,5 @@
-"""A run killed at any point and resumed ends bitwise equal to one that was never interrupted."""
+"""A run killed at any point and resumed from its last finished epoch ends bitwise equal to one that
+was never interrupted."""
 import os
 import random
 import signal
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, capture, main_of
-from runfolder import read_log
+from cli import read_log
 
 pytestmark = pytest.mark.slow   # real processes, killed and resumed
 
@@ -64,31 +65,32 @@ def reference(tmp_path_factory):
     return out, time.perf_counter() - t0
 
 
-def start(out, extra=()):
-    return subprocess.Popen([sys.executable, "train.py", *RECIPE, "--out", out, *extra], cwd=ROOT,
+def start(out):
+    return subprocess.Popen([sys.executable, "train.py", *RECIPE, "--out", out], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def wait_for_training(proc):
-    """Block until the header line: data and model are ready and the first step is about to run."""
+def wait_for(proc, text):
+    """Block until the run prints a line holding TEXT."""
     for line in proc.stdout:
-        if "run folder" in line:
+        if text in line:
             return
     raise AssertionError(proc.stderr.read())
 
 
-def test_ctrl_c_saves_mid_epoch_and_resume_is_exact(reference, tmp_path):
+def test_ctrl_c_stops_inside_an_epoch_and_resume_is_exact(reference, tmp_path):
     out = str(tmp_path / "run")
     proc = start(out)
-    wait_for_training(proc)
-    # The handler is in place before the header prints and is checked after every step, so Ctrl-C
-    # sent now stops inside epoch 1 however fast the machine (a fixed sleep let a fast one finish first).
+    # The handler is checked after every step, so Ctrl-C sent as epoch 1's line prints stops the run
+    # inside a later epoch however fast the machine (a fixed sleep let a fast one finish first).
+    wait_for(proc, "epoch   1/3")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert f"Continue with: python train.py --resume {out}" in err
-    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["step"] > 0   # inside an epoch
+    assert f"Continue with: python train.py --resume {out}" in err and "interrupted: stopped at epoch" in err
+    saved = torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"]
+    assert f"last.pt still holds the last good state (epoch {saved})" in err and saved in (1, 2)
     with open(os.path.join(out, ".last.pt.0123456789ab.tmp"), "wb") as f:   # what a kill in the middle of a save leaves
         f.write(open(os.path.join(out, "last.pt"), "rb").read()[:1000])
     code, printed, err = train("--resume", out)
@@ -96,19 +98,17 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_exact(reference, tmp_path):
     assert "resuming" in printed
     assert same_weights(reference[0], out)
     assert metrics(os.path.join(reference[0], "log.csv")) == metrics(os.path.join(out, "log.csv"))
-    assert steps(reference[0]) == steps(out)   # stopped between two rows of steps.csv, resumed to the same rows
+    assert steps(reference[0]) == steps(out)   # stopped inside an epoch, resumed to the same rows
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("seed,save_every", [(3, 1)])   # saving every step: most kills land inside a save
-def test_sigkill_anywhere_then_resume_is_exact(reference, tmp_path, seed, save_every):
-    """Killed at a random moment (with --save-every 1, mostly while writing a checkpoint), then
-    resumed, killed again, and resumed to the end."""
+@pytest.mark.parametrize("seed", [3])
+def test_sigkill_anywhere_then_resume_is_exact(reference, tmp_path, seed):
+    """Killed at a random moment, then resumed, killed again, and resumed to the end."""
     rng = random.Random(seed)
     out = str(tmp_path / "run")
-    extra = ["--save-every", str(save_every)]
-    proc = start(out, extra)
-    wait_for_training(proc)
+    proc = start(out)
+    wait_for(proc, "run folder")
     time.sleep(rng.uniform(0.2, max(0.5, reference[1] - 1.0)))
     proc.kill()
     proc.wait()
@@ -132,7 +132,7 @@ def test_sigkill_anywhere_then_resume_is_exact(reference, tmp_path, seed, save_e
 def test_kill_before_the_first_save_starts_over(reference, tmp_path):
     out = str(tmp_path / "run")
     proc = start(out)
-    wait_for_training(proc)
+    wait_for(proc, "run folder")
     proc.kill()
     proc.wait()
     assert not os.path.exists(os.path.join(out, "last.pt"))

@@ -67,7 +67,7 @@ def test_a_kaggle_csv_trains_with_a_stratified_seventh_as_its_test_split(kaggle_
     assert 0 < ckpt["data"]["mean"] < 1   # measured on the user's training split
 
 
-def test_evaluate_scores_the_same_test_images_with_no_flags(kaggle_run, capsys):
+def test_evaluate_scores_the_same_test_images_with_no_flags(kaggle_run):
     out, _ = kaggle_run
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     code, printed, err = capture(lambda: main_of("evaluate", [out]))
@@ -238,8 +238,8 @@ BAD_CSV = [
 ]
 
 
-@pytest.mark.parametrize("case, lines, message", BAD_CSV, ids=[c[0] for c in BAD_CSV])
-def test_a_bad_csv_gets_one_line_naming_the_row(tmp_path, case, lines, message):
+@pytest.mark.parametrize("lines, message", [c[1:] for c in BAD_CSV], ids=[c[0] for c in BAD_CSV])
+def test_a_bad_csv_gets_one_line_naming_the_row(tmp_path, lines, message):
     import re
     path = tmp_path / "bad.csv"
     path.write_text("\n".join(lines) + "\n")
@@ -311,7 +311,7 @@ def test_images_all_of_one_shade_are_refused(tmp_path):
     assert code == 1 and "every training image is the same shade" in err, err
 
 
-def test_an_unknown_name_or_path_is_one_line(tmp_path):
+def test_an_unknown_name_or_path_is_one_line():
     code, _, err = capture(lambda: main_of("train", [*FAST, "--dataset", "cifar"]))
     assert code == 2 and "unknown dataset 'cifar': neither a built-in one (mnist, fashion-mnist" in err
 
