@@ -25,6 +25,8 @@ timed before and after the rest, so that runs on other days or machines compare.
 
 Every timing is the median of several repeats, and ratios are taken within a repeat.
 """
+
+import collections
 import itertools
 import json
 import os
@@ -39,8 +41,8 @@ import time
 import torch
 
 from cli import Parser, UserError, positive, read_log, recipe_flags, run, write_text_atomic
-from device import autocast_for, machine, pick_device, resolve_amp
 from data import Batches, dataset_info, load_split, predict_logits
+from device import autocast_for, machine, pick_device, resolve_amp
 from models import get_model, list_models
 from optimizers import build_optimizer
 from userdata import read_csv
@@ -64,14 +66,21 @@ class NotebookMNIST(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         from PIL import Image
+
         return self.transform(Image.fromarray(self.images[i, 0].numpy(), mode="L")), int(self.labels[i])
 
 
 def notebook_loader(images, labels, batch_size, mean, std, seed, workers):
     from torchvision import transforms
+
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
-    return torch.utils.data.DataLoader(NotebookMNIST(images, labels, tf), batch_size=batch_size, shuffle=True,
-                                       num_workers=workers, generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.DataLoader(
+        NotebookMNIST(images, labels, tf),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def timed(call, repeats, warm=0):
@@ -91,26 +100,40 @@ def reference_workload(repeats):
     and 64 maps, FC 256) on fixed random batches of 128. It uses none of the toolkit's code and must
     never change, so that its time measures the machine alone."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-                              torch.nn.Conv2d(32, 64, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-                              torch.nn.Flatten(), torch.nn.Linear(64 * 7 * 7, 256), torch.nn.ReLU(),
-                              torch.nn.Linear(256, 10))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 32, 5, padding=2),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 64, 5, padding=2),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64 * 7 * 7, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 10),
+    )
     x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
 
     def twenty_steps():
         for _ in range(20):
             net.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(net(x), y).backward()
-            with torch.no_grad():   # plain SGD by hand: torch.optim would import torch._dynamo
+            with torch.no_grad():  # plain SGD by hand: torch.optim would import torch._dynamo
                 for p in net.parameters():
                     p.add_(p.grad, alpha=-0.01)
+
     return timed(twenty_steps, repeats, warm=1)
 
 
 def describe_machine(opts, device):
     """What the figures ran on: the device, the kernels torch dispatches there, threads and precision."""
-    info = {"machine": machine(opts.device), "torch": torch.__version__, "device": str(device),
-            "threads": torch.get_num_threads(), "precision": opts.precision}
+    info = {
+        "machine": machine(opts.device),
+        "torch": torch.__version__,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "precision": opts.precision,
+    }
     if device.type == "cpu":
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         info["onednn_max_isa"] = os.environ.get("ONEDNN_MAX_CPU_ISA", "not set")
@@ -141,8 +164,8 @@ def time_loop(model_name, source, amp, device, channels_last, steps):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer, autocast = build_optimizer(model, "adam", 1e-3), autocast_for(amp, device)
-    train_steps(model, optimizer, itertools.islice(source(), 2), autocast)   # allocations, cuDNN's autotuning
-    if device.type == "cuda":   # the GPU's own clock: no host-side timing noise in the figure
+    train_steps(model, optimizer, itertools.islice(source(), 2), autocast)  # allocations, cuDNN's autotuning
+    if device.type == "cuda":  # the GPU's own clock: no host-side timing noise in the figure
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         train_steps(model, optimizer, itertools.islice(source(), steps), autocast)
@@ -158,15 +181,15 @@ def bench_pipelines(opts, device, report):
     """Sections 1 and 2: one loop, four feeds, repeats interleaved so slow spells hit every feed."""
     images, labels = load_split("mnist", "train", opts.data_dir, device)
     info = dataset_info("mnist")
-    cl = device.type == "cpu"   # what train.py's --channels-last auto picks here without --amp
+    cl = device.type == "cpu"  # what train.py's --channels-last auto picks here without --amp
     ours = Batches(images, labels, opts.batch_size, info.mean, info.std, shuffle=True, seed=0, channels_last=cl)
-    staged = list(itertools.islice(ours.epoch(1), opts.steps))   # made before the clock starts
+    staged = list(itertools.islice(ours.epoch(1), opts.steps))  # made before the clock starts
     loader = notebook_loader(images, labels, opts.batch_size, info.mean, info.std, 0, opts.workers)
 
     def from_loader(memory_format):
         return ((x.to(device, memory_format=memory_format), y.to(device)) for x, y in loader)
 
-    feeds = {   # name: (source of batches, channels_last model)
+    feeds = {  # name: (source of batches, channels_last model)
         "DataLoader (notebooks)": (lambda: from_loader(torch.contiguous_format), False),
         "DataLoader + channels_last": (lambda: from_loader(torch.channels_last), True),
         "ours": (lambda: ours.epoch(0), cl),
@@ -177,30 +200,30 @@ def bench_pipelines(opts, device, report):
     times = {name: [] for name in feeds}
     for _ in range(opts.repeats):
         for name, (source, channels_last) in feeds.items():
-            times[name].append(time_loop(opts.model, source, opts.amp, device, channels_last,
-                                         opts.steps))
+            times[name].append(time_loop(opts.model, source, opts.amp, device, channels_last, opts.steps))
     med = {name: statistics.median(t) for name, t in times.items()}
     report["throughput"] = {name: opts.steps * opts.batch_size / s for name, s in med.items()}
-    report["loop_seconds"] = times   # every repeat, for anyone who doubts a median
+    report["loop_seconds"] = times  # every repeat, for anyone who doubts a median
+
     # Ratios are taken within each repeat, between feeds timed seconds apart, and then the median:
     # a slow spell of a busy machine then slows both sides of a ratio instead of one.
     def paired(a, b):
         return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
     report["throughput_ratio"] = paired("DataLoader (notebooks)", "ours")
     report["overhead_pct"] = 100 * (paired("ours", "staged in advance") - 1)
     # The same overhead measured directly: the cost of making our batches with no model behind them.
     seconds = []
     for epoch in range(opts.repeats):
         t0 = time.perf_counter()
-        for x, _ in ours.epoch(epoch):
-            pass
-        x.sum().item()   # wait for the device
+        last = collections.deque(ours.epoch(epoch), maxlen=1)[0]  # every batch made, the last one kept
+        last[0].sum().item()  # wait for the device
         seconds.append((time.perf_counter() - t0) / len(ours))
     report["batch_ms"] = 1000 * statistics.median(seconds)
     report["batch_pct_of_step"] = 100 * report["batch_ms"] / 1000 / (med["staged in advance"] / opts.steps)
 
 
-STARTUP = {   # name: code run in a fresh interpreter, after which the clock stops
+STARTUP = {  # name: code run in a fresh interpreter, after which the clock stops
     "interpreter": "pass",
     "import torch": "import torch",
     "import torch and train.py's modules": "import train",
@@ -237,11 +260,16 @@ def bench_startup(opts, device, report, tmp):
             walls[name].append(time.perf_counter() - t0)
     startup = {name: statistics.median(w) for name, w in walls.items()}
     startup["read MNIST (train and test) onto the device"] = timed(
-        lambda: [load_split("mnist", split, opts.data_dir, device) for split in ("train", "test")], opts.repeats)
+        lambda: [load_split("mnist", split, opts.data_dir, device) for split in ("train", "test")], opts.repeats
+    )
     startup["read a Kaggle-style train.csv (42,000 rows)"] = time_csv(opts, tmp)
     if device.type == "cuda":
-        runs = [subprocess.run([sys.executable, "-c", CUDA_STARTUP], check=True, capture_output=True,
-                               text=True).stdout.split() for _ in range(opts.repeats)]
+        runs = [
+            subprocess.run(
+                [sys.executable, "-c", CUDA_STARTUP], check=True, capture_output=True, text=True
+            ).stdout.split()
+            for _ in range(opts.repeats)
+        ]
         startup["CUDA initialisation"] = statistics.median(float(r[0]) for r in runs)
         startup["cuDNN autotuning, one conv shape"] = statistics.median(float(r[1]) for r in runs)
     report["startup_s"] = startup
@@ -269,17 +297,25 @@ def bench_recipes(opts, report, tmp):
             continue
         walls, trainings, accs = [], [], []
         for seed in range(1, opts.seeds + 1):
-            wall, training, acc = run_recipe(recipe, seed, os.path.join(tmp, f"{name}-{seed}"), opts.device, opts.amp,
-                                             opts.quick)
+            wall, training, acc = run_recipe(
+                recipe, seed, os.path.join(tmp, f"{name}-{seed}"), opts.device, opts.amp, opts.quick
+            )
             walls.append(wall)
             trainings.append(training)
             accs.append(acc)
             print(f"  {name} seed {seed}: {acc:.2f} % in {wall:.1f} s ({training:.1f} s training)", flush=True)
-        report["recipes"][name] = {"command": f"python train.py @{recipe}", "flags": recipe_flags(recipe),
-                                   "seeds": opts.seeds, "wall_s": walls, "training_s": trainings, "acc": accs,
-                                   "median_wall_s": statistics.median(walls),
-                                   "median_training_s": statistics.median(trainings),
-                                   "mean_acc": statistics.mean(accs), "min_acc": min(accs)}
+        report["recipes"][name] = {
+            "command": f"python train.py @{recipe}",
+            "flags": recipe_flags(recipe),
+            "seeds": opts.seeds,
+            "wall_s": walls,
+            "training_s": trainings,
+            "acc": accs,
+            "median_wall_s": statistics.median(walls),
+            "median_training_s": statistics.median(trainings),
+            "mean_acc": statistics.mean(accs),
+            "min_acc": min(accs),
+        }
 
 
 def bench_evaluation(opts, device, report, tmp):
@@ -291,8 +327,11 @@ def bench_evaluation(opts, device, report, tmp):
     if cl:
         model = model.to(memory_format=torch.channels_last)
     autocast = autocast_for(opts.amp, device)
-    report["eval_images_per_s"] = len(images) / timed(lambda: predict_logits(
-        model, images, info.mean, info.std, channels_last=cl, autocast=autocast).sum().item(), opts.repeats, warm=1)
+    report["eval_images_per_s"] = len(images) / timed(
+        lambda: predict_logits(model, images, info.mean, info.std, channels_last=cl, autocast=autocast).sum().item(),
+        opts.repeats,
+        warm=1,
+    )
     # A real checkpoint to evaluate: the shipped cnn, or a few steps of training (the work is the same).
     shipped = os.path.join(ROOT, "weights", "mnist.pt")
     run_dir = os.path.join(tmp, "eval-ckpt")
@@ -300,21 +339,57 @@ def bench_evaluation(opts, device, report, tmp):
         os.makedirs(run_dir)
         shutil.copy(shipped, os.path.join(run_dir, "last.pt"))
     else:
-        subprocess.run([sys.executable, "train.py", "--model", opts.model, "--epochs", "1", "--subset", "2000",
-                        "--out", run_dir, "--progress", "off"], cwd=ROOT, check=True, capture_output=True)
-    report["evaluate_process_s"] = timed(lambda: subprocess.run(
-        [sys.executable, "evaluate.py", os.path.join(run_dir, "last.pt"), "--amp", opts.amp], cwd=ROOT, check=True,
-        capture_output=True), opts.repeats)
+        subprocess.run(
+            [
+                sys.executable,
+                "train.py",
+                "--model",
+                opts.model,
+                "--epochs",
+                "1",
+                "--subset",
+                "2000",
+                "--out",
+                run_dir,
+                "--progress",
+                "off",
+            ],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+    report["evaluate_process_s"] = timed(
+        lambda: subprocess.run(
+            [sys.executable, "evaluate.py", os.path.join(run_dir, "last.pt"), "--amp", opts.amp],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        ),
+        opts.repeats,
+    )
 
 
 def print_table(report, opts):
     m = report["machine"]
-    kernels = (f"; ATen {m['cpu_capability']} kernels, ONEDNN_MAX_CPU_ISA {m['onednn_max_isa']}, "
-               f"MKL_ENABLE_INSTRUCTIONS {m['mkl_instructions']}") if "cpu_capability" in m else ""
-    print(f"\n{m['machine']}{kernels}; {m['threads']} threads; torch {m['torch']}; {m['precision']}; "
-          f"{opts.model}, batch {opts.batch_size}, {opts.steps} steps, median of {opts.repeats}")
-    rows = [("reference workload (fixed fp32 job), before / after", " / ".join(f"{s:.2f} s" for s in report["reference_s"]),
-             "")]
+    kernels = (
+        (
+            f"; ATen {m['cpu_capability']} kernels, ONEDNN_MAX_CPU_ISA {m['onednn_max_isa']}, "
+            f"MKL_ENABLE_INSTRUCTIONS {m['mkl_instructions']}"
+        )
+        if "cpu_capability" in m
+        else ""
+    )
+    print(
+        f"\n{m['machine']}{kernels}; {m['threads']} threads; torch {m['torch']}; {m['precision']}; "
+        f"{opts.model}, batch {opts.batch_size}, {opts.steps} steps, median of {opts.repeats}"
+    )
+    rows = [
+        (
+            "reference workload (fixed fp32 job), before / after",
+            " / ".join(f"{s:.2f} s" for s in report["reference_s"]),
+            "",
+        )
+    ]
     if "throughput" in report:
         for name, ips in report["throughput"].items():
             rows.append((f"train images/s, {name}", f"{ips:,.0f}", ""))
@@ -327,17 +402,32 @@ def print_table(report, opts):
     for name, r in report.get("recipes", {}).items():
         acc, lowest, wall = TARGETS[name]
         met = {True: "met", False: "MISSED"}
-        rows.append((f"{name}: median wall time, {r['seeds']} seeds", f"{r['median_wall_s']:.1f} s",
-                     f"<= {wall:g} s: {met[r['median_wall_s'] <= wall]}"))
+        rows.append(
+            (
+                f"{name}: median wall time, {r['seeds']} seeds",
+                f"{r['median_wall_s']:.1f} s",
+                f"<= {wall:g} s: {met[r['median_wall_s'] <= wall]}",
+            )
+        )
         rows.append((f"{name}: ... of which training", f"{r['median_training_s']:.1f} s", ""))
         # three decimals: the mean of five two-decimal figures, which 99.498 rounded to 99.50 would hide
-        rows.append((f"{name}: mean (min) test accuracy", f"{r['mean_acc']:.3f} ({r['min_acc']:.2f}) %",
-                     f">= {acc:g}{f' ({lowest:g})' if lowest else ''} %: "
-                     f"{met[r['mean_acc'] >= acc - 1e-9 and r['min_acc'] >= lowest]}"))
+        rows.append(
+            (
+                f"{name}: mean (min) test accuracy",
+                f"{r['mean_acc']:.3f} ({r['min_acc']:.2f}) %",
+                f">= {acc:g}{f' ({lowest:g})' if lowest else ''} %: "
+                f"{met[r['mean_acc'] >= acc - 1e-9 and r['min_acc'] >= lowest]}",
+            )
+        )
     if "eval_images_per_s" in report:
         rows.append(("evaluation images/s (10k test set)", f"{report['eval_images_per_s']:,.0f}", ""))
-        rows.append((f"python evaluate.py CKPT ({opts.model}), whole process", f"{report['evaluate_process_s']:.1f} s",
-                     "<= 5 s"))
+        rows.append(
+            (
+                f"python evaluate.py CKPT ({opts.model}), whole process",
+                f"{report['evaluate_process_s']:.1f} s",
+                "<= 5 s",
+            )
+        )
     width = max(len(r[0]) for r in rows)
     tw = max(19, *(len(r[2]) for r in rows))
     print(f"| {'measure':<{width}} | {'value':>16} | {'target (2-core CPU)':<{tw}} |")
@@ -356,15 +446,27 @@ def main(argv):
     p.add_argument("--repeats", type=positive(int), default=7, help="repeats; medians are reported (default: 7)")
     p.add_argument("--seeds", type=positive(int), default=5, help="seeds per speed recipe, counted from 1 (default: 5)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers, as the notebooks (default: 0)")
-    p.add_argument("--skip", nargs="+", default=[], choices=["pipelines", "startup", "evaluation", *RECIPES],
-                   help="sections or recipes to leave out")
+    p.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        choices=["pipelines", "startup", "evaluation", *RECIPES],
+        help="sections or recipes to leave out",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
-                   help="precision of every section, as train.py's --amp (default: auto)")
+    p.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "off", "bf16", "fp16"],
+        help="precision of every section, as train.py's --amp (default: auto)",
+    )
     p.add_argument("--data-dir", help="folder holding the MNIST IDX files (default: search ./data and others)")
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
-    p.add_argument("--quick", action="store_true", help="run the recipes on 1,000 images for 1 epoch: checks "
-                   "that everything runs; the figures mean nothing")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="run the recipes on 1,000 images for 1 epoch: checks that everything runs; the figures mean nothing",
+    )
     opts = p.parse_args(argv)
     device = pick_device(opts.device)
     opts.amp, opts.precision = resolve_amp(opts.amp, device)

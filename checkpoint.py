@@ -9,6 +9,7 @@ A checkpoint holds plain types only (tensors, numbers, strings, lists, dicts), s
 options, dataset, normalization and classes, so `build_model(load_checkpoint(path))` needs nothing else.
 What only continuing a run needs (optimizer state and the like) is added and read back in train.py.
 """
+
 import io
 import os
 import pickle
@@ -20,17 +21,20 @@ from cli import UserError, write_bytes_atomic
 from models import OPTIONS, ModelError, count_params, get_model, list_models, option_problem
 
 CHECKPOINT_FORMAT = "mnist-toolkit-checkpoint"
-DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "mnist.pt")   # predict, demo
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "mnist.pt")  # predict, demo
 
 
-MAX_PARAMS = 100_000_000   # 400 MB in fp32: 35 times the largest model of any recipe (2.8 M)
-CHECKPOINT_VERSION = 1   # bump when the layout changes, and teach load_checkpoint the old one
+MAX_PARAMS = 100_000_000  # 400 MB in fp32: 35 times the largest model of any recipe (2.8 M)
+CHECKPOINT_VERSION = 1  # bump when the layout changes, and teach load_checkpoint the old one
 
 
 def add_ckpt_flag(parser):
     """--ckpt, for the commands that read images with a trained model (predict.py, demo.py)."""
-    parser.add_argument("--ckpt", default=DEFAULT_WEIGHTS, help="checkpoint or run folder (default: "
-                        "weights/mnist.pt, shipped with the toolkit)")
+    parser.add_argument(
+        "--ckpt",
+        default=DEFAULT_WEIGHTS,
+        help="checkpoint or run folder (default: weights/mnist.pt, shipped with the toolkit)",
+    )
 
 
 def save_checkpoint(ckpt, path):
@@ -44,8 +48,9 @@ def save_checkpoint(ckpt, path):
 def checkpoint_path(path):
     """A run folder means its last.pt."""
     if path == DEFAULT_WEIGHTS and not os.path.exists(path):
-        raise UserError(f"the shipped weights {DEFAULT_WEIGHTS} are missing; pass --ckpt with a checkpoint from "
-                        f"train.py", 2)
+        raise UserError(
+            f"the shipped weights {DEFAULT_WEIGHTS} are missing; pass --ckpt with a checkpoint from train.py", 2
+        )
     if os.path.isdir(path):
         path = os.path.join(path, "last.pt")
         if not os.path.exists(path):
@@ -71,35 +76,47 @@ def load_file(path):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
-            raise UserError(f"refusing to load {path}: it contains pickled Python objects, which could run code "
-                            f"when opened; only checkpoints of plain tensors and values are accepted") from None
+            raise UserError(
+                f"refusing to load {path}: it contains pickled Python objects, which could run code "
+                f"when opened; only checkpoints of plain tensors and values are accepted"
+            ) from None
         raise UserError(f"{path} is not a PyTorch checkpoint ({str(e)[:80]})") from None
-    except Exception as e:   # a damaged record makes torch's unpickler fail in any of a dozen ways
-        raise UserError(f"{path} is not a readable PyTorch checkpoint: it is truncated, damaged or another kind "
-                        f"of file ({type(e).__name__}); use another checkpoint") from None
+    except Exception as e:  # a damaged record makes torch's unpickler fail in any of a dozen ways
+        raise UserError(
+            f"{path} is not a readable PyTorch checkpoint: it is truncated, damaged or another kind "
+            f"of file ({type(e).__name__}); use another checkpoint"
+        ) from None
     return ckpt
 
 
 def check_checkpoint(ckpt, path):
     if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        raise UserError(f"{path} holds bare weights (a state_dict) with no record of the model, dataset or "
-                        f"normalization, so it cannot be rebuilt; evaluate.py accepts it with --model NAME")
+        raise UserError(
+            f"{path} holds bare weights (a state_dict) with no record of the model, dataset or "
+            f"normalization, so it cannot be rebuilt; evaluate.py accepts it with --model NAME"
+        )
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is a PyTorch file but not a checkpoint of this toolkit; train one with train.py")
     version = ckpt.get("version")
     if not isinstance(version, int) or version > CHECKPOINT_VERSION:
-        raise UserError(f"{path} has checkpoint format {version}, newer than this toolkit reads "
-                        f"({CHECKPOINT_VERSION}); update the toolkit to open it")
+        raise UserError(
+            f"{path} has checkpoint format {version}, newer than this toolkit reads "
+            f"({CHECKPOINT_VERSION}); update the toolkit to open it"
+        )
     if version < 1:
-        raise UserError(f"{path} has checkpoint format {version}, which predates the first released "
-                        f"format (1) and cannot be converted")
+        raise UserError(
+            f"{path} has checkpoint format {version}, which predates the first released "
+            f"format (1) and cannot be converted"
+        )
     problem = schema_problem(ckpt)
     if problem:
         raise UserError(f"{path} is damaged: {problem}; use another checkpoint")
     name = ckpt["model"]["name"]
     if name not in list_models():
-        raise UserError(f"{path} was trained with model {name!r}, which this toolkit does not have "
-                        f"(known: {', '.join(list_models())}); update models.py or use another checkpoint")
+        raise UserError(
+            f"{path} was trained with model {name!r}, which this toolkit does not have "
+            f"(known: {', '.join(list_models())}); update models.py or use another checkpoint"
+        )
     problem = size_problem(ckpt)
     if problem:
         raise UserError(f"{path}: {problem}; use another checkpoint")
@@ -120,16 +137,22 @@ def schema_problem(ckpt):
         weights = ckpt.get(key)
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
             return f"its {key} is missing or holds something other than tensors"
-    if not (isinstance(data, dict) and isinstance(data.get("dataset"), str)
-            # finite and of a pixel's scale (0..1 or 0..255); compared, not made a float, which a huge int overflows
-            and all(isinstance(data.get(k), (int, float)) and -1e6 < data[k] < 1e6 for k in ("mean", "std"))
-            and data["std"] > 0
-            and isinstance(data.get("classes"), list) and all(isinstance(c, str) for c in data["classes"])):
+    if not (
+        isinstance(data, dict)
+        and isinstance(data.get("dataset"), str)
+        # finite and of a pixel's scale (0..1 or 0..255); compared, not made a float, which a huge int overflows
+        and all(isinstance(data.get(k), (int, float)) and -1e6 < data[k] < 1e6 for k in ("mean", "std"))
+        and data["std"] > 0
+        and isinstance(data.get("classes"), list)
+        and all(isinstance(c, str) for c in data["classes"])
+    ):
         return "its data record (dataset, finite mean, std above 0, classes) is missing or malformed"
     if model["kwargs"].get("num_classes", 10) != len(data["classes"]):
-        return f"its model predicts {model['kwargs'].get('num_classes', 10)} classes but it names {len(data['classes'])}"
-    shape = data.get("input_shape") or [1, 28, 28]   # older records lack it: they were all 1x28x28
-    if shape != [1, 28, 28]:   # every reader of images and IDX files here gives one channel of 28x28
+        return (
+            f"its model predicts {model['kwargs'].get('num_classes', 10)} classes but it names {len(data['classes'])}"
+        )
+    shape = data.get("input_shape") or [1, 28, 28]  # older records lack it: they were all 1x28x28
+    if shape != [1, 28, 28]:  # every reader of images and IDX files here gives one channel of 28x28
         return f"its data's input_shape {str(shape)[:40]} is not [1, 28, 28], the only shape this toolkit reads"
     if model["kwargs"].get("in_channels", 1) != 1:
         return f"its model reads {model['kwargs'].get('in_channels', 1)} channels but its data has 1"
@@ -160,8 +183,11 @@ def size_problem(ckpt):
         wrong = sorted(set(got) ^ set(expected)) or [k for k in expected if got[k] != expected[k]]
         if wrong:
             first = wrong[0]
-            how = (f"{first} is {got[first]}, the model's {expected[first]}" if first in got and first in expected
-                   else f"{first} is {'missing' if first in expected else 'not the model'}'s")
+            how = (
+                f"{first} is {got[first]}, the model's {expected[first]}"
+                if first in got and first in expected
+                else f"{first} is {'missing' if first in expected else 'not the model'}'s"
+            )
             return f"the weights do not fit model {spec['name']!r} ({how})"
     return None
 
@@ -187,6 +213,7 @@ def build_model(ckpt, weights="auto", path="checkpoint"):
 # Making one
 # ---------------------------------------------------------------------------------------------
 
+
 def model_kwargs(args, num_classes):
     """Keyword arguments for get_model: the data's shape, and the model options given on the command line.
     A saved run may predate an option; getattr treats it as not given."""
@@ -200,10 +227,15 @@ def make_checkpoint(model, args, data, history, ema=None):
     EMA weights), DATA (dataset, normalization, classes, input shape, the test split), train.py's
     flags and HISTORY, its rows of log.csv. `epoch` is the last epoch in it."""
     ckpt = {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "torch_version": str(torch.__version__),
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "torch_version": str(torch.__version__),
         "model": {"name": args.model, "kwargs": model_kwargs(args, len(data["classes"]))},
-        "state_dict": model.state_dict(), "data": data, "args": dict(vars(args)),
-        "epoch": history[-1]["epoch"] if history else 0, "history": list(history),
+        "state_dict": model.state_dict(),
+        "data": data,
+        "args": dict(vars(args)),
+        "epoch": history[-1]["epoch"] if history else 0,
+        "history": list(history),
     }
     if ema is not None:
         ckpt["ema_state_dict"] = ema.module.state_dict()
@@ -213,6 +245,16 @@ def make_checkpoint(model, args, data, history, ema=None):
 def slim_checkpoint(ckpt):
     """The checkpoint with only what make_checkpoint writes, without what continuing the run needs:
     a third of the size."""
-    keep = ("format", "version", "torch_version", "model", "state_dict", "ema_state_dict", "data", "args", "epoch",
-            "history")
+    keep = (
+        "format",
+        "version",
+        "torch_version",
+        "model",
+        "state_dict",
+        "ema_state_dict",
+        "data",
+        "args",
+        "epoch",
+        "history",
+    )
     return {k: ckpt[k] for k in keep if ckpt.get(k) is not None}

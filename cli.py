@@ -19,6 +19,7 @@ exclusively (never through a link someone planted there), then replaces the targ
 a crash, a full disk or a second process leaves either the old file or the new one, never half of
 either. This module imports nothing of the toolkit's, so everything else may use it.
 """
+
 import argparse
 import csv
 import errno
@@ -36,6 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 class UserError(Exception):
     """A problem the user can fix; `code` is the exit status (2: the arguments, 1: anything else)."""
+
     user_error = True
 
     def __init__(self, message, code=1):
@@ -58,13 +60,12 @@ class Parser(argparse.ArgumentParser):
     def convert_arg_line_to_args(self, line):
         try:
             return shlex.split(line, comments=True)
-        except ValueError as e:   # an unclosed quote
+        except ValueError as e:  # an unclosed quote
             self.error(f"cannot read the argument file line {line.strip()!r} ({e})")
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
-        return super().parse_known_args([self._argument_file(a) if a.startswith("@") else a for a in args],
-                                        namespace)
+        return super().parse_known_args([self._argument_file(a) if a.startswith("@") else a for a in args], namespace)
 
     def _argument_file(self, arg):
         """@PATH relative to the current folder or, failing that, to the toolkit's own folder, so that
@@ -74,8 +75,7 @@ class Parser(argparse.ArgumentParser):
             return arg
         if os.path.isfile(os.path.join(HERE, path)):
             return "@" + os.path.join(HERE, path)
-        self.error(f"argument file {path} does not exist; the named recipes are in "
-                   f"{os.path.join(HERE, 'recipes')}")
+        self.error(f"argument file {path} does not exist; the named recipes are in {os.path.join(HERE, 'recipes')}")
 
 
 def recipe_flags(path):
@@ -90,12 +90,12 @@ def run(main, argv=None):
     prog = os.path.basename(sys.argv[0]) if main.__module__ == "__main__" else f"{main.__module__}.py"
     try:
         return main(argv) or 0
-    except SystemExit as e:   # argparse errors and --help
+    except SystemExit as e:  # argparse errors and --help
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    except BrokenPipeError:   # output piped into `head`, and the reader went away
+    except BrokenPipeError:  # output piped into `head`, and the reader went away
         return close_stdout()
     except Exception as e:
-        error, (message, code) = e, describe_error(e)   # `e` itself is unbound when the except block ends
+        error, (message, code) = e, describe_error(e)  # `e` itself is unbound when the except block ends
     except KeyboardInterrupt as e:
         error, message, code = e, "interrupted", 130
     if debug_asked(argv):
@@ -114,7 +114,7 @@ def close_stdout():
     flush has nowhere to fail, and end quietly (exit status 0)."""
     try:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):   # stdout is not a real file (a test's capture)
+    except (OSError, ValueError):  # stdout is not a real file (a test's capture)
         pass
     return 0
 
@@ -125,7 +125,7 @@ def describe_error(e):
         return str(e), getattr(e, "code", 1)
     if isinstance(e, MemoryError):
         return "out of memory; try a smaller --batch-size", 1
-    if type(e).__name__ == "OutOfMemoryError":   # torch.cuda.OutOfMemoryError, without importing CUDA code here
+    if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing CUDA code here
         return "the GPU ran out of memory; try a smaller --batch-size, --amp bf16, or another --device", 1
     if isinstance(e, OSError) and e.errno in WRITE_HINTS and e.filename:
         return write_problem(e.filename, e), 1
@@ -137,6 +137,7 @@ def describe_error(e):
 def checked(kind, problem, expected):
     """argparse type for a number of KIND that problem(value) accepts: it returns None, or why not
     ("must be 0 or more"); EXPECTED names what a text that is no number should have been."""
+
     def parse(text):
         try:
             value = kind(text)
@@ -146,14 +147,16 @@ def checked(kind, problem, expected):
         if why:
             raise argparse.ArgumentTypeError(f"{why}, got {text!r}")
         return value
+
     parse.__name__ = expected
     return parse
 
 
 def positive(kind):
     """argparse type for numbers that must be > 0 (and finite), with a one-line message otherwise."""
-    return checked(kind, lambda v: None if v > 0 and v != float("inf") else "must be greater than 0",
-                   f"a positive {kind.__name__}")
+    return checked(
+        kind, lambda v: None if v > 0 and v != float("inf") else "must be greater than 0", f"a positive {kind.__name__}"
+    )
 
 
 def non_negative(kind):
@@ -164,7 +167,7 @@ def chance_and_strength(text):
     """argparse type for P or P:S, a probability and a strength, both in 0..1 (S defaults to 1)."""
     try:
         p, _, strength = text.partition(":")
-        value = [float(p), float(strength) if strength else 1.0]   # a list: what args.json gives back
+        value = [float(p), float(strength) if strength else 1.0]  # a list: what args.json gives back
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected P or P:S (probability and strength), got {text!r}") from None
     if not all(0 <= v <= 1 for v in value):
@@ -177,14 +180,19 @@ def chance_and_strength(text):
 # ---------------------------------------------------------------------------------------------
 
 # What to do about the errors a write meets; the message names the file and the system's reason.
-WRITE_HINTS = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some of your quota or "
-               "write elsewhere", errno.EROFS: "the file system is read-only: write elsewhere",
-               errno.EACCES: "check the folder's permissions or write elsewhere", errno.EFBIG: "write elsewhere"}
+WRITE_HINTS = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some of your quota or write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.EACCES: "check the folder's permissions or write elsewhere",
+    errno.EFBIG: "write elsewhere",
+}
 
 
 class WriteError(Exception):
     """A file could not be written (full disk, read-only folder, quota); the previous version is intact."""
-    user_error, code = True, 1   # cli.run prints the message as it is
+
+    user_error, code = True, 1  # cli.run prints the message as it is
 
 
 def write_problem(path, e):
@@ -193,7 +201,7 @@ def write_problem(path, e):
     return f"cannot write {path}: {e.strerror or e}; {hint}"
 
 
-TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp")   # the temporary files write_atomic makes: .NAME.<random>.tmp
+TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp")  # the temporary files write_atomic makes: .NAME.<random>.tmp
 
 
 def remove_temporaries(folder, names):
@@ -233,14 +241,14 @@ def write_atomic(path, data, durable=False):
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-        if durable and hasattr(os, "O_DIRECTORY"):   # POSIX: the rename itself, on disk
+        if durable and hasattr(os, "O_DIRECTORY"):  # POSIX: the rename itself, on disk
             try:
                 fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
                 try:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            except OSError:   # a file system that cannot sync a folder: the file itself is synced
+            except OSError:  # a file system that cannot sync a folder: the file itself is synced
                 pass
     except OSError as e:
         kept = "; the previous version is kept" if os.path.exists(path) else ""
@@ -249,7 +257,7 @@ def write_atomic(path, data, durable=False):
         try:
             if os.path.lexists(tmp):
                 os.remove(tmp)
-        except OSError:   # the folder itself went away or turned read-only: nothing more to do
+        except OSError:  # the folder itself went away or turned read-only: nothing more to do
             pass
 
 
@@ -281,6 +289,7 @@ def read_log(path):
 # Stopping a long command: signals and a closed output pipe
 # ---------------------------------------------------------------------------------------------
 
+
 class StopRequest:
     """Set by a signal (Ctrl-C, SIGTERM) or a closed output pipe: save at the end of this step and stop."""
 
@@ -308,6 +317,7 @@ def stop_on_signals():
         name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
         stop.ask("interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)", 128 + signum)
         print(f"\n{name}: saving at the end of this step (send it again to quit now)", file=sys.stderr, flush=True)
+
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop

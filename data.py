@@ -10,6 +10,7 @@
 Needs only torch to import, so it can be copied into another project alone: torchvision only to
 download, and the command line uses cli.py and plots.py beside it. Your own CSV, folders: userdata.py.
 """
+
 import gzip
 import math
 import os
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 class DataError(Exception):
     """Missing, corrupt or inconsistent dataset files; the message says what to do. `code` is the exit
     status: 2 when the command line named something that is not there, 1 for a bad file."""
-    user_error = True   # cli.run prints the message as it is
+
+    user_error = True  # cli.run prints the message as it is
 
     def __init__(self, message, code=1):
         super().__init__(message)
@@ -35,14 +37,14 @@ class DataError(Exception):
 @dataclass(frozen=True)
 class DatasetInfo:
     name: str
-    folder: str          # torchvision's folder name: <root>/<folder>/raw/
+    folder: str  # torchvision's folder name: <root>/<folder>/raw/
     classes: tuple
-    mean: float = None   # training-set pixel mean and std on the 0..1 scale
+    mean: float = None  # training-set pixel mean and std on the 0..1 scale
     std: float = None
     flips: bool = False  # whether a mirrored image is still the same class (clothing yes, characters no)
-    prefix: str = ""     # of the file names: EMNIST's are emnist-<split>-train-images-idx3-ubyte and so on
-    transposed: bool = False   # EMNIST stores each image transposed
-    first_label: int = 0       # EMNIST letters number their classes from 1
+    prefix: str = ""  # of the file names: EMNIST's are emnist-<split>-train-images-idx3-ubyte and so on
+    transposed: bool = False  # EMNIST stores each image transposed
+    first_label: int = 0  # EMNIST letters number their classes from 1
     rule: str = "mnist"  # how images from elsewhere are brought to 28x28 (preprocess.py): as MNIST's digits, or "fit"
 
 
@@ -51,26 +53,39 @@ class DatasetInfo:
 # KMNIST is not available offline here, so its statistics are computed from its training file on load.
 DATASETS = {
     "mnist": DatasetInfo("mnist", "MNIST", tuple("0123456789"), 0.1307, 0.3081),
-    "fashion-mnist": DatasetInfo("fashion-mnist", "FashionMNIST", (
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"), 0.2860, 0.3530, flips=True),
+    "fashion-mnist": DatasetInfo(
+        "fashion-mnist",
+        "FashionMNIST",
+        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        0.2860,
+        0.3530,
+        flips=True,
+    ),
     "kmnist": DatasetInfo("kmnist", "KMNIST", ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")),
 }
 # EMNIST (Cohen et al. 2017), in torchvision's layout EMNIST/raw/. Balanced and bymerge merge the 15
 # lowercase letters that look like their capitals into them, leaving 47 classes.
 _DIGITS, _UPPER, _LOWER = tuple("0123456789"), tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ"), tuple("abcdefghijklmnopqrstuvwxyz")
 _MERGED = _DIGITS + _UPPER + tuple("abdefghnqrt")
-for _split, _classes, _first in (("letters", _LOWER, 1), ("balanced", _MERGED, 0), ("bymerge", _MERGED, 0),
-                                 ("byclass", _DIGITS + _UPPER + _LOWER, 0), ("digits", _DIGITS, 0),
-                                 ("mnist", _DIGITS, 0)):
-    DATASETS[f"emnist-{_split}"] = DatasetInfo(f"emnist-{_split}", "EMNIST", _classes, prefix=f"emnist-{_split}-",
-                                               transposed=True, first_label=_first)
-FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+for _split, _classes, _first in (
+    ("letters", _LOWER, 1),
+    ("balanced", _MERGED, 0),
+    ("bymerge", _MERGED, 0),
+    ("byclass", _DIGITS + _UPPER + _LOWER, 0),
+    ("digits", _DIGITS, 0),
+    ("mnist", _DIGITS, 0),
+):
+    DATASETS[f"emnist-{_split}"] = DatasetInfo(
+        f"emnist-{_split}", "EMNIST", _classes, prefix=f"emnist-{_split}-", transposed=True, first_label=_first
+    )
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 DEBIAN_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
 DEBIAN_PACKAGES = {"fashion-mnist": "dataset-fashion-mnist"}
 HERE = os.path.dirname(os.path.abspath(__file__))
-IMAGE_MAGIC, LABEL_MAGIC = 0x0803, 0x0801    # IDX: unsigned bytes, 3 or 1 dimensions
+IMAGE_MAGIC, LABEL_MAGIC = 0x0803, 0x0801  # IDX: unsigned bytes, 3 or 1 dimensions
 
 
 def dataset_info(name):
@@ -82,6 +97,7 @@ def dataset_info(name):
 # ---------------------------------------------------------------------------------------------
 # Finding and reading the IDX files
 # ---------------------------------------------------------------------------------------------
+
 
 def search_dirs(info, data_dir=None):
     """Folders to look in, first hit wins: --data-dir, ./data, this file's data/, Debian's package."""
@@ -107,8 +123,11 @@ def _find(folder, stem):
 def find_split(info, split, data_dir=None, download=True):
     """Paths of the (images, labels) files of a split; downloads with torchvision as a last resort."""
     if data_dir is not None and not os.path.isdir(data_dir):
-        raise DataError(f"--data-dir {data_dir} does not exist; pass the folder that holds "
-                        f"{info.folder}/raw/ or the IDX files themselves", code=2)
+        raise DataError(
+            f"--data-dir {data_dir} does not exist; pass the folder that holds "
+            f"{info.folder}/raw/ or the IDX files themselves",
+            code=2,
+        )
     dirs = search_dirs(info, data_dir)
     names = [info.prefix + stem.replace("t10k", "test" if info.prefix else "t10k") for stem in FILES[split]]
     for folder in dirs:
@@ -126,25 +145,35 @@ def find_split(info, split, data_dir=None, download=True):
         f"cannot find {info.name} files {' and '.join(f + '[.gz]' for f in names)}; "
         f"looked in {', '.join(dirs)}; downloading into {root} failed ({problem}). "
         f"Copy the files into one of those folders or pass --data-dir"
-        + (f" (on Debian or Ubuntu: apt-get install {DEBIAN_PACKAGES[info.name]})" if info.name in DEBIAN_PACKAGES else ""))
+        + (
+            f" (on Debian or Ubuntu: apt-get install {DEBIAN_PACKAGES[info.name]})"
+            if info.name in DEBIAN_PACKAGES
+            else ""
+        )
+    )
 
 
 def _download(info, root):
     """Let torchvision fetch the files into <root>/<folder>/raw/; returns None or why it failed.
     A failed attempt removes the folders it created, so nothing half-made is left behind."""
-    created = [d for d in (root, os.path.join(root, info.folder), os.path.join(root, info.folder, "raw"))
-               if not os.path.exists(d)]
+    created = [
+        d
+        for d in (root, os.path.join(root, info.folder), os.path.join(root, info.folder, "raw"))
+        if not os.path.exists(d)
+    ]
     try:
         import torchvision.datasets as tvd
+
         print(f"downloading {info.name} into {root} ...", file=sys.stderr)
         for train in (True, False):
-            if info.folder == "EMNIST":   # one 0.5 GB archive holds every EMNIST split
+            if info.folder == "EMNIST":  # one 0.5 GB archive holds every EMNIST split
                 tvd.EMNIST(root, split=info.prefix.split("-")[1], train=train, download=True)
             else:
                 {"MNIST": tvd.MNIST, "FashionMNIST": tvd.FashionMNIST, "KMNIST": tvd.KMNIST}[info.folder](
-                    root, train=train, download=True)
+                    root, train=train, download=True
+                )
         return None
-    except Exception as e:   # network errors come in many types; their text is what the user needs
+    except Exception as e:  # network errors come in many types; their text is what the user needs
         for d in reversed(created):
             if os.path.isdir(d) and not os.listdir(d):
                 os.rmdir(d)
@@ -158,7 +187,7 @@ MAX_BYTES = 1 << 30
 
 
 def read_idx(path, magic):
-    return _read_idx(path, magic)[0]   # the tensor alone
+    return _read_idx(path, magic)[0]  # the tensor alone
 
 
 def _read_idx(path, magic):
@@ -176,31 +205,43 @@ def _read_idx(path, magic):
     ndim = magic & 0xFF
     kind = "image" if ndim == 3 else "label"
     try:
-        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
             head = f.read(4 + 4 * ndim)
             dims, size = _check_header(path, head, magic)
             promise = f"its header promises {dims[0]:,} {kind}s ({len(head) + size:,} bytes)"
             stored = _stored_size(path)
             # Refuse at once what cannot be right, so a decompression bomb is not even inflated (one with
             # a forged trailer is still stopped after the promised bytes plus one).
-            if path.endswith(".gz") and stored is not None and stored != (len(head) + size) % 2 ** 32:
-                raise DataError(f"{path} cannot be read: {promise} but its gzip trailer records {stored:,}; "
-                                f"it is probably truncated or not gzip, or holds more than it should: delete it "
-                                f"and copy or download it again")
+            if path.endswith(".gz") and stored is not None and stored != (len(head) + size) % 2**32:
+                raise DataError(
+                    f"{path} cannot be read: {promise} but its gzip trailer records {stored:,}; "
+                    f"it is probably truncated or not gzip, or holds more than it should: delete it "
+                    f"and copy or download it again"
+                )
             if not path.endswith(".gz") and stored != len(head) + size:
                 how = "is truncated" if stored < len(head) + size else "has trailing bytes"
-                raise DataError(f"{path} {how}: {promise} but the file holds {stored:,} bytes; delete it "
-                                f"and copy or download it again")
-            body = _read_body(f, size + 1, path.endswith(".gz"))   # one byte more than promised: must not come
+                raise DataError(
+                    f"{path} {how}: {promise} but the file holds {stored:,} bytes; delete it "
+                    f"and copy or download it again"
+                )
+            body = _read_body(f, size + 1, path.endswith(".gz"))  # one byte more than promised: must not come
     except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path} cannot be read ({e}); it is probably truncated or not gzip: "
-                        f"delete it and copy or download it again") from None
+        raise DataError(
+            f"{path} cannot be read ({e}); it is probably truncated or not gzip: "
+            f"delete it and copy or download it again"
+        ) from None
     if len(body) != size:
         how = "is truncated" if len(body) < size else "has trailing bytes"
-        raise DataError(f"{path} {how}: {promise} but it holds "
-                        f"{'only ' + format(len(head) + len(body), ',') + ' bytes' if len(body) < size else 'more'}; "
-                        f"delete it and copy or download it again")
-    tensor = torch.frombuffer(body, dtype=torch.uint8, count=size).view(dims) if size else torch.zeros(dims, dtype=torch.uint8)
+        raise DataError(
+            f"{path} {how}: {promise} but it holds "
+            f"{'only ' + format(len(head) + len(body), ',') + ' bytes' if len(body) < size else 'more'}; "
+            f"delete it and copy or download it again"
+        )
+    tensor = (
+        torch.frombuffer(body, dtype=torch.uint8, count=size).view(dims)
+        if size
+        else torch.zeros(dims, dtype=torch.uint8)
+    )
     return tensor, ((path[:-3], head, body) if path.endswith(".gz") else None)
 
 
@@ -210,28 +251,35 @@ def _check_header(path, head, magic):
     kind = "image" if ndim == 3 else "label"
     if len(head) < 4 or int.from_bytes(head[:4], "big") != magic:
         found = head[:4].hex() if len(head) >= 4 else f"only {len(head)} bytes"
-        raise DataError(f"{path} is not an IDX {kind} file (magic number {found}, expected {magic:08x}); "
-                        f"check that the right file is there")
+        raise DataError(
+            f"{path} is not an IDX {kind} file (magic number {found}, expected {magic:08x}); "
+            f"check that the right file is there"
+        )
     if len(head) < 4 + 4 * ndim:
         raise DataError(f"{path} is truncated inside its header; delete it and copy or download it again")
-    dims = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     if ndim == 3 and dims[1:] != [28, 28]:
         raise DataError(f"{path} holds {dims[1]}x{dims[2]} images, but these datasets are 28x28")
     size = math.prod(dims)
     if size > MAX_BYTES:
-        raise DataError(f"{path} claims {dims[0]:,} {kind}s ({size:,} bytes), more than any MNIST-style set "
-                        f"holds ({MAX_BYTES:,} bytes at most); the file is damaged or not one of them")
+        raise DataError(
+            f"{path} claims {dims[0]:,} {kind}s ({size:,} bytes), more than any MNIST-style set "
+            f"holds ({MAX_BYTES:,} bytes at most); the file is damaged or not one of them"
+        )
     return dims, size
 
 
 def _parse_idx(path, data, magic):
     """An IDX file already in memory (a checked cache) as a uint8 tensor."""
     ndim = magic & 0xFF
-    dims, size = _check_header(path, data[:4 + 4 * ndim], magic)
+    dims, size = _check_header(path, data[: 4 + 4 * ndim], magic)
     if len(data) != 4 + 4 * ndim + size:
         raise DataError(f"{path} does not hold what its header promises; delete it")
-    return torch.frombuffer(data, dtype=torch.uint8, offset=4 + 4 * ndim, count=size).view(dims) if size else \
-        torch.zeros(dims, dtype=torch.uint8)
+    return (
+        torch.frombuffer(data, dtype=torch.uint8, offset=4 + 4 * ndim, count=size).view(dims)
+        if size
+        else torch.zeros(dims, dtype=torch.uint8)
+    )
 
 
 def _cached(gz_path):
@@ -260,7 +308,7 @@ def _read_body(f, limit, growing):
     memory follows what the file really holds; from a plain file, whose size was checked, at once."""
     if not growing:
         body = bytearray(limit)
-        del body[f.readinto(body):]   # a buffered file fills the buffer unless it ends first
+        del body[f.readinto(body) :]  # a buffered file fills the buffer unless it ends first
         return body
     chunks, got = [], 0
     while got < limit and (chunk := f.read(min(1 << 22, limit - got))):
@@ -294,7 +342,7 @@ def _stored_size(path):
         return os.path.getsize(path)
     with open(path, "rb") as raw:
         raw.seek(0, os.SEEK_END)
-        if raw.tell() < 18:   # gzip's header and trailer alone take 18 bytes
+        if raw.tell() < 18:  # gzip's header and trailer alone take 18 bytes
             return None
         raw.seek(-4, os.SEEK_END)
         return int.from_bytes(raw.read(4), "little")
@@ -309,16 +357,23 @@ def load_split(name, split, data_dir=None, device="cpu"):
 def read_pair(image_path, label_path, info, device="cpu"):
     """An IDX image file and its label file, checked to belong together and to INFO's classes; images
     stored transposed are turned upright, labels counted from first_label start at 0."""
-    (images, keep_images), (labels, keep_labels) = _read_idx(image_path, IMAGE_MAGIC), _read_idx(label_path, LABEL_MAGIC)
+    (images, keep_images), (labels, keep_labels) = (
+        _read_idx(image_path, IMAGE_MAGIC),
+        _read_idx(label_path, LABEL_MAGIC),
+    )
     if len(images) != len(labels):
-        raise DataError(f"{image_path} has {len(images):,} images but {label_path} has {len(labels):,} "
-                        f"labels; the two files come from different sets, so replace both")
+        raise DataError(
+            f"{image_path} has {len(images):,} images but {label_path} has {len(labels):,} "
+            f"labels; the two files come from different sets, so replace both"
+        )
     labels = labels.long() - info.first_label
     if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(info.classes):
         bad = int(labels.max() if labels.max() >= len(info.classes) else labels.min()) + info.first_label
-        raise DataError(f"{label_path} has label {bad}, but {info.name} has only {len(info.classes)} classes "
-                        f"({info.first_label}-{len(info.classes) - 1 + info.first_label}); the file is corrupt or foreign")
-    for keep in (keep_images, keep_labels):   # only now that the two files are known to belong together
+        raise DataError(
+            f"{label_path} has label {bad}, but {info.name} has only {len(info.classes)} classes "
+            f"({info.first_label}-{len(info.classes) - 1 + info.first_label}); the file is corrupt or foreign"
+        )
+    for keep in (keep_images, keep_labels):  # only now that the two files are known to belong together
         if keep:
             _keep_extracted(*keep)
     if info.transposed:
@@ -353,6 +408,7 @@ def split_off_val(images, labels, n_val):
 # Batches: normalization and augmentation done on the device, a batch at a time
 # ---------------------------------------------------------------------------------------------
 
+
 def normalize(images_u8, mean, std, dtype=torch.float32):
     """uint8 pixels -> (x / 255 - mean) / std, as one multiply-add."""
     return images_u8.to(dtype).mul_(1.0 / (255.0 * std)).sub_(mean / std)
@@ -364,23 +420,28 @@ class Augment:
     optional random erasing and horizontal flips (right for clothing, wrong for digits), and the
     changes that real handwriting brings and an affine does not: stroke width, blur, low resolution,
     elastic warps and scan noise, each given as (probability, strength) with strength in 0..1."""
+
     degrees: float = 10.0
     translate: float = 0.1
     scale: float = 0.1
-    erase: float = 0.0     # probability of erasing one random rectangle per image
+    erase: float = 0.0  # probability of erasing one random rectangle per image
     flip: bool = False
-    stroke: tuple = (0.0, 0.0)    # thicker or thinner strokes: a 2x2 dilation or erosion, blended in
-    blur: tuple = (0.0, 0.0)      # a Gaussian blur (sigma 1), blended in
-    lowres: tuple = (0.0, 0.0)    # down to 14, 12 or 10 pixels a side and back (strength: how far down)
-    elastic: tuple = (0.0, 0.0)   # a smooth random warp of up to 3 pixels (times strength)
-    noise: tuple = (0.0, 0.0)     # grain of std up to 0.4 (times strength), as a scanner or camera adds
+    stroke: tuple = (0.0, 0.0)  # thicker or thinner strokes: a 2x2 dilation or erosion, blended in
+    blur: tuple = (0.0, 0.0)  # a Gaussian blur (sigma 1), blended in
+    lowres: tuple = (0.0, 0.0)  # down to 14, 12 or 10 pixels a side and back (strength: how far down)
+    elastic: tuple = (0.0, 0.0)  # a smooth random warp of up to 3 pixels (times strength)
+    noise: tuple = (0.0, 0.0)  # grain of std up to 0.4 (times strength), as a scanner or camera adds
 
     @property
     def DRAWS(self):
         """Uniforms drawn per image, in order: Batches skips other ranks' draws. Only the changes that
         are switched on draw, so adding them leaves the streams of older recipes as they were."""
-        return (10 + sum(2 for p, _ in (self.stroke, self.blur, self.lowres) if p) + (1 + 32 if self.elastic[0] else 0)
-                + (3 if self.noise[0] else 0))
+        return (
+            10
+            + sum(2 for p, _ in (self.stroke, self.blur, self.lowres) if p)
+            + (1 + 32 if self.elastic[0] else 0)
+            + (3 if self.noise[0] else 0)
+        )
 
     def __call__(self, x, gen):
         """Augment a float batch [B, 1, H, W] on 0..1. Random numbers come from the CPU generator
@@ -388,7 +449,7 @@ class Augment:
         b, dev = len(x), x.device
         u = torch.rand(b, self.DRAWS, generator=gen).to(dev, non_blocking=True) * 2 - 1  # uniform in [-1, 1)
         extra = iter(range(10, self.DRAWS))
-        if self.stroke[0]:   # before the affine: a pen's width belongs to the digit as written
+        if self.stroke[0]:  # before the affine: a pen's width belongs to the digit as written
             on, amount = _chance(u, next(extra), self.stroke[0]), u[:, next(extra)]
             thick = torch.where((amount > 0).view(b, 1, 1, 1), dilate(x, 2), erode(x, 2))
             x = x + (on * amount.abs() * self.stroke[1]).view(b, 1, 1, 1) * (thick - x)
@@ -410,9 +471,11 @@ class Augment:
             sides = [(14, amount < 1 / 3), (12, (amount >= 1 / 3) & (amount < 2 / 3)), (10, amount >= 2 / 3)]
             for side, pick in sides:
                 x = torch.where((pick & (on > 0)).view(b, 1, 1, 1), low_resolution(x, side), x)
-        if self.noise[0]:   # hashed from each pixel and a per-image phase: one uniform draws a whole field
+        if self.noise[0]:  # hashed from each pixel and a per-image phase: one uniform draws a whole field
             on, amount, phase = _chance(u, next(extra), self.noise[0]), u[:, next(extra)].abs(), u[:, next(extra)]
-            rows, cols = torch.meshgrid(*(torch.arange(n, device=dev, dtype=x.dtype) for n in x.shape[-2:]), indexing="ij")
+            rows, cols = torch.meshgrid(
+                *(torch.arange(n, device=dev, dtype=x.dtype) for n in x.shape[-2:]), indexing="ij"
+            )
             grain = torch.sin(rows * 12.9898 + cols * 78.233 + phase.view(b, 1, 1, 1) * 437.585) * 43758.5453
             x = (x + (on * amount * self.noise[1] * 1.39).view(b, 1, 1, 1) * (grain - grain.floor() - 0.5)).clamp(0, 1)
         if self.flip:
@@ -426,8 +489,8 @@ def affine_grid(theta, h, w):
     """F.affine_grid(theta.view(-1, 2, 3), [B, 1, h, w], align_corners=False) as one small matrix product,
     3 to 8 times quicker on a CPU than torch's, which multiplies a copy of the pixel grid per image."""
     xs, ys = ((torch.arange(n, device=theta.device, dtype=theta.dtype) * 2 + 1) / n - 1 for n in (w, h))
-    pixels = torch.stack([xs.repeat(h), ys.repeat_interleave(w), torch.ones_like(xs).repeat(h)])   # [3, h*w]
-    return (theta.reshape(-1, 3) @ pixels).view(-1, 2, h, w).permute(0, 2, 3, 1)   # [B, h, w, (x, y)]
+    pixels = torch.stack([xs.repeat(h), ys.repeat_interleave(w), torch.ones_like(xs).repeat(h)])  # [3, h*w]
+    return (theta.reshape(-1, 3) @ pixels).view(-1, 2, h, w).permute(0, 2, 3, 1)  # [B, h, w, (x, y)]
 
 
 def _chance(u, column, p):
@@ -437,6 +500,7 @@ def _chance(u, column, p):
 
 # Image operations on float batches [B, 1, H, W] on 0..1; the augmentation above and the robustness
 # suite of robustness.py share them.
+
 
 def dilate(x, k):
     """Grey-scale dilation with a k x k square: white ink on black grows by about k - 1 pixels."""
@@ -484,9 +548,13 @@ def _erase(x, u, p):
     eh, ew = (area * aspect).sqrt().clamp(1, h), (area / aspect).sqrt().clamp(1, w)
     top, left = u01[:, 3] * (h - eh), u01[:, 4] * (w - ew)
     rows, cols = torch.arange(h, device=x.device).view(1, h, 1), torch.arange(w, device=x.device).view(1, 1, w)
-    box = ((rows >= top.view(b, 1, 1)) & (rows < (top + eh).view(b, 1, 1))
-           & (cols >= left.view(b, 1, 1)) & (cols < (left + ew).view(b, 1, 1))
-           & (u01[:, 0] < p).view(b, 1, 1))
+    box = (
+        (rows >= top.view(b, 1, 1))
+        & (rows < (top + eh).view(b, 1, 1))
+        & (cols >= left.view(b, 1, 1))
+        & (cols < (left + ew).view(b, 1, 1))
+        & (u01[:, 0] < p).view(b, 1, 1)
+    )
     return x.masked_fill(box.unsqueeze(1), 0.0)
 
 
@@ -502,8 +570,21 @@ class Batches:
     and each image gets the augmentation it would get in one process.
     """
 
-    def __init__(self, images, labels, batch_size, mean, std, shuffle=False, seed=0, augment=None,
-                 drop_last=False, channels_last=False, rank=0, world_size=1):
+    def __init__(
+        self,
+        images,
+        labels,
+        batch_size,
+        mean,
+        std,
+        shuffle=False,
+        seed=0,
+        augment=None,
+        drop_last=False,
+        channels_last=False,
+        rank=0,
+        world_size=1,
+    ):
         self.images, self.labels = images, labels
         self.batch_size, self.mean, self.std = batch_size, mean, std
         self.shuffle, self.seed, self.augment, self.drop_last = shuffle, seed, augment, drop_last
@@ -531,14 +612,16 @@ class Batches:
         aug_gen = torch.Generator()
         for i in range(start, len(self)):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
-            span = hi - lo   # this rank's share of the global batch, after `before` images on lower ranks
+            span = hi - lo  # this rank's share of the global batch, after `before` images on lower ranks
             before, hi = span * self.rank // self.world_size, lo + span * (self.rank + 1) // self.world_size
             lo += before
             # index_select copies whole images; indexing with [order] gathers them pixel by pixel, 9x slower
-            x, y = (t.index_select(0, order[lo:hi]) if order is not None else t[lo:hi] for t in (self.images, self.labels))
+            x, y = (
+                t.index_select(0, order[lo:hi]) if order is not None else t[lo:hi] for t in (self.images, self.labels)
+            )
             if self.augment is not None:
                 aug_gen.manual_seed((self.seed * 100_003 + epoch) * 1_000_003 + i)
-                if before:   # skip the lower ranks' draws (the CPU generator draws in sequence)
+                if before:  # skip the lower ranks' draws (the CPU generator draws in sequence)
                     torch.rand(before, self.augment.DRAWS, generator=aug_gen)
                 x = self.augment(x.float().div_(255), aug_gen)
                 x = (x - self.mean) / self.std
@@ -551,6 +634,7 @@ class Batches:
 # A model over a whole split: logits, softmax with test-time augmentation, loss and accuracy, the
 # same for train.py's evaluation, evaluate.py and bench.py
 # ---------------------------------------------------------------------------------------------
+
 
 @torch.inference_mode()
 def predict_logits(model, images, mean, std, batch_size=1000, channels_last=False, autocast=None):
@@ -572,18 +656,22 @@ def tta_views(images, flips):
     (zeros come in at the edge), and, where mirror images keep their class, mirrored."""
     padded = F.pad(images, (1, 1, 1, 1))
     h, w = images.shape[-2:]
-    views = [images] + [padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))]
+    views = [images] + [
+        padded[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))
+    ]
     if flips:
         views.append(images.flip(-1))
     return views
 
 
-def predict_probs(model, images, mean, std, batch_size=1000, tta=False, flips=False, channels_last=False,
-                  autocast=None):
+def predict_probs(
+    model, images, mean, std, batch_size=1000, tta=False, flips=False, channels_last=False, autocast=None
+):
     """Softmax probabilities of uint8 images, averaged over the test-time views when `tta` is set."""
     views = tta_views(images, flips) if tta else [images]
-    probs = [predict_logits(model, v.contiguous(), mean, std, batch_size, channels_last, autocast).softmax(1)
-             for v in views]
+    probs = [
+        predict_logits(model, v.contiguous(), mean, std, batch_size, channels_last, autocast).softmax(1) for v in views
+    ]
     return probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)
 
 
@@ -591,8 +679,13 @@ def log_probs(model, images, mean, std, tta=False, flips=False, channels_last=Fa
     """Log-probabilities: log-softmax of the logits, or with `tta` the log of the averaged softmax
     (what evaluate.py --tta scores)."""
     if tta:
-        return predict_probs(model, images, mean, std, tta=True, flips=flips, channels_last=channels_last,
-                             autocast=autocast).clamp_min(1e-12).log()
+        return (
+            predict_probs(
+                model, images, mean, std, tta=True, flips=flips, channels_last=channels_last, autocast=autocast
+            )
+            .clamp_min(1e-12)
+            .log()
+        )
     return predict_logits(model, images, mean, std, channels_last=channels_last, autocast=autocast).log_softmax(1)
 
 
@@ -607,32 +700,45 @@ def score(logits, labels):
 # Command line: statistics and a picture of the data
 # ---------------------------------------------------------------------------------------------
 
+
 def print_stats(name, data_dir=None):
     info = dataset_info(name)
     for split in ("train", "test"):
         images, labels = load_split(name, split, data_dir)
         mean, std = pixel_stats(images)
-        print(f"[{name} {split}] {len(labels):,} images of {tuple(images.shape[1:])}, "
-              f"pixels {int(images.min())}-{int(images.max())} "
-              f"(0..1 scale: mean {mean:.4f}, std {std:.4f}, var {std * std:.4f})")
+        print(
+            f"[{name} {split}] {len(labels):,} images of {tuple(images.shape[1:])}, "
+            f"pixels {int(images.min())}-{int(images.max())} "
+            f"(0..1 scale: mean {mean:.4f}, std {std:.4f}, var {std * std:.4f})"
+        )
         counts = torch.bincount(labels, minlength=len(info.classes)).tolist()
         width = max(len(c) for c in info.classes)
         for k, (cls, c) in enumerate(zip(info.classes, counts)):
-            print(f"  {k}  {cls:<{width}}  {c:>6,}  {100 * c / len(labels):5.2f} %  {'#' * round(50 * c / max(counts))}")
+            print(
+                f"  {k}  {cls:<{width}}  {c:>6,}  {100 * c / len(labels):5.2f} %  {'#' * round(50 * c / max(counts))}"
+            )
 
 
 def main(argv=None):
     """`python data.py`: statistics or a picture of a dataset; errors and closed pipes as every command."""
-    from cli import run   # the command line only; the library above needs torch alone
+    from cli import run  # the command line only; the library above needs torch alone
+
     return run(inspect_dataset, sys.argv[1:] if argv is None else argv)
 
 
 def inspect_dataset(argv):
     from cli import Parser
+
     parser = Parser(prog="data.py", description="Inspect a dataset: statistics, or a grid of samples.")
-    parser.add_argument("--stats", metavar="NAME", choices=list(DATASETS),
-                        help=f"print counts, pixel statistics and class balance ({', '.join(DATASETS)})")
-    parser.add_argument("--show", metavar="NAME", choices=list(DATASETS), help="write a labelled grid of training images")
+    parser.add_argument(
+        "--stats",
+        metavar="NAME",
+        choices=list(DATASETS),
+        help=f"print counts, pixel statistics and class balance ({', '.join(DATASETS)})",
+    )
+    parser.add_argument(
+        "--show", metavar="NAME", choices=list(DATASETS), help="write a labelled grid of training images"
+    )
     parser.add_argument("--augment", action="store_true", help="with --show: also draw the images augmented")
     parser.add_argument("--out", default="samples.png", help="with --show: the PNG to write (default: samples.png)")
     parser.add_argument("--data-dir", help="folder holding the IDX files (default: search ./data and others)")
@@ -643,13 +749,18 @@ def inspect_dataset(argv):
     if args.stats:
         print_stats(args.stats, args.data_dir)
     if args.show:
-        from plots import sample_grid, save_png   # Pillow and torchvision, beside this file
+        from plots import sample_grid, save_png  # Pillow and torchvision, beside this file
+
         images, labels = load_split(args.show, "train", args.data_dir)
-        info = dataset_info(args.show)   # flips only where the dataset allows them
-        save_png(sample_grid(images, labels, info.classes, Augment(flip=info.flips) if args.augment else None,
-                             args.seed), args.out)
-        print(f"wrote {args.out}: {args.show} training images (seed {args.seed}"
-              f"{'; each row of originals is followed by the same images augmented' if args.augment else ''})")
+        info = dataset_info(args.show)  # flips only where the dataset allows them
+        save_png(
+            sample_grid(images, labels, info.classes, Augment(flip=info.flips) if args.augment else None, args.seed),
+            args.out,
+        )
+        print(
+            f"wrote {args.out}: {args.show} training images (seed {args.seed}"
+            f"{'; each row of originals is followed by the same images augmented' if args.augment else ''})"
+        )
     return 0
 
 

@@ -7,6 +7,7 @@
 The page is page/, its texts from GET /config; what you draw goes to POST /predict, read as predict.py
 reads a file. What clients may hold is bounded (Limits), and check_names keeps other sites out.
 """
+
 import base64
 import contextlib
 import errno
@@ -30,41 +31,54 @@ from cli import Parser, UserError, run
 from preprocess import FORMAT_NAMES, MIME_TYPES, classify, read_gray, to_input
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MAX_BODY = 2 * 1024 * 1024   # a drawn PNG is a few KB; the page shrinks larger photos before sending
+MAX_BODY = 2 * 1024 * 1024  # a drawn PNG is a few KB; the page shrinks larger photos before sending
 TOP = 5
-DATASETS = {"mnist": ("MNIST", "Draw a digit, or upload a photo of one."),          # (title, hint)
-            "fashion-mnist": ("Fashion-MNIST", "Upload a photo of a piece of clothing, or draw one."),
-            "kmnist": ("KMNIST", "Draw a hiragana character, or upload a photo of one.")}
+DATASETS = {
+    "mnist": ("MNIST", "Draw a digit, or upload a photo of one."),  # (title, hint)
+    "fashion-mnist": ("Fashion-MNIST", "Upload a photo of a piece of clothing, or draw one."),
+    "kmnist": ("KMNIST", "Draw a hiragana character, or upload a photo of one."),
+}
 # All that GET serves from page/, read once at start: no request can name a file.
-PAGE_FILES = {"/": ("index.html", "text/html"), "/demo.js": ("demo.js", "text/javascript"),
-              "/demo.css": ("demo.css", "text/css")}
+PAGE_FILES = {
+    "/": ("index.html", "text/html"),
+    "/demo.js": ("demo.js", "text/javascript"),
+    "/demo.css": ("demo.css", "text/css"),
+}
 ROUTES = {**{path: ("GET", "HEAD") for path in (*PAGE_FILES, "/config")}, "/predict": ("POST",)}
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-SAFETY_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store",
-                  "Referrer-Policy": "no-referrer"}
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+SAFETY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+}
 LOOPBACK_HOST = re.compile(r"(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d{1,5})?", re.ASCII | re.IGNORECASE)
 
 
 @dataclass
 class Limits:
     """What the clients of one server may hold at once; tests shorten the deadlines."""
-    connections: int = 256          # beyond this, the oldest still waiting for its request is closed
-    header_seconds: float = 10      # for a request line and headers, as a whole, not per packet
-    body_seconds: float = 10        # for a body, as a whole: 2 MB at 200 KB/s
-    drain_bytes: int = 16 << 20     # of a refused body read and dropped, so that the client reads the refusal
+
+    connections: int = 256  # beyond this, the oldest still waiting for its request is closed
+    header_seconds: float = 10  # for a request line and headers, as a whole, not per packet
+    body_seconds: float = 10  # for a body, as a whole: 2 MB at 200 KB/s
+    drain_bytes: int = 16 << 20  # of a refused body read and dropped, so that the client reads the refusal
     drain_seconds: float = 5
-    inferences: int = os.cpu_count() or 1   # more at once only share the same cores, each slower
+    inferences: int = os.cpu_count() or 1  # more at once only share the same cores, each slower
 
 
 @dataclass
 class Connection:
     """One open connection as the cap and the reaper see it."""
+
     sock: socket.socket
-    phase: str                 # "headers" or "body" while the client owes bytes, "busy" while the server does
-    since: float               # when it opened: at the cap, the oldest waiting is closed first
-    deadline: float | None     # time.monotonic() past which the reaper cuts it; None while busy
-    cut: str = ""              # why it was shut down, once it is
+    phase: str  # "headers" or "body" while the client owes bytes, "busy" while the server does
+    since: float  # when it opened: at the cap, the oldest waiting is closed first
+    deadline: float | None  # time.monotonic() past which the reaper cuts it; None while busy
+    cut: str = ""  # why it was shut down, once it is
 
 
 class Refused(Exception):
@@ -88,9 +102,9 @@ class Classifier:
             gray = read_gray(body, "the upload")
         except UserError as e:
             raise Refused(400, str(e)) from None
-        try:   # by the rule the model was trained with: as MNIST's digits, or (own class folders) fitted
+        try:  # by the rule the model was trained with: as MNIST's digits, or (own class folders) fitted
             x = to_input(gray, self.ckpt["data"].get("rule", "mnist"), "the upload")
-        except UserError as e:   # the only complaint to_mnist has: nothing stands out from the paper
+        except UserError as e:  # the only complaint to_mnist has: nothing stands out from the paper
             raise Refused(422, str(e), blank=True) from None
         probs = classify(self.model, self.ckpt, x[None])[0]
         values, indices = probs.topk(min(TOP, len(self.classes)))
@@ -101,6 +115,7 @@ class Classifier:
 def png_data_url(x):
     """A uint8 [28, 28] image as a data: URL the page can show."""
     from PIL import Image
+
     buffer = io.BytesIO()
     Image.frombytes("L", (x.shape[1], x.shape[0]), x.contiguous().numpy().tobytes()).save(buffer, "PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -111,12 +126,21 @@ def page_config(classifier):
     dataset = classifier.ckpt["data"].get("dataset", "")
     accuracy = (classifier.ckpt.get("history") or [{}])[-1].get("test_acc")
     about = f"{classifier.ckpt['model']['name']} from {os.path.basename(classifier.path)}"
-    title, hint = DATASETS.get(dataset, (os.path.basename(dataset.rstrip("/")) or dataset,
-                                         "Draw one of the classes below, or upload a photo of one."))
+    title, hint = DATASETS.get(
+        dataset,
+        (os.path.basename(dataset.rstrip("/")) or dataset, "Draw one of the classes below, or upload a photo of one."),
+    )
     if isinstance(accuracy, (int, float)):
         about += f", {accuracy:.2f} % on the {title} test set"
-    return {"about": about, "hint": hint, "classes": list(classifier.classes), "max_body": MAX_BODY, "top": TOP,
-            "accept": list(MIME_TYPES), "formats": FORMAT_NAMES}
+    return {
+        "about": about,
+        "hint": hint,
+        "classes": list(classifier.classes),
+        "max_body": MAX_BODY,
+        "top": TOP,
+        "accept": list(MIME_TYPES),
+        "formats": FORMAT_NAMES,
+    }
 
 
 def json_bytes(value):
@@ -127,7 +151,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     """Routes every method through respond, which answers every request, whatever goes wrong."""
 
     server_version = "mnist-demo"
-    timeout = 30   # per send: the reaper's deadlines bound the receiving, this a client that stops reading
+    timeout = 30  # per send: the reaper's deadlines bound the receiving, this a client that stops reading
 
     def handle_one_request(self):
         self.conn, self.body_read = self.server.connections[self.request], False
@@ -141,13 +165,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except Refused as e:
             status, headers = e.status, e.headers
             body, content_type = json_bytes({"error": str(e), **e.extra}), "application/json"
-        except Exception as e:   # a bug must cost one request, not the server
+        except Exception as e:  # a bug must cost one request, not the server
             self.server.note(f"{self.command} {self.short_path()}: unexpected {type(e).__name__}: {e}")
             status, headers, content_type = 500, {}, "application/json"
             body = json_bytes({"error": f"unexpected {type(e).__name__} in the server; see its console"})
         self.answer(status, body, content_type, headers)
         if not self.body_read and ("Content-Length" in self.headers or "Transfer-Encoding" in self.headers):
-            self.close_connection = True   # what is left of the body would be read as the next request
+            self.close_connection = True  # what is left of the body would be read as the next request
             self.drain()
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = respond
@@ -162,8 +186,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise Refused(404, f"nothing at {self.short_path()}; the page is at / and predictions at POST /predict")
         allowed = ROUTES[path]
         if self.command not in allowed:
-            raise Refused(405, f"{path} takes {' or '.join(allowed)}, not {self.command}",
-                          headers={"Allow": ", ".join(allowed)})
+            raise Refused(
+                405, f"{path} takes {' or '.join(allowed)}, not {self.command}", headers={"Allow": ", ".join(allowed)}
+            )
         if path in PAGE_FILES:
             return self.server.files[path], PAGE_FILES[path][1] + "; charset=utf-8", {}
         if path == "/config":
@@ -184,8 +209,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def predict(self):
         kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if kind not in MIME_TYPES:
-            raise Refused(415, f"POST /predict takes an image ({', '.join(MIME_TYPES)}), not "
-                               f"{kind or 'a body without a Content-Type'}", accepted=list(MIME_TYPES))
+            raise Refused(
+                415,
+                f"POST /predict takes an image ({', '.join(MIME_TYPES)}), not "
+                f"{kind or 'a body without a Content-Type'}",
+                accepted=list(MIME_TYPES),
+            )
         body = self.read_body()
         if not self.server.inferences.acquire(blocking=False):
             raise Refused(503, "busy reading other images; try again in a second", headers={"Retry-After": "1"})
@@ -222,12 +251,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length", "").strip()
         left = min(int(length), self.server.limits.drain_bytes) if length.isascii() and length.isdigit() else 0
         self.server.expect(self.conn, "body", self.server.limits.drain_seconds)
-        with contextlib.suppress(OSError):   # the client gone, or the reaper's cut at the drain's deadline
+        with contextlib.suppress(OSError):  # the client gone, or the reaper's cut at the drain's deadline
             while left > 0 and (chunk := self.rfile.read1(min(left, 1 << 16))):
                 left -= len(chunk)
 
     def answer(self, status, body, content_type, headers):
-        if self.conn.cut:   # shut down under this request: nobody is left to read an answer
+        if self.conn.cut:  # shut down under this request: nobody is left to read an answer
             self.close_connection = True
             return self.server.note(f"{self.command or '-'} {self.short_path()} cut off: {self.conn.cut}")
         headers = {"Content-Type": content_type, "Content-Length": str(len(body)), **SAFETY_HEADERS, **headers}
@@ -238,7 +267,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
-        except OSError:   # the page moved on (a newer stroke's request), or the client stopped reading
+        except OSError:  # the page moved on (a newer stroke's request), or the client stopped reading
             self.close_connection = True
 
     def send_error(self, code, message=None, explain=None):
@@ -256,7 +285,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_request(self, code="-", size="-"):
         self.server.note(f"{self.command} {self.short_path()} {int(code)}")
 
-    def log_message(self, format, *args):   # http.server's long default lines; log_request says enough
+    def log_message(self, format, *args):  # http.server's long default lines; log_request says enough
         pass
 
 
@@ -265,21 +294,23 @@ class DemoServer(http.server.ThreadingHTTPServer):
     connection, at most limits.connections of them, and a reaper thread while the socket is open."""
 
     daemon_threads = True
-    request_queue_size = 1024   # a burst of connections waits in the kernel's queue, not a second's SYN retry
+    request_queue_size = 1024  # a burst of connections waits in the kernel's queue, not a second's SYN retry
 
     def __init__(self, address, classifier, quiet=False, limits=None):
         self.classifier, self.quiet, self.limits = classifier, quiet, limits or Limits()
         self.config = page_config(classifier)
         self.files = {route: pathlib.Path(HERE, "page", name).read_bytes() for route, (name, _) in PAGE_FILES.items()}
         self.inferences = threading.BoundedSemaphore(self.limits.inferences)
-        self.connections, self.lock = {}, threading.RLock()   # socket -> Connection, guarded by lock
+        self.connections, self.lock = {}, threading.RLock()  # socket -> Connection, guarded by lock
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, Handler)
         threading.Thread(target=self.reap, daemon=True).start()
         self.loopback = ipaddress.ip_address(self.server_address[0]).is_loopback
         if not self.loopback:
-            self.note(f"warning: listening on {address[0]}, not on this machine alone: anyone who can reach "
-                      f"port {self.server_port} can use this demo (--host 127.0.0.1 keeps it here)")
+            self.note(
+                f"warning: listening on {address[0]}, not on this machine alone: anyone who can reach "
+                f"port {self.server_port} can use this demo (--host 127.0.0.1 keeps it here)"
+            )
 
     def server_bind(self):
         # HTTPServer.server_bind looks the host up in DNS (getfqdn), which stalls on a machine offline.
@@ -306,8 +337,12 @@ class DemoServer(http.server.ThreadingHTTPServer):
         head = {"Content-Type": "application/json", "Content-Length": len(body), **SAFETY_HEADERS, "Retry-After": "1"}
         with contextlib.suppress(OSError):
             sock.setblocking(False)
-            sock.send("\r\n".join(["HTTP/1.0 503 Service Unavailable", *(f"{k}: {v}" for k, v in head.items()),
-                                   "", ""]).encode() + body)
+            sock.send(
+                "\r\n".join(
+                    ["HTTP/1.0 503 Service Unavailable", *(f"{k}: {v}" for k, v in head.items()), "", ""]
+                ).encode()
+                + body
+            )
         self.shutdown_request(sock)
 
     def shutdown_request(self, request):
@@ -323,14 +358,14 @@ class DemoServer(http.server.ThreadingHTTPServer):
         """Shut a connection down, under self.lock. Shut down, not closed: its thread owns the descriptor,
         and closing it under that thread could hand the number to a new connection mid-read."""
         conn.cut, conn.deadline = why, None
-        with contextlib.suppress(OSError):   # the client has gone already
+        with contextlib.suppress(OSError):  # the client has gone already
             conn.sock.shutdown(socket.SHUT_RDWR)
 
     def reap(self):
         """Cut the connections past their deadline: one for the whole request's headers, one for the
         whole body, which a client sending a byte at a time cannot stretch as it can a socket timeout."""
-        while self.socket.fileno() >= 0:   # until server_close closes the listening socket
-            time.sleep(0.1)   # how far past its deadline a connection may live
+        while self.socket.fileno() >= 0:  # until server_close closes the listening socket
+            time.sleep(0.1)  # how far past its deadline a connection may live
             now = time.monotonic()
             with self.lock:
                 for conn in self.connections.values():
@@ -340,8 +375,11 @@ class DemoServer(http.server.ThreadingHTTPServer):
     def note(self, line):
         # Control characters and non-ASCII escaped: a request's path must not drive the terminal.
         if not self.quiet:
-            print("".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode() for c in line),
-                  file=sys.stderr, flush=True)
+            print(
+                "".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode() for c in line),
+                file=sys.stderr,
+                flush=True,
+            )
 
     def url(self):
         host, port = self.server_address[:2]
@@ -358,12 +396,18 @@ port_number.__name__ = "port number (0-65535)"
 
 
 def build_parser():
-    p = Parser(prog="demo.py", description="Serve a page to draw on (or upload a photo to) that shows what a "
-                                           "trained model reads.")
-    p.add_argument("--port", type=port_number, default=8000, help="port to listen on (default: 8000; 0 picks "
-                   "a free one)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
-                   "only; 0.0.0.0 lets anyone who can reach it in)")
+    p = Parser(
+        prog="demo.py",
+        description="Serve a page to draw on (or upload a photo to) that shows what a trained model reads.",
+    )
+    p.add_argument(
+        "--port", type=port_number, default=8000, help="port to listen on (default: 8000; 0 picks a free one)"
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 lets anyone who can reach it in)",
+    )
     add_ckpt_flag(p)
     return p
 
@@ -374,20 +418,24 @@ def main(argv):
     try:
         server = DemoServer((args.host, args.port), classifier)
     except OSError as e:
-        if e.filename:   # the page's files, not the address
+        if e.filename:  # the page's files, not the address
             raise UserError(f"cannot read {e.filename} ({e.strerror}); the demo needs its page/ folder whole") from None
         if e.errno == errno.EADDRINUSE:
-            raise UserError(f"port {args.port} on {args.host} is already in use; stop what holds it or pick "
-                            f"another with --port") from None
+            raise UserError(
+                f"port {args.port} on {args.host} is already in use; stop what holds it or pick another with --port"
+            ) from None
         if e.errno == errno.EACCES:
             raise UserError(f"port {args.port} needs administrator rights; pick one above 1023 with --port") from None
         raise UserError(f"cannot listen on {args.host} port {args.port} ({e.strerror or e}); check --host", 2) from None
     with server:
-        print(f"serving {classifier.ckpt['model']['name']} ({os.path.basename(args.ckpt)}) on {server.url()} "
-              f"(Ctrl-C stops it)", flush=True)
+        print(
+            f"serving {classifier.ckpt['model']['name']} ({os.path.basename(args.ckpt)}) on {server.url()} "
+            f"(Ctrl-C stops it)",
+            flush=True,
+        )
         try:
             server.serve_forever()
-        except KeyboardInterrupt:   # the way to stop a server, not a failure
+        except KeyboardInterrupt:  # the way to stop a server, not a failure
             print("stopped", file=sys.stderr)
     return 0
 

@@ -6,6 +6,7 @@
 
 Each command chooses its device once, at the top, and builds its autocast context once.
 """
+
 import ctypes
 import os
 import sys
@@ -30,7 +31,7 @@ def keep_freed_memory():
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3   # from glibc's malloc.h
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
@@ -46,15 +47,22 @@ def pick_device(name):
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps", 2) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for a CUDA GPU, but none is available here; "
-                            f"use --device cpu, or auto to take whatever is present", 2)
+            raise UserError(
+                f"--device {name} asked for a CUDA GPU, but none is available here; "
+                f"use --device cpu, or auto to take whatever is present",
+                2,
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
-                            f"device(s), numbered from 0", 2)
+            raise UserError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0", 2
+            )
     elif device.type == "mps":
         if not torch.backends.mps.is_available():
-            raise UserError("--device mps asked for Apple's GPU, but MPS is not available here; "
-                            "use --device cpu, or auto to take whatever is present", 2)
+            raise UserError(
+                "--device mps asked for Apple's GPU, but MPS is not available here; "
+                "use --device cpu, or auto to take whatever is present",
+                2,
+            )
     elif device.type != "cpu":
         raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps", 2)
     return device
@@ -63,13 +71,34 @@ def pick_device(name):
 # oneDNN's names (ONEDNN_MAX_CPU_ISA) for the instruction sets with bf16 or fp16 dot products, from
 # oneDNN's dnnl_cpu_isa_t; an older name keeps oneDNN's convolutions off those units.
 ISA_WITH = {
-    "bf16": {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX",
-             "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2", "ALL", "DEFAULT"},
-    "fp16": {"AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "AVX10_2_512",
-             "AVX10_2_512_AMX_2", "ALL", "DEFAULT"},
+    "bf16": {
+        "AVX512_CORE_BF16",
+        "AVX512_CORE_FP16",
+        "AVX10_1_512",
+        "AVX512_CORE_AMX",
+        "AVX10_1_512_AMX",
+        "AVX512_CORE_AMX_FP16",
+        "AVX10_1_512_AMX_FP16",
+        "AVX10_2_512",
+        "AVX10_2_512_AMX_2",
+        "ALL",
+        "DEFAULT",
+    },
+    "fp16": {
+        "AVX512_CORE_FP16",
+        "AVX10_1_512",
+        "AVX512_CORE_AMX_FP16",
+        "AVX10_1_512_AMX_FP16",
+        "AVX10_2_512",
+        "AVX10_2_512_AMX_2",
+        "ALL",
+        "DEFAULT",
+    },
 }
-UNITS = {"bf16": (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")),
-         "fp16": (("amx_fp16", "AMX-FP16"), ("avx512_fp16", "AVX512-FP16"))}
+UNITS = {
+    "bf16": (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")),
+    "fp16": (("amx_fp16", "AMX-FP16"), ("avx512_fp16", "AVX512-FP16")),
+}
 
 
 def cpu_units(kind):
@@ -78,7 +107,7 @@ def cpu_units(kind):
     several times slower than plain fp32. ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA, torch's own
     switches that keep its kernels to an older instruction set, are honoured, so that a restricted
     run chooses as it would on that older CPU."""
-    get = getattr(torch.cpu, "get_capabilities", None)   # torch 2.9 and later; before, assume none
+    get = getattr(torch.cpu, "get_capabilities", None)  # torch 2.9 and later; before, assume none
     caps = get() if get else {}
     units = [name for key, name in UNITS[kind] if caps.get(key)]
     if not units:
@@ -111,13 +140,17 @@ def resolve_amp(amp, device):
     that would emulate it still runs, after a warning."""
     if amp == "off":
         return "off", "fp32"
-    native, why = native_bf16(device) if amp in ("auto", "bf16") else (
-        cpu_units("fp16") if device.type == "cpu" else (True, ""))
+    native, why = (
+        native_bf16(device) if amp in ("auto", "bf16") else (cpu_units("fp16") if device.type == "cpu" else (True, ""))
+    )
     if amp == "auto":
         return ("bf16", f"bf16 autocast (--amp auto: {why})") if native else ("off", f"fp32 (--amp auto: {why})")
     if device.type == "cpu" and not native:
-        print(f"warning: --amp {amp} is emulated in software here ({why}) and runs several times slower "
-              f"than fp32; --amp auto picks fp32 on this machine", file=sys.stderr)
+        print(
+            f"warning: --amp {amp} is emulated in software here ({why}) and runs several times slower "
+            f"than fp32; --amp auto picks fp32 on this machine",
+            file=sys.stderr,
+        )
     return amp, f"{amp} autocast"
 
 
@@ -139,5 +172,6 @@ def machine(device="cpu"):
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         import platform
+
         cpu = platform.processor() or platform.machine() or "CPU"
     return f"{cpu}, {os.cpu_count()} cores"

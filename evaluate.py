@@ -6,6 +6,7 @@
 
 The checkpoint alone rebuilds the model: architecture, normalization and class names live in it.
 """
+
 import argparse
 import json
 import os
@@ -16,10 +17,10 @@ import torch
 
 from checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, build_model, checkpoint_path, load_checkpoint, load_file
 from cli import Parser, UserError, make_folder, non_negative, positive, read_log, run, write_text_atomic
-from device import autocast_for, keep_freed_memory, native_bf16, pick_device, resolve_amp
 from data import DATASETS, DatasetInfo, dataset_info, normalization, predict_probs, score, split_off_val
-from userdata import open_dataset, read_any, remap
+from device import autocast_for, keep_freed_memory, native_bf16, pick_device, resolve_amp
 from models import list_models
+from userdata import open_dataset, read_any, remap
 
 
 def member_probs(member, images, batch_size=1000, flips=False):
@@ -29,18 +30,18 @@ def member_probs(member, images, batch_size=1000, flips=False):
     nhwc = images.device.type == "cpu"
     model = member.model.to(memory_format=torch.channels_last) if nhwc else member.model
     data = member.ckpt["data"]
-    return predict_probs(model, images, data["mean"], data["std"], batch_size, member.tta, flips, nhwc,
-                         member.autocast)
+    return predict_probs(model, images, data["mean"], data["std"], batch_size, member.tta, flips, nhwc, member.autocast)
 
 
 @dataclass
 class Member:
     """One checkpoint to score, and how: by default as train.py scored it, so that the figures match."""
-    label: str          # the run folder's name, or the file's path
+
+    label: str  # the run folder's name, or the file's path
     model: torch.nn.Module
     ckpt: dict
-    tta: bool           # test-time augmentation
-    autocast: object    # the autocast context of its precision: off, bf16 or fp16
+    tta: bool  # test-time augmentation
+    autocast: object  # the autocast context of its precision: off, bf16 or fp16
 
 
 def tta_and_precision(ckpt, args, device):
@@ -59,7 +60,7 @@ def tta_and_precision(ckpt, args, device):
 
 def confusion(pred, labels, num_classes):
     """counts[true, predicted] as a [C, C] int64 tensor."""
-    return torch.bincount(labels * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+    return torch.bincount(labels * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
 
 
 def per_class(cm):
@@ -92,9 +93,12 @@ def report(name, logits, labels, classes):
     for cls, (p, r, n) in zip(classes, rows):
         print(f"  {cls:<{width}}  {p:8.2f} %  {r:8.2f} %         {n:>7}")
     print("\n" + format_confusion(cm, classes) + "\n")
-    return {"loss": loss, "accuracy": acc,
-            "per_class": {c: {"precision": p, "recall": r, "support": n} for c, (p, r, n) in zip(classes, rows)},
-            "confusion": cm.tolist()}
+    return {
+        "loss": loss,
+        "accuracy": acc,
+        "per_class": {c: {"precision": p, "recall": r, "support": n} for c, (p, r, n) in zip(classes, rows)},
+        "confusion": cm.tolist(),
+    }
 
 
 def evaluation_set(args, ckpt, device):
@@ -110,12 +114,17 @@ def evaluation_set(args, ckpt, device):
     name = args.dataset or recorded["dataset"]
     record = recorded.get("test") if name not in DATASETS else None
     if name not in DATASETS and args.dataset is None and not os.path.exists(name):
-        raise UserError(f"{name}, the data this model was trained on, is not there; pass --dataset PATH where it "
-                        f"is now, or --test PATH to score another labelled set", 2)
+        raise UserError(
+            f"{name}, the data this model was trained on, is not there; pass --dataset PATH where it "
+            f"is now, or --test PATH to score another labelled set",
+            2,
+        )
     trained = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     recorded_dir = trained.get("data_dir") if trained.get("dataset") == name else None
     # where training found the IDX files (EMNIST in a --data-dir): with no flags, the data is where it was
-    data_dir = args.data_dir or (recorded_dir if isinstance(recorded_dir, str) and os.path.isdir(recorded_dir) else None)
+    data_dir = args.data_dir or (
+        recorded_dir if isinstance(recorded_dir, str) and os.path.isdir(recorded_dir) else None
+    )
     source = open_dataset(name, data_dir, None, record, device, strict=args.dataset is None)
     if source.note and name not in DATASETS:
         print(f"{name}: {source.note}")
@@ -138,40 +147,83 @@ def wrap_state_dict(path, args):
     name = args.dataset or "mnist"
     mean, std = normalization(name, args.data_dir)
     classes = dataset_info(name).classes
-    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "state_dict": state,
-            "model": {"name": args.model, "kwargs": {"in_channels": 1, "num_classes": len(classes)}},
-            "data": {"dataset": name, "mean": mean, "std": std, "classes": list(classes)}}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "state_dict": state,
+        "model": {"name": args.model, "kwargs": {"in_channels": 1, "num_classes": len(classes)}},
+        "data": {"dataset": name, "mean": mean, "std": std, "classes": list(classes)},
+    }
 
 
 def build_parser():
     p = Parser(prog="evaluate.py", description="Evaluate one checkpoint, or the ensemble of several, on a test set.")
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files or run folders (their last.pt)")
-    p.add_argument("--dataset", metavar="NAME_OR_PATH", help="the dataset whose test split to score (default: the "
-                   "checkpoint's; for your own data moved elsewhere, its new path)")
-    p.add_argument("--test", metavar="PATH", help="score every image of this labelled set of your own instead (a CSV, "
-                   "a folder of class folders or of IDX files), its classes matched to the checkpoint's by name")
-    p.add_argument("--model", choices=list_models(), help="the architecture of a bare state_dict file (such as the "
-                   "notebooks saved), which records none; it is evaluated with --dataset's normalization")
+    p.add_argument(
+        "--dataset",
+        metavar="NAME_OR_PATH",
+        help="the dataset whose test split to score (default: the "
+        "checkpoint's; for your own data moved elsewhere, its new path)",
+    )
+    p.add_argument(
+        "--test",
+        metavar="PATH",
+        help="score every image of this labelled set of your own instead (a CSV, "
+        "a folder of class folders or of IDX files), its classes matched to the checkpoint's by name",
+    )
+    p.add_argument(
+        "--model",
+        choices=list_models(),
+        help="the architecture of a bare state_dict file (such as the "
+        "notebooks saved), which records none; it is evaluated with --dataset's normalization",
+    )
     p.add_argument("--data-dir", help="folder holding the IDX files (default: search ./data and others)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"], help="precision of the "
-                   "forward passes: auto takes each checkpoint's training precision where this device computes it "
-                   "natively, so the figures match training's, and fp32 elsewhere (default: auto)")
-    p.add_argument("--weights", choices=["auto", "raw", "ema"], default="auto",
-                   help="which weights of a run trained with --ema (default: auto, EMA when present)")
+    p.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "off", "bf16", "fp16"],
+        help="precision of the "
+        "forward passes: auto takes each checkpoint's training precision where this device computes it "
+        "natively, so the figures match training's, and fp32 elsewhere (default: auto)",
+    )
+    p.add_argument(
+        "--weights",
+        choices=["auto", "raw", "ema"],
+        default="auto",
+        help="which weights of a run trained with --ema (default: auto, EMA when present)",
+    )
     p.add_argument("--batch-size", type=positive(int), default=1000, help="evaluation batch size (default: 1000)")
-    p.add_argument("--subset", type=non_negative(int), default=0,
-                   help="evaluate on the first N test images only, for a quick check (default: all)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="test-time augmentation: average the "
-                   "softmax over the image shifted one pixel each way (and mirrored, for datasets where that keeps "
-                   "the class) (default: as each checkpoint was scored in training, train.py --tta)")
-    p.add_argument("--shifts", action="store_true", help="also score every model under the robustness suite "
-                   "(robustness.py: thin and thick strokes, blur, low resolution, rotation, shear, off-centre, "
-                   "small, large, elastic, noise, stroke breaks, inverted; two severities each)")
-    p.add_argument("--val", type=positive(int), metavar="N", help="score the N training images train.py --val N "
-                   "holds out instead of the test set: for choosing a recipe without looking at the test set")
-    p.add_argument("--out", help="folder for report.json, confusion.csv and the pictures (confusion, mistakes, "
-                   "correct, curves)")
+    p.add_argument(
+        "--subset",
+        type=non_negative(int),
+        default=0,
+        help="evaluate on the first N test images only, for a quick check (default: all)",
+    )
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        help="test-time augmentation: average the "
+        "softmax over the image shifted one pixel each way (and mirrored, for datasets where that keeps "
+        "the class) (default: as each checkpoint was scored in training, train.py --tta)",
+    )
+    p.add_argument(
+        "--shifts",
+        action="store_true",
+        help="also score every model under the robustness suite "
+        "(robustness.py: thin and thick strokes, blur, low resolution, rotation, shear, off-centre, "
+        "small, large, elastic, noise, stroke breaks, inverted; two severities each)",
+    )
+    p.add_argument(
+        "--val",
+        type=positive(int),
+        metavar="N",
+        help="score the N training images train.py --val N "
+        "holds out instead of the test set: for choosing a recipe without looking at the test set",
+    )
+    p.add_argument(
+        "--out", help="folder for report.json, confusion.csv and the pictures (confusion, mistakes, correct, curves)"
+    )
     return p
 
 
@@ -179,36 +231,49 @@ def main(argv):
     args = build_parser().parse_args(argv)
     keep_freed_memory()
     device = pick_device(args.device)
-    ckpts = [(path, load_checkpoint(path) if args.model is None else wrap_state_dict(path, args))
-             for path in args.checkpoints]
+    ckpts = [
+        (path, load_checkpoint(path) if args.model is None else wrap_state_dict(path, args))
+        for path in args.checkpoints
+    ]
     name, info, images, labels = evaluation_set(args, ckpts[0][1], device)
     for path, ckpt in ckpts:
         if ckpt["model"]["kwargs"].get("num_classes", 10) != len(info.classes):
-            raise UserError(f"{path} predicts {ckpt['model']['kwargs']['num_classes']} classes, "
-                            f"but {name} has {len(info.classes)}", 2)
+            raise UserError(
+                f"{path} predicts {ckpt['model']['kwargs']['num_classes']} classes, but {name} has {len(info.classes)}",
+                2,
+            )
     if args.subset:
-        images, labels = images[:args.subset], labels[:args.subset]
+        images, labels = images[: args.subset], labels[: args.subset]
     results, probs, models = {}, [], []
     for path, ckpt in ckpts:
         model, which = build_model(ckpt, args.weights, path)
         model.to(device)
         tta, amp = tta_and_precision(ckpt, args, device)
-        member = Member(os.path.basename(os.path.dirname(path)) if os.path.basename(path) == "last.pt" else path,
-                        model, ckpt, tta, autocast_for(amp, device))
+        member = Member(
+            os.path.basename(os.path.dirname(path)) if os.path.basename(path) == "last.pt" else path,
+            model,
+            ckpt,
+            tta,
+            autocast_for(amp, device),
+        )
         models.append(member)
         p = member_probs(member, images, args.batch_size, info.flips)
         how = [f"{which} weights"] + (["TTA"] if tta else []) + ([amp] if amp != "off" else [])
         label = f"{path} ({ckpt['model']['name']}, {', '.join(how)})"
         results[path] = report(label, p.clamp_min(1e-12).log(), labels, info.classes)
         probs.append(p)
-    mean_probs = torch.stack(probs).mean(0)   # the ensemble's prediction; one model's own when alone
+    mean_probs = torch.stack(probs).mean(0)  # the ensemble's prediction; one model's own when alone
     if len(ckpts) > 1:
-        results["ensemble"] = report(f"ensemble of {len(ckpts)}", mean_probs.clamp_min(1e-12).log(), labels, info.classes)
+        results["ensemble"] = report(
+            f"ensemble of {len(ckpts)}", mean_probs.clamp_min(1e-12).log(), labels, info.classes
+        )
         # Averaging can only fix images that some model gets right: the gap between these two is its room.
         wrong = torch.stack([p.argmax(1) != labels for p in probs])
         results["ensemble"].update(missed_by_all=int(wrong.all(0).sum()), missed_by_any=int(wrong.any(0).sum()))
-        print(f"test images missed by all {len(ckpts)} models: {results['ensemble']['missed_by_all']}; "
-              f"by at least one: {results['ensemble']['missed_by_any']}")
+        print(
+            f"test images missed by all {len(ckpts)} models: {results['ensemble']['missed_by_all']}; "
+            f"by at least one: {results['ensemble']['missed_by_any']}"
+        )
     if args.shifts:
         results["shifts"] = shift_report(models, images, labels, args, info.flips, info.classes)
     if args.out:
@@ -222,6 +287,7 @@ def shift_report(models, images, labels, args, flips, classes):
     at both severities and on the held-out handwriting fonts; printed as a table and returned as
     {row: {column: accuracy}}."""
     from robustness import FONT_ROWS, suite
+
     columns = [m.label for m in models] + (["ensemble"] if len(models) > 1 else [])
     table = {}
     rows, note = suite(images, labels, classes)
@@ -230,8 +296,10 @@ def shift_report(models, images, labels, args, flips, classes):
         if len(models) > 1:
             probs.append(torch.stack(probs).mean(0))
         table[row] = {col: 100.0 * (p.argmax(1) == y).float().mean().item() for col, p in zip(columns, probs)}
-    for name, group in (("shifts", [r for r in table if r != "clean" and r not in FONT_ROWS]),
-                        ("fonts", [r for r in FONT_ROWS if r in table])):
+    for name, group in (
+        ("shifts", [r for r in table if r != "clean" and r not in FONT_ROWS]),
+        ("fonts", [r for r in FONT_ROWS if r in table]),
+    ):
         if group:
             table[f"mean over {name}"] = {col: sum(table[r][col] for r in group) / len(group) for col in columns}
     width = max(12, *(len(c) for c in columns))
@@ -247,27 +315,37 @@ def shift_report(models, images, labels, args, flips, classes):
 def write_outputs(out, name, results, final, images, labels, probs, ckpts):
     """report.json, confusion.csv and the pictures of plots.py, into the folder `out`."""
     import plots
+
     make_folder(out, "--out")
-    classes = ckpts[0][1]["data"]["classes"]   # the checkpoint's: your own data's names are in no table
-    write_text_atomic(json.dumps({"dataset": name, "test_images": len(labels), "results": results}, indent=1),
-                      os.path.join(out, "report.json"))
-    csv = "true\\predicted," + ",".join(classes) + "\n" + "".join(
-        f"{c}," + ",".join(map(str, row)) + "\n" for c, row in zip(classes, final["confusion"]))
+    classes = ckpts[0][1]["data"]["classes"]  # the checkpoint's: your own data's names are in no table
+    write_text_atomic(
+        json.dumps({"dataset": name, "test_images": len(labels), "results": results}, indent=1),
+        os.path.join(out, "report.json"),
+    )
+    csv = (
+        "true\\predicted,"
+        + ",".join(classes)
+        + "\n"
+        + "".join(f"{c}," + ",".join(map(str, row)) + "\n" for c, row in zip(classes, final["confusion"]))
+    )
     write_text_atomic(csv, os.path.join(out, "confusion.csv"))
     written = ["report.json", "confusion.csv"]
     written += [os.path.basename(p) for p in plots.prediction_grids(images, labels, probs, classes, out)]
     if not plots.have_matplotlib():
         print("skipped confusion.png and curves.png: they need matplotlib (pip install matplotlib)")
     else:
-        title = f"{'ensemble of ' + str(len(ckpts)) if len(ckpts) > 1 else ckpts[0][1]['model']['name']} on {name}: " \
-                f"{final['accuracy']:.2f} %"
+        title = (
+            f"{'ensemble of ' + str(len(ckpts)) if len(ckpts) > 1 else ckpts[0][1]['model']['name']} on {name}: "
+            f"{final['accuracy']:.2f} %"
+        )
         plots.confusion_png(torch.tensor(final["confusion"]), classes, os.path.join(out, "confusion.png"), title)
         written.append("confusion.png")
         if len(ckpts) > 1:
             print("skipped curves.png: it draws one run, and several checkpoints were given")
         elif run_history(*ckpts[0]):
-            plots.curves_png(run_history(*ckpts[0]), os.path.join(out, "curves.png"), ckpts[0][0],
-                             run_steps(ckpts[0][0]))
+            plots.curves_png(
+                run_history(*ckpts[0]), os.path.join(out, "curves.png"), ckpts[0][0], run_steps(ckpts[0][0])
+            )
             written.append("curves.png")
     print(f"wrote {', '.join(written)} in {out}")
 

@@ -7,6 +7,7 @@
 Every export is checked on a batch of test images: the exported program's logits are compared with
 the PyTorch model's, and the largest difference is printed. The batch dimension stays dynamic.
 """
+
 import io
 import os
 import sys
@@ -15,12 +16,11 @@ import warnings
 import torch
 
 from checkpoint import build_model, load_checkpoint, save_checkpoint, slim_checkpoint
-from cli import Parser, UserError, positive, run
-from cli import write_atomic, write_bytes_atomic
+from cli import Parser, UserError, positive, run, write_atomic, write_bytes_atomic
 from data import load_split, normalize
 
 FORMATS = {"pt2": ".pt2", "onnx": ".onnx", "ckpt": ".pt"}
-TOLERANCE = 1e-4   # largest logit difference accepted; float32 kernels differ in the last bits
+TOLERANCE = 1e-4  # largest logit difference accepted; float32 kernels differ in the last bits
 
 
 def export_pt2(model, example, out):
@@ -28,7 +28,7 @@ def export_pt2(model, example, out):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-    buffer = io.BytesIO()   # torch's zip writer reports a full disk opaquely; a plain write names the file
+    buffer = io.BytesIO()  # torch's zip writer reports a full disk opaquely; a plain write names the file
     torch.export.save(program, buffer)
     write_bytes_atomic(buffer.getbuffer(), out)
     return torch.export.load(out).module()
@@ -41,13 +41,21 @@ def export_onnx(model, example, out):
     batch = torch.export.Dim("batch", min=1, max=65536)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},),
-                                    input_names=["images"], output_names=["logits"], verbose=False)
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            dynamic_shapes=({0: batch},),
+            input_names=["images"],
+            output_names=["logits"],
+            verbose=False,
+        )
     write_atomic(out, program.save)
     if not _importable("onnxruntime"):
         print(f"skipped checking {out}: running it needs onnxruntime (pip install onnxruntime)")
         return None
     import onnxruntime
+
     session = onnxruntime.InferenceSession(out, providers=["CPUExecutionProvider"])
     return lambda x: torch.from_numpy(session.run(None, {"images": x.cpu().numpy()})[0])
 
@@ -63,13 +71,23 @@ def _importable(name):
 def build_parser():
     p = Parser(prog="export.py", description="Export a checkpoint as torch.export (pt2), ONNX, or a slim checkpoint.")
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint file or run folder (its last.pt)")
-    p.add_argument("--format", required=True, choices=list(FORMATS), help="pt2: torch.export program; onnx: ONNX "
-                   "model; ckpt: this toolkit's checkpoint without optimizer or RNG state")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=list(FORMATS),
+        help="pt2: torch.export program; onnx: ONNX "
+        "model; ckpt: this toolkit's checkpoint without optimizer or RNG state",
+    )
     p.add_argument("--out", help="file to write (default: the checkpoint's path with the format's extension)")
-    p.add_argument("--weights", choices=["auto", "raw", "ema"], default="auto",
-                   help="which weights of a run trained with --ema (default: auto, EMA when present)")
-    p.add_argument("--check-images", type=positive(int), default=256,
-                   help="test images to compare the export on (default: 256)")
+    p.add_argument(
+        "--weights",
+        choices=["auto", "raw", "ema"],
+        default="auto",
+        help="which weights of a run trained with --ema (default: auto, EMA when present)",
+    )
+    p.add_argument(
+        "--check-images", type=positive(int), default=256, help="test images to compare the export on (default: 256)"
+    )
     p.add_argument("--data-dir", help="folder holding the IDX files (default: search ./data and others)")
     return p
 
@@ -87,13 +105,13 @@ def main(argv):
         raise UserError(f"--out {out}: the folder {folder} does not exist", 2)
     info = ckpt["data"]
     images, _ = load_split(info["dataset"], "test", args.data_dir)
-    x = normalize(images[:args.check_images], info["mean"], info["std"])
+    x = normalize(images[: args.check_images], info["mean"], info["std"])
     with torch.inference_mode():
         expected = model(x)
 
     if args.format == "ckpt":
         slim = slim_checkpoint(ckpt)
-        slim["state_dict"] = model.state_dict()   # the chosen weights become the checkpoint's own
+        slim["state_dict"] = model.state_dict()  # the chosen weights become the checkpoint's own
         slim.pop("ema_state_dict", None)
         save_checkpoint(slim, out)
         reloaded, _ = build_model(load_checkpoint(out), path=out)
@@ -112,8 +130,10 @@ def main(argv):
     same = (got.argmax(1) == expected.argmax(1)).float().mean().item() * 100
     print(f"check on {len(x)} test images: largest logit difference {diff:.2e}, same prediction for {same:.1f} %")
     if not diff <= TOLERANCE:
-        raise UserError(f"the export's outputs differ from the model's by {diff:.2e} (more than {TOLERANCE:g}); "
-                        f"do not use {out}; rerun with --debug and report it")
+        raise UserError(
+            f"the export's outputs differ from the model's by {diff:.2e} (more than {TOLERANCE:g}); "
+            f"do not use {out}; rerun with --debug and report it"
+        )
     return 0
 
 

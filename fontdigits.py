@@ -8,6 +8,7 @@ check_set() is an external check: digits of writers (fonts) that no model saw, d
 of ink on paper and read through preprocess.to_mnist, as predict.py reads a photo; uint8 [N, 1, 28, 28]
 for evaluate.py. training_digits() draws the other families, more mildly, to add to a training set.
 """
+
 import math
 import os
 import sys
@@ -24,24 +25,45 @@ from preprocess import to_mnist
 # fonts-femkeklaver and fonts-cabinsketch, whose digits are hollow outlines or hatching that no pen
 # draws; setofont-ex (no digits) and breipfont (Breip's glyphs again); YOzFont's ~130 other files,
 # kana variants whose digits are these three. Each of the six Because We fonts is another writer's.
-FONTS = {f"Because We {w}": ("fonts-bwht", (f"BecauseWe{w}-Regular",))
-         for w in ("Build", "Connect", "Create", "Learn", "Mentor", "Organize")}
-FONTS.update({
-    "Breip": ("fonts-breip", ("Breip",)), "Delphine": ("fonts-sjfonts", ("Delphine",)),
-    "Comfortaa": ("fonts-comfortaa", ("Comfortaa-Regular", "Comfortaa-Bold", "Comfortaa-Light")),
-    "Comic Neue": ("fonts-comic-neue", ("ComicNeue-Regular", "ComicNeue-Bold", "ComicNeue-Light", "ComicNeue-Italic")),
-    "Dancing Script": ("fonts-dancingscript", ("DancingScript-Regular", "DancingScript-Bold")),
-    "DkgHandwriting": ("fonts-dkg-handwriting", ("dkg", "dkgBd", "dkgIt", "dkgBI")),
-    "Humor Sans": ("fonts-humor-sans", ("Humor-Sans",)), "Kristi": ("fonts-kristi", ("Kristi",)),
-    "Klee One": ("fonts-klee", ("KleeOne-Regular", "KleeOne-SemiBold")), "Lobster": ("fonts-lobster", ("lobster",)),
-    "Purisa": ("fonts-tlwg-purisa", ("Purisa", "Purisa-Bold")), "Rufscript": ("fonts-rufscript", ("Rufscript010",)),
-    "SetoFont": ("fonts-seto", ("setofont",)), "StayPuft": ("fonts-staypuft", ("StayPuft",)),
-    "Steve": ("fonts-sjfonts", ("SteveHand",)), "YOzFont": ("fonts-yozvox-yozfont", ("YOzRN_", "YOzBN_", "YOzRNX")),
-    "Yusei Magic": ("fonts-yusei-magic", ("YuseiMagic-Regular",)),
-})
+FONTS = {
+    f"Because We {w}": ("fonts-bwht", (f"BecauseWe{w}-Regular",))
+    for w in ("Build", "Connect", "Create", "Learn", "Mentor", "Organize")
+}
+FONTS.update(
+    {
+        "Breip": ("fonts-breip", ("Breip",)),
+        "Delphine": ("fonts-sjfonts", ("Delphine",)),
+        "Comfortaa": ("fonts-comfortaa", ("Comfortaa-Regular", "Comfortaa-Bold", "Comfortaa-Light")),
+        "Comic Neue": (
+            "fonts-comic-neue",
+            ("ComicNeue-Regular", "ComicNeue-Bold", "ComicNeue-Light", "ComicNeue-Italic"),
+        ),
+        "Dancing Script": ("fonts-dancingscript", ("DancingScript-Regular", "DancingScript-Bold")),
+        "DkgHandwriting": ("fonts-dkg-handwriting", ("dkg", "dkgBd", "dkgIt", "dkgBI")),
+        "Humor Sans": ("fonts-humor-sans", ("Humor-Sans",)),
+        "Kristi": ("fonts-kristi", ("Kristi",)),
+        "Klee One": ("fonts-klee", ("KleeOne-Regular", "KleeOne-SemiBold")),
+        "Lobster": ("fonts-lobster", ("lobster",)),
+        "Purisa": ("fonts-tlwg-purisa", ("Purisa", "Purisa-Bold")),
+        "Rufscript": ("fonts-rufscript", ("Rufscript010",)),
+        "SetoFont": ("fonts-seto", ("setofont",)),
+        "StayPuft": ("fonts-staypuft", ("StayPuft",)),
+        "Steve": ("fonts-sjfonts", ("SteveHand",)),
+        "YOzFont": ("fonts-yozvox-yozfont", ("YOzRN_", "YOzBN_", "YOzRNX")),
+        "Yusei Magic": ("fonts-yusei-magic", ("YuseiMagic-Regular",)),
+    }
+)
 FONT_PACKAGES = sorted({package for package, _ in FONTS.values()})
-FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", "~/.local/share/fonts", "~/.fonts", "/Library/Fonts",
-             "~/Library/Fonts", "C:/Windows/Fonts", "~/AppData/Local/Microsoft/Windows/Fonts")
+FONT_DIRS = (
+    "/usr/share/fonts",
+    "/usr/local/share/fonts",
+    "~/.local/share/fonts",
+    "~/.fonts",
+    "/Library/Fonts",
+    "~/Library/Fonts",
+    "C:/Windows/Fonts",
+    "~/AppData/Local/Microsoft/Windows/Fonts",
+)
 
 # Never used for training: 8 of the 23 families, picked by looking at their digits so that the check
 # covers every kind the training side has and some it lacks: fine pens (Breip, Delphine, Kristi),
@@ -50,13 +72,13 @@ FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", "~/.local/share/fonts
 # (DkgHandwriting, Delphine, Because We Learn), the 1 with a long flag (Delphine) or flag and foot
 # (SetoFont, Because We Learn), the closed-top 4 (Delphine, Kristi, SetoFont). Training keeps a crossed
 # 7 (Dancing Script, Because We Create) and flagged 1s (Comic Neue, YOzFont) so those forms are not new.
-HELD_OUT = ("Because We Learn", "Breip", "Delphine", "DkgHandwriting", "Humor Sans", "Kristi", "SetoFont",
-            "Steve")
+HELD_OUT = ("Because We Learn", "Breip", "Delphine", "DkgHandwriting", "Humor Sans", "Kristi", "SetoFont", "Steve")
 
 
 class FontError(Exception):
     """No fonts to draw with; the message says how to install them."""
-    user_error = True   # cli.run prints the message as it is, exit status 1
+
+    user_error = True  # cli.run prints the message as it is, exit status 1
 
 
 @dataclass(frozen=True, order=True)
@@ -90,10 +112,11 @@ def draws_digits(path):
     digits draws ten identical boxes, or nothing)."""
     try:
         masks = _glyphs(path)
-    except OSError:   # not a font Pillow can open
+    except OSError:  # not a font Pillow can open
         return False
-    return (all(m.sum() >= 40 for m in masks)
-            and all(not torch.equal(masks[i], masks[j]) for i in range(10) for j in range(i)))
+    return all(m.sum() >= 40 for m in masks) and all(
+        not torch.equal(masks[i], masks[j]) for i in range(10) for j in range(i)
+    )
 
 
 def split_fonts(fonts):
@@ -105,9 +128,9 @@ def split_fonts(fonts):
 # Drawing: each font's glyphs once, as distance fields; then pen, hand, paper and scanner
 # ---------------------------------------------------------------------------------------------
 
-SOURCE = 128   # side of the square each glyph is drawn in
-GLYPH = 80     # the glyph's height there: the margin leaves room for the widest pen
-SIDE = 48      # side of a scan: a digit cropped from a page scanned at about 150 dpi
+SOURCE = 128  # side of the square each glyph is drawn in
+GLYPH = 80  # the glyph's height there: the margin leaves room for the widest pen
+SIDE = 48  # side of a scan: a digit cropped from a page scanned at about 150 dpi
 
 
 @cache
@@ -115,6 +138,7 @@ def _glyphs(path):
     """The ten digits of a font, bool [10, SOURCE, SOURCE], each scaled to GLYPH pixels high (or
     1.1 GLYPH wide) and centred: fonts' digits differ in size by 2x, a writer's do not."""
     from PIL import Image, ImageDraw, ImageFont
+
     masks = []
     for d in "0123456789":
         font = ImageFont.truetype(path, 100)
@@ -135,9 +159,9 @@ def _distance(masks, band=16):
     (and BAND beyond): squared distances minimised along rows, then columns (Felzenszwalb and
     Huttenlocher's separable form, brute force in the band). No pen here reaches 10 pixels out."""
     far = float(2 * band * band + 1)
-    offsets = (torch.arange(-band, band + 1, dtype=torch.float32) ** 2)
+    offsets = torch.arange(-band, band + 1, dtype=torch.float32) ** 2
     x = torch.where(masks, 0.0, far)
-    for _ in range(2):   # rows, then (transposed) columns
+    for _ in range(2):  # rows, then (transposed) columns
         x = (F.pad(x, (band, band), value=far).unfold(-1, 2 * band + 1, 1) + offsets).amin(-1).transpose(-1, -2)
     return x.sqrt().clamp(max=band)
 
@@ -149,44 +173,66 @@ def _bank(path):
     over the digits; the digits' ink boxes [10, 4]). Thresholding the distance at another level than 0
     draws the same digit with a wider or narrower pen."""
     masks = _glyphs(path)
-    sdf = (_distance(masks) - _distance(~masks, band=8)).unsqueeze(1)   # no pen thins a stroke by 8
+    sdf = (_distance(masks) - _distance(~masks, band=8)).unsqueeze(1)  # no pen thins a stroke by 8
     area = masks.float().sum((1, 2))
-    outline = area - (-F.max_pool2d(-masks.float().unsqueeze(1), 3, 1, 1)).sum((1, 2, 3))   # ink beside paper
+    outline = area - (-F.max_pool2d(-masks.float().unsqueeze(1), 3, 1, 1)).sum((1, 2, 3))  # ink beside paper
     width = (2 * area / outline.clamp(min=1)).median().item()
     w, at = masks.float() / area[:, None, None], torch.arange(SOURCE, dtype=torch.float32)
     dy, dx = at[:, None] - (w * at[:, None]).sum((1, 2), keepdim=True), at - (w * at).sum((1, 2), keepdim=True)
-    lean = -((w * dx * dy).sum((1, 2)) / (w * dy * dy).sum((1, 2))).median().item()   # y grows downwards
-    cols, rows = masks.any(1).float(), masks.any(2).float()   # argmax finds the first column or row with ink
-    box = torch.stack([cols.argmax(1), rows.argmax(1), SOURCE - cols.flip(1).argmax(1),
-                       SOURCE - rows.flip(1).argmax(1)], 1).float() * 2 / SOURCE - 1   # (x0, y0, x1, y1), -1..1
+    lean = -((w * dx * dy).sum((1, 2)) / (w * dy * dy).sum((1, 2))).median().item()  # y grows downwards
+    cols, rows = masks.any(1).float(), masks.any(2).float()  # argmax finds the first column or row with ink
+    box = (
+        torch.stack(
+            [cols.argmax(1), rows.argmax(1), SOURCE - cols.flip(1).argmax(1), SOURCE - rows.flip(1).argmax(1)], 1
+        ).float()
+        * 2
+        / SOURCE
+        - 1
+    )  # (x0, y0, x1, y1), -1..1
     return sdf, width, lean, box
 
 
 @dataclass(frozen=True)
 class Look:
     """Ranges the parameters of a drawing are drawn from, uniformly (pen: log-uniformly)."""
-    height: tuple      # the digit's height, as a fraction of the canvas
-    aspect: float      # its width scaled by exp(+-aspect)
-    slant: float       # shear, either way (0.3: about 17 degrees)
-    rotate: float      # degrees, either way
-    warp: float        # a smooth random warp of up to this fraction of the height: the hand's wobble
-    pen: tuple         # pen width over the font's own
-    thinnest: float    # but at least this fraction of the height: finer lines blur away in a scan
-    paper: tuple       # grey level of the paper
-    ink: tuple         # grey level of the ink
-    pressure: float    # ink lightened by up to this, smoothly: pen pressure, a drying ballpoint
-    tint: float        # uneven light or yellowed paper: darker by up to this across the frame
-    coarse: tuple      # scanned so coarsely that the digit is one of these many pixels high (0: not)
-    blur: tuple        # Gaussian blur sigmas to pick from, in pixels of a 20-pixel digit (0: none)
-    noise: tuple       # sensor noise, std
+
+    height: tuple  # the digit's height, as a fraction of the canvas
+    aspect: float  # its width scaled by exp(+-aspect)
+    slant: float  # shear, either way (0.3: about 17 degrees)
+    rotate: float  # degrees, either way
+    warp: float  # a smooth random warp of up to this fraction of the height: the hand's wobble
+    pen: tuple  # pen width over the font's own
+    thinnest: float  # but at least this fraction of the height: finer lines blur away in a scan
+    paper: tuple  # grey level of the paper
+    ink: tuple  # grey level of the ink
+    pressure: float  # ink lightened by up to this, smoothly: pen pressure, a drying ballpoint
+    tint: float  # uneven light or yellowed paper: darker by up to this across the frame
+    coarse: tuple  # scanned so coarsely that the digit is one of these many pixels high (0: not)
+    blur: tuple  # Gaussian blur sigmas to pick from, in pixels of a 20-pixel digit (0: none)
+    noise: tuple  # sensor noise, std
 
 
-LOOKS = {   # 0: training_digits; 1 and 2: check sets
+LOOKS = {  # 0: training_digits; 1 and 2: check sets
     0: Look((0.6, 0.8), 0.1, 0.2, 6, 0.03, (0.7, 1.5), 0.05, (1, 1), (0, 0), 0, 0, (0,), (0,), (0, 0)),
-    1: Look((0.45, 0.85), 0.15, 0.3, 10, 0.045, (0.55, 1.8), 0.04, (0.8, 1), (0, 0.3), 0.25, 0.03, (0,), (0,),
-            (0, 0.015)),
-    2: Look((0.35, 0.9), 0.25, 0.45, 18, 0.06, (0.45, 2.2), 0.06, (0.7, 0.95), (0, 0.3), 0.35, 0.04, (0, 12, 15, 18),
-            (0, 0.5, 0.8), (0.005, 0.02)),
+    1: Look(
+        (0.45, 0.85), 0.15, 0.3, 10, 0.045, (0.55, 1.8), 0.04, (0.8, 1), (0, 0.3), 0.25, 0.03, (0,), (0,), (0, 0.015)
+    ),
+    2: Look(
+        (0.35, 0.9),
+        0.25,
+        0.45,
+        18,
+        0.06,
+        (0.45, 2.2),
+        0.06,
+        (0.7, 0.95),
+        (0, 0.3),
+        0.35,
+        0.04,
+        (0, 12, 15, 18),
+        (0, 0.5, 0.8),
+        (0.005, 0.02),
+    ),
 }
 SEVERITIES = tuple(LOOKS)
 
@@ -206,27 +252,28 @@ def _placement(boxes, widths, leans, look, u):
     units, WIDTHS [n] and LEANS [n] the fonts' pens and slants. Half a font's own slant is kept: an
     italic font sheared further lies down. The digit is kept whole inside the frame: a scan of a
     cut-off digit is no test of reading it."""
-    k = _span(u[:, 0], *look.height) * SOURCE / GLYPH           # grid units out per grid unit in
+    k = _span(u[:, 0], *look.height) * SOURCE / GLYPH  # grid units out per grid unit in
     aspect = torch.exp(_span(u[:, 1], -look.aspect, look.aspect))
     slant = _span(u[:, 2], -look.slant, look.slant) - leans / 2
     angle = _span(u[:, 3], -1, 1) * math.radians(look.rotate)
     cos, sin = angle.cos(), angle.sin()
     # forward map, source -> output: k * rotation @ shear @ diag(aspect, 1)
-    m = torch.stack([torch.stack([cos * aspect, -(cos * slant) - sin], 1),
-                     torch.stack([sin * aspect, cos - sin * slant], 1)], 1)
+    m = torch.stack(
+        [torch.stack([cos * aspect, -(cos * slant) - sin], 1), torch.stack([sin * aspect, cos - sin * slant], 1)], 1
+    )
     px = k * SIDE / SOURCE
     pen = widths * torch.exp(_span(u[:, 4], *(math.log(p) for p in look.pen)))
     lower = torch.maximum(torch.maximum(torch.full_like(pen, look.thinnest * GLYPH), 0.55 * widths), 1.4 / px)
     pen = torch.minimum(pen, torch.full_like(pen, 0.2 * GLYPH)).maximum(lower)
     t = (pen - widths) / 2
     corners = torch.stack([boxes[:, [0, 1]], boxes[:, [2, 1]], boxes[:, [0, 3]], boxes[:, [2, 3]]], 2)
-    moved = m @ corners                                         # [n, 2, 4], still to be scaled by k
+    moved = m @ corners  # [n, 2, 4], still to be scaled by k
     low, high = moved.amin(2), moved.amax(2)
     margin = 2 * (1.5 / SIDE) + (look.warp * 2 * GLYPH + t.clamp(min=0) * 2) / SOURCE * k
-    k = torch.minimum(k, ((2 - 2 * margin) / (high - low).amax(1)))   # shrink what would not fit
+    k = torch.minimum(k, ((2 - 2 * margin) / (high - low).amax(1)))  # shrink what would not fit
     low, high = low * k[:, None], high * k[:, None]
     room = (1 - margin)[:, None]
-    shift = _span(u[:, 5:7], -room - low, room - high)          # anywhere it fits
+    shift = _span(u[:, 5:7], -room - low, room - high)  # anywhere it fits
     inverse = torch.linalg.inv(m * k[:, None, None])
     theta = torch.cat([inverse, -(inverse @ shift[:, :, None])], 2)
     return theta, t, k * SIDE / SOURCE
@@ -247,7 +294,7 @@ def _draw(fonts, which, digits, look, gen):
     warp = F.interpolate(warps, size=(SIDE, SIDE), mode="bicubic", align_corners=False)
     grid = grid + warp.permute(0, 2, 3, 1) * look.warp * 2 * GLYPH / SOURCE
     ink = torch.empty(n, 1, SIDE, SIDE)
-    for w in range(len(fonts)):   # one font's glyphs at a time: no copy of the bank per digit
+    for w in range(len(fonts)):  # one font's glyphs at a time: no copy of the bank per digit
         mine = (which == w).nonzero().flatten()
         if len(mine):
             sdf = F.grid_sample(banks[w][0][digits[mine]], grid[mine], align_corners=False, padding_mode="border")
@@ -261,14 +308,14 @@ def _on_paper(ink, height, look, u, noise):
     The coarse scan and the blur scale with the digit's HEIGHT [n] in pixels: what a scan loses
     depends on how many of its pixels the digit covers, not on the frame cropped around it."""
     paper = _span(u[:, 0], *look.paper)
-    tone = torch.minimum(_span(u[:, 1], *look.ink), paper - 0.45)   # never fainter than 0.45 below the paper
+    tone = torch.minimum(_span(u[:, 1], *look.ink), paper - 0.45)  # never fainter than 0.45 below the paper
     at = torch.linspace(-1, 1, SIDE)
     direction = u[:, 2, None, None] * 2 * math.pi
-    ramp = direction.cos() * at + direction.sin() * at[:, None]   # [n, S, S], -1.4..1.4 in a random direction
+    ramp = direction.cos() * at + direction.sin() * at[:, None]  # [n, S, S], -1.4..1.4 in a random direction
     sheet = paper[:, None, None] - look.tint * u[:, 3, None, None] * (ramp + 1.5) / 2.5
     x = (sheet - (sheet - tone[:, None, None]) * ink[:, 0]).unsqueeze(1)
     coarse = (_pick(u[:, 4], look.coarse) * SIDE / height).round().clamp(max=SIDE)
-    sigma = (_pick(u[:, 5], look.blur) * height / 20 * 4).round() / 4   # quarter pixels: few batches
+    sigma = (_pick(u[:, 5], look.blur) * height / 20 * 4).round() / 4  # quarter pixels: few batches
     for side in set(coarse.tolist()) - {0, SIDE}:
         mine = coarse == side
         x[mine] = low_resolution(x[mine], int(side))
@@ -282,6 +329,7 @@ def _on_paper(ink, height, look, u, noise):
 # ---------------------------------------------------------------------------------------------
 # What the rest of the toolkit uses
 # ---------------------------------------------------------------------------------------------
+
 
 def _need(fonts):
     if not fonts:
@@ -316,8 +364,10 @@ def check_set(fonts, per_digit=20, seed=0, severity=1):
                 raise
             blank.append(i)
     if blank:
-        raise RuntimeError(f"{len(blank)} of {len(scans)} scans came out blank (the first: a {int(labels[blank[0]])} "
-                           f"in {fonts[blank[0] // (10 * per_digit)].path}); drawn too faintly: report it")
+        raise RuntimeError(
+            f"{len(blank)} of {len(scans)} scans came out blank (the first: a {int(labels[blank[0]])} "
+            f"in {fonts[blank[0] // (10 * per_digit)].path}); drawn too faintly: report it"
+        )
     return torch.stack(images).unsqueeze(1), labels
 
 
@@ -327,10 +377,10 @@ def training_digits(fonts, n, seed=0):
     and fonts (to within ten), in a seeded random order, drawn at LOOKS[0]'s milder variation."""
     _need(fonts)
     gen = torch.Generator().manual_seed(seed * 1009 + 7)
-    slot = torch.randperm(n, generator=gen)   # slot j: digit j % 10 of font (j // 10) % len(fonts)
+    slot = torch.randperm(n, generator=gen)  # slot j: digit j % 10 of font (j // 10) % len(fonts)
     which, digits = (slot // 10) % len(fonts), slot % 10
     images = []
-    for start in range(0, n, 2048):   # bounds the memory of the sampling grids
+    for start in range(0, n, 2048):  # bounds the memory of the sampling grids
         part = slice(start, start + 2048)
         scans = _draw(fonts, which[part], digits[part], LOOKS[0], gen)
         images += [to_mnist(s) for s in scans]
@@ -341,14 +391,17 @@ def training_digits(fonts, n, seed=0):
 # Command line
 # ---------------------------------------------------------------------------------------------
 
+
 def list_fonts():
     fonts = find_fonts()
     if not fonts:
         return print(f"no handwriting fonts found; install them with: {install_hint()}")
     held_out = split_fonts(fonts)[1]
     families = {f.family for f in fonts}
-    print(f"{len(families)} families in {len(fonts)} files; held out from training: "
-          f"{len({f.family for f in held_out})} families in {len(held_out)} files")
+    print(
+        f"{len(families)} families in {len(fonts)} files; held out from training: "
+        f"{len({f.family for f in held_out})} families in {len(held_out)} files"
+    )
     for f in fonts:
         print(f"  {f.family:<{max(map(len, families))}}  {'held out' if f in held_out else 'training'}  {f.path}")
     missing = sorted(set(FONTS) - set(families))
@@ -358,8 +411,9 @@ def list_fonts():
 
 def draw_grid(out, held_out=False, severity=1, seed=0, mnist=False):
     """A row of 0-9 per font: the scans, or with MNIST what to_mnist makes of them."""
-    from plots import label_grid, save_png   # Pillow and torchvision, beside this file
-    fonts = split_fonts(find_fonts())[1 if held_out else 0]   # none: render_scans says what to install
+    from plots import label_grid, save_png  # Pillow and torchvision, beside this file
+
+    fonts = split_fonts(find_fonts())[1 if held_out else 0]  # none: render_scans says what to install
     if mnist:
         images, labels = check_set(fonts, 1, seed, severity)
     else:
@@ -367,23 +421,32 @@ def draw_grid(out, held_out=False, severity=1, seed=0, mnist=False):
         images = torch.stack(scans).unsqueeze(1).mul(255).round().byte()
     captions = [f"{d} {fonts[i // 10].family}" if d == 0 else str(d) for i, d in enumerate(labels.tolist())]
     save_png(label_grid(images, captions, nrow=10, scale=4 if mnist else 2), out)
-    print(f"wrote {out}: {len(fonts)} {'held-out' if held_out else 'training'} fonts, severity {severity}, "
-          f"{'as the model sees them' if mnist else 'as scanned'}")
+    print(
+        f"wrote {out}: {len(fonts)} {'held-out' if held_out else 'training'} fonts, severity {severity}, "
+        f"{'as the model sees them' if mnist else 'as scanned'}"
+    )
 
 
 def main(argv=None):
     from cli import run
+
     return run(_command, sys.argv[1:] if argv is None else argv)
 
 
 def _command(argv):
     from cli import Parser
+
     parser = Parser(prog="fontdigits.py", description="Digits drawn with handwriting fonts: list them, or draw a grid.")
     parser.add_argument("--list", action="store_true", help="list the fonts found and which are held out")
     parser.add_argument("--grid", metavar="PNG", help="write a labelled grid: one row of 0-9 per font")
     parser.add_argument("--held-out", action="store_true", help="with --grid: the held-out fonts (default: training's)")
-    parser.add_argument("--severity", type=int, choices=SEVERITIES, default=1,
-                        help="with --grid: 0 as for training, 1 or 2 as the check sets (default: 1)")
+    parser.add_argument(
+        "--severity",
+        type=int,
+        choices=SEVERITIES,
+        default=1,
+        help="with --grid: 0 as for training, 1 or 2 as the check sets (default: 1)",
+    )
     parser.add_argument("--mnist", action="store_true", help="with --grid: draw what to_mnist makes of the scans")
     parser.add_argument("--seed", type=int, default=0, help="with --grid: which drawings (default: 0)")
     args = parser.parse_args(argv)

@@ -8,6 +8,7 @@ teach a model the European forms it otherwise reads as 3, 8 and 6.
 Each new image is an MNIST 7, 1 or 4 with one stroke drawn in, as wide as the digit's own strokes;
 where a digit's shape gives no place for the stroke (a blob, a broken 4), another is taken.
 """
+
 import math
 
 import torch
@@ -20,9 +21,13 @@ def more_digits(images, labels, classes, fonts=0, european=0, seed=0):
     """The training set with N_FONTS digits rendered from handwriting fonts (the training families:
     fontdigits.split_fonts) and N_EUROPEAN of its own 7s, 1s and 4s in European forms appended."""
     from cli import UserError
+
     if tuple(classes) != DIGITS:
-        raise UserError(f"--fonts and --european add digits 0-9; this dataset's classes are {', '.join(classes[:5])}"
-                        f"{', ...' if len(classes) > 5 else ''}", 2)
+        raise UserError(
+            f"--fonts and --european add digits 0-9; this dataset's classes are {', '.join(classes[:5])}"
+            f"{', ...' if len(classes) > 5 else ''}",
+            2,
+        )
     parts = [(images, labels)]
     if european:
         try:
@@ -31,6 +36,7 @@ def more_digits(images, labels, classes, fonts=0, european=0, seed=0):
             raise UserError(f"--european {european}: {e}") from None
     if fonts:
         import fontdigits
+
         training, _ = fontdigits.split_fonts(fontdigits.find_fonts())
         if not training:
             raise UserError(f"--fonts needs handwriting fonts, and none are installed: {fontdigits.install_hint()}")
@@ -150,16 +156,16 @@ def close_four(x, gen):
     half = (left + right + 1) // 2
     tops = []
     for cols in (range(left, half), range(half, right + 1)):
-        inked = mask[:, cols.start:cols.stop].any(1).nonzero().squeeze(1)
+        inked = mask[:, cols.start : cols.stop].any(1).nonzero().squeeze(1)
         if len(inked) == 0:
             return None
         row = inked[0].item()
-        tops.append((row, mask[row, cols.start:cols.stop].nonzero().float().mean().item() + cols.start))
+        tops.append((row, mask[row, cols.start : cols.stop].nonzero().float().mean().item() + cols.start))
     (r0, c0), (r1, c1) = tops
     if c1 - c0 < 5 or max(r0, r1) > top + (bottom - top) // 2:
         return None
-    gap = mask[min(r0, r1):max(r0, r1) + 2, round(c0) + 1:round(c1)]
-    if gap.float().mean() > 0.5:   # closed already
+    gap = mask[min(r0, r1) : max(r0, r1) + 2, round(c0) + 1 : round(c1)]
+    if gap.float().mean() > 0.5:  # closed already
         return None
     return stroke(x, [(r0, c0), (r1, c1)], pen_radius(x), gen)
 

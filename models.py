@@ -13,6 +13,7 @@ torch.hub entries all read them from there. Parameter counts are for 1x28x28 inp
 tests/test_models.py checks each against the count printed by the notebook it comes from. (The
 command line, `python models.py`, uses cli.py beside this file.)
 """
+
 import inspect
 import sys
 from dataclasses import dataclass
@@ -23,12 +24,14 @@ from torch import nn
 
 class ModelError(ValueError):
     """An unknown model name or option; the message says what is valid."""
-    user_error, code = True, 2   # cli.run prints the message as it is, exit 2
+
+    user_error, code = True, 2  # cli.run prints the message as it is, exit 2
 
 
 @dataclass(frozen=True)
 class Option:
     """A model argument users may set: its type, its range (high excluded when `open_high`) and what it does."""
+
     kind: type
     low: float
     high: float
@@ -39,7 +42,7 @@ class Option:
         """Why VALUE is not a valid setting, or None."""
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             return "must be a number"
-        if self.kind is int and not isinstance(value, int):   # 2.0 too: a layer's size is an int
+        if self.kind is int and not isinstance(value, int):  # 2.0 too: a layer's size is an int
             return "must be a whole number"
         above = value >= self.high if self.open_high else value > self.high
         if value < self.low or above:
@@ -54,7 +57,7 @@ OPTIONS = {
     "depth": Option(int, 1, 64, "blocks per stage"),
     "dropout": Option(float, 0, 1, "dropout probability before the classifier", open_high=True),
 }
-SHAPE_LIMITS = {"in_channels": 64, "num_classes": 100_000}   # what get_model accepts for the data's shape
+SHAPE_LIMITS = {"in_channels": 64, "num_classes": 100_000}  # what get_model accepts for the data's shape
 
 _REGISTRY = {}
 
@@ -62,11 +65,13 @@ _REGISTRY = {}
 def register(name):
     """Decorator that adds a model (a class, or a function that builds one) under `name`; a name can
     be registered only once."""
+
     def add(build):
         if name in _REGISTRY:
             raise ModelError(f"model name {name!r} is already registered (by {_REGISTRY[name].__name__})")
         _REGISTRY[name] = build
         return build
+
     return add
 
 
@@ -95,7 +100,7 @@ def option_problem(key, value):
 
 
 def get_model(name, **kwargs):
-    registered(name)   # or the one line that names the models there are
+    registered(name)  # or the one line that names the models there are
     allowed = set(model_options(name)) | set(SHAPE_LIMITS)
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
@@ -117,8 +122,9 @@ def count_params(model):
 
 def conv_bn(cin, cout, kernel=3, padding=1, bias=False):
     """Conv, BatchNorm, ReLU. The conv needs no bias: BatchNorm's shift takes its place."""
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=padding, bias=bias),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=padding, bias=bias), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 def kaiming_init(model):
@@ -135,6 +141,7 @@ def kaiming_init(model):
 # The notebooks' models
 # ---------------------------------------------------------------------------------------------
 
+
 @register("cnn")
 class CNN(nn.Module):
     """Two 5x5 'same' convs (16, 32) with max-pool, FC 100; notebook 000 (RAdam, 99.31 %)."""
@@ -143,12 +150,18 @@ class CNN(nn.Module):
         super().__init__()
         # The notebook's code omits padding=2, but its printed model and fc1 (32*7*7) need it.
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 16, 5, padding=2), nn.MaxPool2d(2), nn.ReLU(inplace=True),
-            nn.Conv2d(16, 32, 5, padding=2), nn.MaxPool2d(2), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, 16, 5, padding=2),
+            nn.MaxPool2d(2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(16, 32, 5, padding=2),
+            nn.MaxPool2d(2),
+            nn.ReLU(inplace=True),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),  # (B, 32, 7, 7) -> (B, 1568)
-            nn.Linear(32 * 7 * 7, 100), nn.ReLU(inplace=True), nn.Linear(100, num_classes),
+            nn.Linear(32 * 7 * 7, 100),
+            nn.ReLU(inplace=True),
+            nn.Linear(100, num_classes),
         )
 
     def forward(self, x):
@@ -162,12 +175,18 @@ class CNNBasic(nn.Module):
     def __init__(self, in_channels=1, num_classes=10):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),  # 28 -> 24 -> 12
-            nn.Conv2d(16, 32, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),           # 12 -> 10 -> 5
+            nn.Conv2d(in_channels, 16, 5),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # 28 -> 24 -> 12
+            nn.Conv2d(16, 32, 3),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # 12 -> 10 -> 5
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),  # (B, 32, 5, 5) -> (B, 800)
-            nn.Linear(800, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes),
+            nn.Linear(800, 128),
+            nn.ReLU(inplace=True),
+            nn.Linear(128, num_classes),
         )
         kaiming_init(self)
 
@@ -182,12 +201,18 @@ class CNN2(nn.Module):
     def __init__(self, in_channels=1, num_classes=10):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, 32, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),  # (B, 64, 7, 7) -> (B, 3136)
-            nn.Linear(3136, 256), nn.ReLU(inplace=True), nn.Linear(256, num_classes),
+            nn.Linear(3136, 256),
+            nn.ReLU(inplace=True),
+            nn.Linear(256, num_classes),
         )
         kaiming_init(self)
 
@@ -205,12 +230,15 @@ class CNN3(nn.Module):
         self.features = nn.Sequential(
             conv_bn(in_channels, 16, 5, padding=2, bias=True),
             conv_bn(16, 32, 5, padding=2, bias=True),
-            conv_bn(32, 64, 5, padding=2, bias=True), nn.MaxPool2d(2),           # 28 -> 14
-            conv_bn(64, 128, 5, padding=2, bias=True), nn.MaxPool2d(3, stride=1),  # 14 -> 12
+            conv_bn(32, 64, 5, padding=2, bias=True),
+            nn.MaxPool2d(2),  # 28 -> 14
+            conv_bn(64, 128, 5, padding=2, bias=True),
+            nn.MaxPool2d(3, stride=1),  # 14 -> 12
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),  # (B, 128, 12, 12) -> (B, 18432)
-            nn.Dropout(dropout), nn.Linear(128 * 12 * 12, num_classes),
+            nn.Dropout(dropout),
+            nn.Linear(128 * 12 * 12, num_classes),
         )
 
     def forward(self, x):
@@ -225,12 +253,19 @@ class ConvNet(nn.Module):
         super().__init__()
         # E2's forward returns one tensor while its loop unpacks two; this returns the logits.
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),  # 28 -> 24 -> 12
-            nn.Conv2d(32, 64, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),           # 12 -> 8 -> 4
+            nn.Conv2d(in_channels, 32, 5),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # 28 -> 24 -> 12
+            nn.Conv2d(32, 64, 5),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # 12 -> 8 -> 4
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),  # (B, 64, 4, 4) -> (B, 1024)
-            nn.Linear(1024, 128), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(128, num_classes),
+            nn.Linear(1024, 128),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(128, num_classes),
         )
 
     def forward(self, x):
@@ -245,13 +280,20 @@ class LeNet5(nn.Module):
         super().__init__()
         # padding=2 on the first conv is the classic 28x28 -> 32x32 zero padding.
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),  # 32 -> 28 -> 14
-            nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),                     # 14 -> 10 -> 5
-            nn.Conv2d(16, 120, 5), nn.ReLU(inplace=True),                                   # 5 -> 1
+            nn.Conv2d(in_channels, 6, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # 32 -> 28 -> 14
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # 14 -> 10 -> 5
+            nn.Conv2d(16, 120, 5),
+            nn.ReLU(inplace=True),  # 5 -> 1
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),  # (B, 120, 1, 1) -> (B, 120)
-            nn.Linear(120, 84), nn.ReLU(inplace=True), nn.Linear(84, num_classes),
+            nn.Linear(120, 84),
+            nn.ReLU(inplace=True),
+            nn.Linear(84, num_classes),
         )
 
     def forward(self, x):
@@ -265,10 +307,14 @@ class Tiny(nn.Module):
     def __init__(self, in_channels=1, num_classes=10):
         super().__init__()
         self.features = nn.Sequential(
-            conv_bn(in_channels, 4), conv_bn(4, 8), nn.MaxPool2d(2),   # 28 -> 14
-            conv_bn(8, 16, padding=0), conv_bn(16, 20, padding=0),     # 14 -> 12 -> 10
-            nn.Conv2d(20, 24, 3, bias=False),                          # 10 -> 8
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),                     # (B, 24, 8, 8) -> (B, 24)
+            conv_bn(in_channels, 4),
+            conv_bn(4, 8),
+            nn.MaxPool2d(2),  # 28 -> 14
+            conv_bn(8, 16, padding=0),
+            conv_bn(16, 20, padding=0),  # 14 -> 12 -> 10
+            nn.Conv2d(20, 24, 3, bias=False),  # 10 -> 8
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),  # (B, 24, 8, 8) -> (B, 24)
         )
         # The notebook stacks its two linear layers with nothing between; a ReLU makes the second count.
         self.classifier = nn.Sequential(nn.Linear(24, 32), nn.ReLU(inplace=True), nn.Linear(32, num_classes))
@@ -287,10 +333,14 @@ class Tiny2(nn.Module):
         # of 9.9k parameters, behind a 4-map first layer that every later feature is built from; here
         # they go to 8 and 16 maps at full resolution, and one linear layer reads the pooled 20 maps.
         self.features = nn.Sequential(
-            conv_bn(in_channels, 8), conv_bn(8, 16), nn.MaxPool2d(2),    # 28 -> 14
-            conv_bn(16, 16, padding=0), conv_bn(16, 16, padding=0),      # 14 -> 12 -> 10
-            conv_bn(16, 20, padding=0),                                  # 10 -> 8
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),                       # (B, 20, 8, 8) -> (B, 20)
+            conv_bn(in_channels, 8),
+            conv_bn(8, 16),
+            nn.MaxPool2d(2),  # 28 -> 14
+            conv_bn(16, 16, padding=0),
+            conv_bn(16, 16, padding=0),  # 14 -> 12 -> 10
+            conv_bn(16, 20, padding=0),  # 10 -> 8
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),  # (B, 20, 8, 8) -> (B, 20)
         )
         self.classifier = nn.Linear(20, num_classes)
 
@@ -302,6 +352,7 @@ class Tiny2(nn.Module):
 # Models of this toolkit
 # ---------------------------------------------------------------------------------------------
 
+
 @register("fast")
 class Fast(nn.Module):
     """Built for time to accuracy on a CPU: convs of 8 and 16 maps, FC 64, no BatchNorm (52k)."""
@@ -312,12 +363,18 @@ class Fast(nn.Module):
         # stays narrow and pools at once; BatchNorm at full resolution cost more time than it saved
         # in epochs, and one 5x5 conv beat two 3x3 ones at equal accuracy.
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 8, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),  # 28 -> 14
-            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),           # 14 -> 7
+            nn.Conv2d(in_channels, 8, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # 28 -> 14
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # 14 -> 7
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),  # (B, 16, 7, 7) -> (B, 784)
-            nn.Linear(16 * 7 * 7, 64), nn.ReLU(inplace=True), nn.Linear(64, num_classes),
+            nn.Linear(16 * 7 * 7, 64),
+            nn.ReLU(inplace=True),
+            nn.Linear(64, num_classes),
         )
 
     def forward(self, x):
@@ -336,22 +393,31 @@ class Strided(nn.Module):
         # values; BatchNorm on the conv at 7 px allows a high learning rate. results/README.md has
         # the measurements behind each choice.
         self.crop = crop
-        side = (28 - 2 * crop) // 4    # 28 -> 14 -> 7; 24 -> 12 -> 6 with crop=2; 20 -> 10 -> 5 with crop=4
+        side = (28 - 2 * crop) // 4  # 28 -> 14 -> 7; 24 -> 12 -> 6 with crop=2; 20 -> 10 -> 5 with crop=4
         if maps14:
-            stem = [nn.Conv2d(in_channels, maps, 6, stride=2, padding=2), nn.ReLU(inplace=True),
-                    nn.Conv2d(maps, maps14, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(maps14),
-                    nn.ReLU(inplace=True)]
+            stem = [
+                nn.Conv2d(in_channels, maps, 6, stride=2, padding=2),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(maps, maps14, 3, padding=1, bias=False),
+                nn.MaxPool2d(2),
+                nn.BatchNorm2d(maps14),
+                nn.ReLU(inplace=True),
+            ]
         else:
             stem = [nn.Conv2d(in_channels, maps, 6, stride=2, padding=2), nn.MaxPool2d(2), nn.ReLU(inplace=True)]
         self.features = nn.Sequential(
-            *stem, nn.Conv2d(maps14 or maps, maps7, 3, padding=1, bias=False), nn.BatchNorm2d(maps7),
-            nn.ReLU(inplace=True))
+            *stem,
+            nn.Conv2d(maps14 or maps, maps7, 3, padding=1, bias=False),
+            nn.BatchNorm2d(maps7),
+            nn.ReLU(inplace=True),
+        )
         self.classifier = nn.Sequential(
-            nn.Linear(maps7 * side * side, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+            nn.Linear(maps7 * side * side, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
+        )
 
     def forward(self, x):
-        if self.crop:   # MNIST's digits sit in a 20x20 box near the centre; the rim is nearly always blank
-            x = x[..., self.crop:-self.crop, self.crop:-self.crop]
+        if self.crop:  # MNIST's digits sit in a 20x20 box near the centre; the rim is nearly always blank
+            x = x[..., self.crop : -self.crop, self.crop : -self.crop]
         # Flattened in (h, w, c) order: on a channels-last tensor that is a view, and its gradient
         # keeps the layout; (c, h, w) order copies, and the ReLU behind it then runs backward on
         # mismatched layouts, a sizeable share of a CPU step.
@@ -407,10 +473,16 @@ class VGG(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            conv_bn(in_channels, w), conv_bn(w, w), nn.MaxPool2d(2),             # 28 -> 14
-            conv_bn(w, 2 * w), conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),           # 14 -> 7
-            conv_bn(2 * w, 4 * w), conv_bn(4 * w, 4 * w),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),                               # (B, 4w, 7, 7) -> (B, 4w)
+            conv_bn(in_channels, w),
+            conv_bn(w, w),
+            nn.MaxPool2d(2),  # 28 -> 14
+            conv_bn(w, 2 * w),
+            conv_bn(2 * w, 2 * w),
+            nn.MaxPool2d(2),  # 14 -> 7
+            conv_bn(2 * w, 4 * w),
+            conv_bn(4 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),  # (B, 4w, 7, 7) -> (B, 4w)
         )
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(4 * w, num_classes))
 
@@ -445,8 +517,12 @@ class ResNet(nn.Module):
             for block in range(depth):
                 layers.append(PreActBlock(cin if block == 0 else cout, cout, 2 if stage and not block else 1))
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, padding=1, bias=False), *layers,               # 28 -> 14 -> 7
-            nn.BatchNorm2d(4 * w), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # -> (B, 4w)
+            nn.Conv2d(in_channels, w, 3, padding=1, bias=False),
+            *layers,  # 28 -> 14 -> 7
+            nn.BatchNorm2d(4 * w),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),  # -> (B, 4w)
         )
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(4 * w, num_classes))
 
@@ -470,14 +546,17 @@ def resnet(in_channels=1, num_classes=10, width=32, depth=2, dropout=0.0):
 # Command line
 # ---------------------------------------------------------------------------------------------
 
+
 def summary(model, input_size=(1, 28, 28)):
     """Rows of (layer, output shape, parameters) for every leaf module, found with forward hooks."""
     rows, hooks = [], []
     for name, module in model.named_modules():
         if not list(module.children()):
+
             def hook(mod, _inp, out, name=name):
                 own = sum(p.numel() for p in mod.parameters(recurse=False))
                 rows.append((f"{name} ({type(mod).__name__})", tuple(out.shape[1:]), own))
+
             hooks.append(module.register_forward_hook(hook))
     was_training = model.training
     model.eval()
@@ -504,17 +583,19 @@ def print_summary(name):
 
 def main(argv=None):
     """`python models.py`: the model table, or one model's layers; errors and closed pipes as every command."""
-    from cli import run   # the command line only; the library above needs torch alone
+    from cli import run  # the command line only; the library above needs torch alone
+
     return run(list_or_summarise, sys.argv[1:] if argv is None else argv)
 
 
 def list_or_summarise(argv):
     from cli import Parser
+
     parser = Parser(prog="models.py", description="List the registered models, or summarise one.")
     parser.add_argument("--summary", metavar="NAME", help="print each layer's output shape and parameters")
     args = parser.parse_args(argv)
     if args.summary:
-        registered(args.summary)   # ModelError: one line, exit 2
+        registered(args.summary)  # ModelError: one line, exit 2
         print_summary(args.summary)
         return 0
     names = [f"`{name}`" for name in list_models()]

@@ -9,6 +9,7 @@ between them and `torch.optim` in either direction. They are used unless the mod
 
     optimizer = build_optimizer(model, "adam", lr=3e-3)   # as train.py's --optimizer and --lr
 """
+
 import torch
 
 # The peak learning rate of each --optimizer when --lr is not given. Adam-family 3e-3: with a cosine
@@ -18,8 +19,9 @@ DEFAULT_LR = {"sgd": 0.01, "adam": 3e-3, "adamw": 3e-3, "radam": 3e-3, "adadelta
 
 class PlainOptimizer:
     """What the training loop, torch.amp.GradScaler and checkpoints use of an optimizer."""
-    defaults = {}        # the option names and defaults of the torch.optim class it stands for
-    state_keys = ()      # the per-parameter state it keeps, in torch's names
+
+    defaults = {}  # the option names and defaults of the torch.optim class it stands for
+    state_keys = ()  # the per-parameter state it keeps, in torch's names
 
     def __init__(self, params, **options):
         params = list(params)
@@ -38,25 +40,34 @@ class PlainOptimizer:
     def state_dict(self):
         """torch.optim's layout: parameters are numbered in order, state is keyed by that number."""
         params = self.param_groups[0]["params"]
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(params)))}
-                  for g in self.param_groups]
-        return {"state": {i: dict(self.state[p]) for i, p in enumerate(params) if p in self.state},
-                "param_groups": groups}
+        groups = [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(params)))}
+            for g in self.param_groups
+        ]
+        return {
+            "state": {i: dict(self.state[p]) for i, p in enumerate(params) if p in self.state},
+            "param_groups": groups,
+        }
 
     def load_state_dict(self, saved):
         params = self.param_groups[0]["params"]
         groups = saved["param_groups"]
         if len(groups) != 1 or len(groups[0]["params"]) != len(params):
             raise ValueError("the saved optimizer state is for another model")
-        self.param_groups = [{**self.defaults, **{k: v for k, v in groups[0].items() if k != "params"},
-                              "params": params}]
+        self.param_groups = [
+            {**self.defaults, **{k: v for k, v in groups[0].items() if k != "params"}, "params": params}
+        ]
         self.state = {}
         for i, p in enumerate(params):
             entry = saved["state"].get(i, saved["state"].get(str(i)))
             if entry:
                 # as torch does: the step count stays a float32 on the CPU, the rest follows the parameter
-                self.state[p] = {k: (v.to("cpu", torch.float32) if k == "step" else v.to(p.device, p.dtype))
-                                 if torch.is_tensor(v) else v for k, v in entry.items()}
+                self.state[p] = {
+                    k: (v.to("cpu", torch.float32) if k == "step" else v.to(p.device, p.dtype))
+                    if torch.is_tensor(v)
+                    else v
+                    for k, v in entry.items()
+                }
 
     @torch.no_grad()
     def step(self):
@@ -71,9 +82,20 @@ class PlainOptimizer:
 
 class Adam(PlainOptimizer):
     """torch.optim.Adam without amsgrad: L2 weight decay added to the gradient."""
-    defaults = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0, "amsgrad": False,
-                "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
-                "fused": None, "decoupled_weight_decay": False}
+
+    defaults = {
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0,
+        "amsgrad": False,
+        "maximize": False,
+        "foreach": None,
+        "capturable": False,
+        "differentiable": False,
+        "fused": None,
+        "decoupled_weight_decay": False,
+    }
 
     def update(self, p, grad, group, state):
         lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
@@ -87,9 +109,8 @@ class Adam(PlainOptimizer):
             grad = grad.add(p, alpha=wd)
         state["exp_avg"].lerp_(grad, 1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (state["exp_avg_sq"].sqrt() / (1 - beta2 ** step) ** 0.5).add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** step))
-
+        denom = (state["exp_avg_sq"].sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))
 
     def update_all(self, params, group, states):
         """All parameters at once with torch's _foreach kernels (the ones torch.optim's foreach path
@@ -100,7 +121,7 @@ class Adam(PlainOptimizer):
                 state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
         counts = {state["step"].item() for state in states}
         if len(counts) != 1 or any(p.is_sparse or p.grad.is_sparse for p in params):
-            return super().update_all(params, group, states)   # parameters at different steps: one by one
+            return super().update_all(params, group, states)  # parameters at different steps: one by one
         lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
         grads = [p.grad for p in params]
         exp_avg, exp_avg_sq = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
@@ -114,20 +135,31 @@ class Adam(PlainOptimizer):
         torch._foreach_mul_(exp_avg_sq, beta2)
         torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1 - beta2)
         denom = torch._foreach_sqrt(exp_avg_sq)
-        torch._foreach_div_(denom, (1 - beta2 ** step) ** 0.5)
+        torch._foreach_div_(denom, (1 - beta2**step) ** 0.5)
         torch._foreach_add_(denom, group["eps"])
-        torch._foreach_addcdiv_(params, exp_avg, denom, -lr / (1 - beta1 ** step))
+        torch._foreach_addcdiv_(params, exp_avg, denom, -lr / (1 - beta1**step))
 
 
 class AdamW(Adam):
     """torch.optim.AdamW: Adam with weight decay applied to the weights, default 0.01."""
+
     defaults = {**Adam.defaults, "weight_decay": 1e-2, "decoupled_weight_decay": True}
 
 
 class SGD(PlainOptimizer):
     """torch.optim.SGD without dampening: momentum and Nesterov momentum, L2 weight decay."""
-    defaults = {"lr": 1e-3, "momentum": 0, "dampening": 0, "weight_decay": 0, "nesterov": False,
-                "maximize": False, "foreach": None, "differentiable": False, "fused": None}
+
+    defaults = {
+        "lr": 1e-3,
+        "momentum": 0,
+        "dampening": 0,
+        "weight_decay": 0,
+        "nesterov": False,
+        "maximize": False,
+        "foreach": None,
+        "differentiable": False,
+        "fused": None,
+    }
 
     def update(self, p, grad, group, state):
         momentum, wd = group["momentum"], group["weight_decay"]
@@ -148,8 +180,9 @@ def build_optimizer(model, name, lr, weight_decay=0.0, momentum=0.9, nesterov=Fa
     parameters: the plain-tensor version where there is one, unless the model is compiled."""
     params, wd = model.parameters(), weight_decay
     if name == "sgd":
-        return (torch.optim.SGD if compiled else SGD)(params, lr=lr, momentum=momentum, nesterov=nesterov,
-                                                      weight_decay=wd)
+        return (torch.optim.SGD if compiled else SGD)(
+            params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=wd
+        )
     if name == "adam":
         return (torch.optim.Adam if compiled else Adam)(params, lr=lr, weight_decay=wd)
     if name == "adamw":

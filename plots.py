@@ -7,6 +7,7 @@ Image grids need only torchvision and Pillow (which torchvision installs). The t
 need matplotlib; without it they are skipped with one line saying so, and the grids are still drawn.
 Every picture is written whole or not at all (files.write_atomic), so a failed write leaves no half a PNG.
 """
+
 import os
 
 import torch
@@ -23,9 +24,10 @@ def label_grid(images, captions, nrow=8, scale=4, colors=None):
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
     from torchvision.utils import make_grid
-    size = 4 * scale   # font pixels: 16 on 112-pixel tiles fits "T-shirt/top" on one line
+
+    size = 4 * scale  # font pixels: 16 on 112-pixel tiles fits "T-shirt/top" on one line
     try:
-        font = ImageFont.load_default(size=size)   # a scalable font since Pillow 10.1
+        font = ImageFont.load_default(size=size)  # a scalable font since Pillow 10.1
     except TypeError:
         font = ImageFont.load_default()
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -34,7 +36,7 @@ def label_grid(images, captions, nrow=8, scale=4, colors=None):
     line_h = size + 3
     strip = max(len(ls) for ls in lines) * line_h + 6
     x = images.float().div(255).repeat_interleave(scale, -2).repeat_interleave(scale, -1).expand(-1, 3, -1, -1)
-    x = F.pad(x, (0, 0, 0, strip), value=1.0)   # white caption strip under each image
+    x = F.pad(x, (0, 0, 0, strip), value=1.0)  # white caption strip under each image
     pad = 4
     grid = make_grid(x, nrow=nrow, padding=pad, pad_value=1.0)
     img = Image.fromarray(np.ascontiguousarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()))
@@ -52,12 +54,12 @@ def label_grid(images, captions, nrow=8, scale=4, colors=None):
 def sample_grid(images, labels, classes, augment=None, seed=0, n=32):
     """A labelled grid of random images of a split (uint8 [N, 1, H, W]); with `augment` (a data.Augment),
     each row of originals is followed by the same images as train.py would change them."""
-    pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n // 2 if augment else n]
+    pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[: n // 2 if augment else n]
     images, captions = images[pick], [classes[k] for k in labels[pick].tolist()]
     if augment:
         changed = augment(images.float().div(255), torch.Generator().manual_seed(seed))
         changed = changed.mul(255).round().clamp(0, 255).byte()
-        rows = [(images[i:i + 8], changed[i:i + 8], captions[i:i + 8]) for i in range(0, len(pick), 8)]
+        rows = [(images[i : i + 8], changed[i : i + 8], captions[i : i + 8]) for i in range(0, len(pick), 8)]
         images = torch.cat([t for a, b, _ in rows for t in (a, b)])
         captions = [c for _, _, cs in rows for c in (cs + ["augmented"] * len(cs))]
     return label_grid(images, captions)
@@ -101,7 +103,8 @@ def save_png(img, path):
 def have_matplotlib():
     try:
         import matplotlib
-        matplotlib.use("Agg")   # files only: never open a window, work without a display
+
+        matplotlib.use("Agg")  # files only: never open a window, work without a display
         return True
     except ImportError:
         return False
@@ -110,6 +113,7 @@ def have_matplotlib():
 def save_figure(fig, path):
     """Save a matplotlib figure through a temporary file, then close it."""
     import matplotlib.pyplot as plt
+
     try:
         write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     finally:
@@ -119,17 +123,25 @@ def save_figure(fig, path):
 def confusion_png(cm, classes, path, title):
     """A heat map of counts[true, predicted], every cell labelled, class names on both axes."""
     import matplotlib.pyplot as plt
+
     n = len(classes)
     fig, ax = plt.subplots(figsize=(1.0 + 0.75 * n, 0.6 + 0.7 * n))
     # A log-like scale keeps the few mistakes visible next to the thousand-count diagonal.
     shown = cm.double().log1p()
-    ax.imshow(shown.numpy(), cmap="Blues")   # a tensor here makes numpy warn (its __array__ takes no copy=)
+    ax.imshow(shown.numpy(), cmap="Blues")  # a tensor here makes numpy warn (its __array__ takes no copy=)
     top = shown.max().item()
     for t in range(n):
         for p in range(n):
             v = int(cm[t, p])
-            ax.text(p, t, str(v), ha="center", va="center", fontsize=8,
-                    color="white" if shown[t, p] > 0.6 * top else ("black" if v else "#999999"))
+            ax.text(
+                p,
+                t,
+                str(v),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if shown[t, p] > 0.6 * top else ("black" if v else "#999999"),
+            )
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
     ax.set_yticks(range(n), classes)
     ax.set_xlabel("predicted")
@@ -143,6 +155,7 @@ def curves_png(rows, path, title, steps=()):
     numbers), over the training curve of steps.csv rows when given (at fractional epochs)."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
     if steps:
         # an epoch's last row sits at its last step, which gives the steps per epoch
@@ -155,8 +168,11 @@ def curves_png(rows, path, title, steps=()):
         loss_ax.plot(x, [float(r["train_loss"]) for r in steps], "-", color="0.6", lw=1, label="train (steps)")
         acc_ax.plot(x, [float(r["train_acc"]) for r in steps], "-", color="0.6", lw=1, label="train (steps)")
     for split, style in (("train", "-o"), ("val", "-s"), ("test", "-^"), ("ema_test", ":^")):
-        points = [(float(r["epoch"]), float(r[f"{split}_loss"]), float(r[f"{split}_acc"]))
-                  for r in rows if r.get(f"{split}_loss") not in (None, "")]
+        points = [
+            (float(r["epoch"]), float(r[f"{split}_loss"]), float(r[f"{split}_acc"]))
+            for r in rows
+            if r.get(f"{split}_loss") not in (None, "")
+        ]
         if points:
             epochs, losses, accs = zip(*points)
             label = split.replace("ema_", "EMA ")
@@ -180,8 +196,10 @@ def prediction_grids(images, labels, probs, classes, out, per_class=4, most=64):
     wrong = (pred != labels).nonzero().flatten()
     wrong = wrong[confidence[wrong].argsort(descending=True)][:most].cpu()
     if len(wrong):
-        captions = [f"{classes[t]} → {classes[p]} ({c:.2f})" for t, p, c in
-                    zip(labels[wrong].tolist(), pred[wrong].tolist(), confidence[wrong].tolist())]
+        captions = [
+            f"{classes[t]} → {classes[p]} ({c:.2f})"
+            for t, p, c in zip(labels[wrong].tolist(), pred[wrong].tolist(), confidence[wrong].tolist())
+        ]
         path = os.path.join(out, "mistakes.png")
         save_png(label_grid(images[wrong].cpu(), captions, colors=dict.fromkeys(range(len(wrong)), RED)), path)
         written.append(path)
@@ -193,7 +211,11 @@ def prediction_grids(images, labels, probs, classes, out, per_class=4, most=64):
     if len(right):
         captions = [f"{classes[p]} ({c:.2f})" for p, c in zip(pred[right].tolist(), confidence[right].tolist())]
         path = os.path.join(out, "correct.png")
-        save_png(label_grid(images[right].cpu(), captions, nrow=2 * per_class,
-                            colors=dict.fromkeys(range(len(right)), GREEN)), path)
+        save_png(
+            label_grid(
+                images[right].cpu(), captions, nrow=2 * per_class, colors=dict.fromkeys(range(len(right)), GREEN)
+            ),
+            path,
+        )
         written.append(path)
     return written

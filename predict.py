@@ -10,6 +10,7 @@ in 28x28 with its centre of mass in the middle, as MNIST's digits were prepared;
 wide (a fine pen) are widened to MNIST's. A model trained on your own class folders reads images
 by the rule it was trained with instead: grey, aspect kept, padded, resized (preprocess.py).
 """
+
 import os
 import sys
 
@@ -18,10 +19,9 @@ import torch
 from checkpoint import add_ckpt_flag, build_model, load_checkpoint
 from cli import Parser, UserError, make_folder, positive, run, write_text_atomic
 from device import pick_device
-from preprocess import FORMAT_NAMES, IMAGE_TYPES, classify, read_gray, to_input
 from plots import save_png
+from preprocess import FORMAT_NAMES, IMAGE_TYPES, classify, read_gray, to_input
 from userdata import read_csv
-
 
 
 def gather_files(paths):
@@ -50,28 +50,48 @@ def preprocessed_names(files, folder):
         out = os.path.join(folder, os.path.splitext(os.path.basename(f))[0] + ".png")
         real = os.path.realpath(out).casefold()
         if real in inputs:
-            raise UserError(f"--save-preprocessed {folder} would write over the input {inputs[real]}; "
-                            f"choose a folder that holds none of the images", 2)
+            raise UserError(
+                f"--save-preprocessed {folder} would write over the input {inputs[real]}; "
+                f"choose a folder that holds none of the images",
+                2,
+            )
         if real in taken:
-            raise UserError(f"--save-preprocessed: {taken[real]} and {f} would both become {out}; rename one "
-                            f"of them or classify them in two runs", 2)
+            raise UserError(
+                f"--save-preprocessed: {taken[real]} and {f} would both become {out}; rename one "
+                f"of them or classify them in two runs",
+                2,
+            )
         taken[real] = f
         outputs.append(out)
     return outputs
 
 
 def build_parser():
-    p = Parser(prog="predict.py", description=f"Classify {FORMAT_NAMES} images, or a CSV of pixel rows, with a "
-               "trained checkpoint.")
-    p.add_argument("images", nargs="+", metavar="IMAGE_FOLDER_OR_CSV", help="image files or folders of them; or one "
-                   "CSV of pixel rows, as Kaggle's test.csv")
+    p = Parser(
+        prog="predict.py",
+        description=f"Classify {FORMAT_NAMES} images, or a CSV of pixel rows, with a trained checkpoint.",
+    )
+    p.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE_FOLDER_OR_CSV",
+        help="image files or folders of them; or one CSV of pixel rows, as Kaggle's test.csv",
+    )
     add_ckpt_flag(p)
     p.add_argument("--top", type=positive(int), default=3, help="how many classes to print (default: 3)")
-    p.add_argument("--out", metavar="FILE.csv", help="also write the predictions: ImageId,Label for a CSV of pixels "
-                   "(a Kaggle submission), file,label,probability for images")
+    p.add_argument(
+        "--out",
+        metavar="FILE.csv",
+        help="also write the predictions: ImageId,Label for a CSV of pixels "
+        "(a Kaggle submission), file,label,probability for images",
+    )
     p.add_argument("--save-preprocessed", metavar="DIR", help="write each 28x28 input as DIR/<name>.png")
-    p.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default: cpu; a few "
-                   "images are quicker there than the time to start a GPU)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="auto, cpu, cuda, cuda:N or mps (default: cpu; a few "
+        "images are quicker there than the time to start a GPU)",
+    )
     return p
 
 
@@ -94,7 +114,7 @@ def main(argv):
         names = gather_files(args.images)
         outputs = preprocessed_names(names, args.save_preprocessed) if args.save_preprocessed else None
         rule = ckpt["data"].get("rule", "mnist")
-        inputs = torch.stack([to_input(read_gray(f), rule, f) for f in names])   # [N, 28, 28] uint8
+        inputs = torch.stack([to_input(read_gray(f), rule, f) for f in names])  # [N, 28, 28] uint8
         if outputs:
             save_inputs(inputs, outputs, args.save_preprocessed)
     probs = torch.cat([classify(model, ckpt, chunk) for chunk in inputs.split(1000)])
@@ -104,6 +124,7 @@ def main(argv):
 
 def save_inputs(inputs, outputs, folder):
     from PIL import Image
+
     make_folder(folder, "--save-preprocessed")
     for x, out in zip(inputs, outputs):
         save_png(Image.fromarray(x.numpy(), mode="L"), out)
@@ -119,7 +140,10 @@ def report(probs, names, classes, args):
     width = max(len(n) for n in labels[:shown])
     for name, p in zip(labels[:shown], probs[:shown]):
         values, indices = p.topk(top)
-        print(f"{name:<{width}}  " + "  ".join(f"{classes[i]} {v:6.2%}" for v, i in zip(values.tolist(), indices.tolist())))
+        print(
+            f"{name:<{width}}  "
+            + "  ".join(f"{classes[i]} {v:6.2%}" for v, i in zip(values.tolist(), indices.tolist()))
+        )
     if shown < len(probs):
         print(f"... and {len(probs) - shown:,} more rows")
     if args.out:
@@ -127,8 +151,10 @@ def report(probs, names, classes, args):
         if names is None:
             text = "ImageId,Label\n" + "".join(f"{i},{classes[k]}\n" for i, k in enumerate(index.tolist(), 1))
         else:
-            text = "file,label,probability\n" + "".join(f"{csv_cell(n)},{csv_cell(classes[k])},{p:.4f}\n"
-                                                          for n, k, p in zip(names, index.tolist(), best.tolist()))
+            text = "file,label,probability\n" + "".join(
+                f"{csv_cell(n)},{csv_cell(classes[k])},{p:.4f}\n"
+                for n, k, p in zip(names, index.tolist(), best.tolist())
+            )
         write_text_atomic(text, args.out)
         print(f"wrote {len(probs):,} predictions to {args.out}")
 

@@ -8,6 +8,7 @@
 predict.py, demo.py and userdata.py's class folders all go through these, so an image is read the
 same way everywhere.
 """
+
 import io
 import math
 import os
@@ -23,14 +24,20 @@ from data import dilate, normalize
 # The formats read, and no others: each is decoded by Pillow's own code or a library built into it,
 # never by an external program (Pillow reads EPS by running Ghostscript, a PostScript interpreter).
 # (A phone photo with a second picture inside opens as JPEG and reports itself as "MPO".)
-FORMATS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "BMP": (".bmp",), "GIF": (".gif",), "WEBP": (".webp",),
-           "TIFF": (".tif", ".tiff")}
+FORMATS = {
+    "PNG": (".png",),
+    "JPEG": (".jpg", ".jpeg"),
+    "BMP": (".bmp",),
+    "GIF": (".gif",),
+    "WEBP": (".webp",),
+    "TIFF": (".tif", ".tiff"),
+}
 FORMAT_NAMES = "PNG, JPEG, BMP, GIF, WebP or TIFF"
-IMAGE_TYPES = tuple(ext for exts in FORMATS.values() for ext in exts)   # file name endings, for folders
-MIME_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/gif", "image/webp", "image/tiff")   # uploads
-MIN_SIDE = 8              # smaller images hold too little of a drawing to be fitted into 20x20
-MAX_PIXELS = 25_000_000   # 5000x5000: a phone photo fits; a small file declaring more is a decompression bomb
-MAX_SIDE = 1024           # images are shrunk to this at once: the digit ends up 20 pixels high anyway
+IMAGE_TYPES = tuple(ext for exts in FORMATS.values() for ext in exts)  # file name endings, for folders
+MIME_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/gif", "image/webp", "image/tiff")  # uploads
+MIN_SIDE = 8  # smaller images hold too little of a drawing to be fitted into 20x20
+MAX_PIXELS = 25_000_000  # 5000x5000: a phone photo fits; a small file declaring more is a decompression bomb
+MAX_SIDE = 1024  # images are shrunk to this at once: the digit ends up 20 pixels high anyway
 
 
 def read_gray(source, name=None):
@@ -39,6 +46,7 @@ def read_gray(source, name=None):
     is decoded straight at a fraction of its size where that suffices. Transparent areas count as
     white paper; 16-bit, 32-bit and float images are scaled to 0..1 by their own range."""
     from PIL import Image, UnidentifiedImageError
+
     name = name or (source if isinstance(source, str) else "the image")
     quiet_pillow()
     try:
@@ -47,7 +55,7 @@ def read_gray(source, name=None):
         raise UserError(f"{name} is not an image this reads; give a {FORMAT_NAMES} file") from None
     except Image.DecompressionBombError:
         raise UserError(f"{name} declares more pixels than this reads; give a smaller image") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:   # what Pillow's decoders raise on broken data
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # what Pillow's decoders raise on broken data
         raise UserError(f"{name} cannot be read ({e}); check that the file is whole") from None
     h, w = gray.shape
     if min(w, h) < MIN_SIDE:
@@ -59,21 +67,24 @@ def decode(source, name):
     """read_gray's decoding, within its checks: the pixel count from the header first, then a JPEG
     drafted at a fraction of its size, any image shrunk to MAX_SIDE and turned upright."""
     from PIL import Image, ImageOps
-    with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
-                    formats=list(FORMATS)) as im:
+
+    with Image.open(
+        io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source, formats=list(FORMATS)
+    ) as im:
         w, h = im.size
         if w * h > MAX_PIXELS:
-            raise UserError(f"{name} declares {w}x{h} pixels, more than the {MAX_PIXELS:,} this reads; "
-                            f"give a smaller image")
+            raise UserError(
+                f"{name} declares {w}x{h} pixels, more than the {MAX_PIXELS:,} this reads; give a smaller image"
+            )
         if im.format in ("JPEG", "MPO"):
             im.draft("RGB" if im.mode not in ("L", "1") else "L", (MAX_SIDE, MAX_SIDE))
         im.load()
-        im = ImageOps.exif_transpose(im)   # a phone stores a portrait photo sideways, plus a tag saying so
+        im = ImageOps.exif_transpose(im)  # a phone stores a portrait photo sideways, plus a tag saying so
         im.thumbnail((MAX_SIDE, MAX_SIDE))
         return gray_values(im)
 
 
-@cache   # once a process
+@cache  # once a process
 def quiet_pillow():
     """Stop Pillow's warnings, its logger and the libtiff inside Pillow from printing about a damaged
     file (corrupt EXIF, a size past Pillow's own bomb limit, which MAX_PIXELS refuses first): their
@@ -83,9 +94,11 @@ def quiet_pillow():
     found in /proc/self/maps (Linux; elsewhere its lines stay)."""
     import ctypes
     import logging
-    import PIL.Image   # noqa: F401  (loads Pillow's C core, and libtiff with it)
+
+    import PIL.Image  # noqa: F401  (loads Pillow's C core, and libtiff with it)
+
     warnings.filterwarnings("ignore", module=r"PIL\.")
-    logging.getLogger("PIL").addHandler(logging.NullHandler())   # else logging's last resort prints errors
+    logging.getLogger("PIL").addHandler(logging.NullHandler())  # else logging's last resort prints errors
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if os.path.basename(line.split()[-1]).startswith("libtiff")}
@@ -93,11 +106,15 @@ def quiet_pillow():
         paths = set()
     for path in paths:
         try:
-            lib = ctypes.CDLL(path)   # the copy already loaded: dlopen hands back the same library
-            for setter in ("TIFFSetErrorHandler", "TIFFSetErrorHandlerExt", "TIFFSetWarningHandler",
-                           "TIFFSetWarningHandlerExt"):
+            lib = ctypes.CDLL(path)  # the copy already loaded: dlopen hands back the same library
+            for setter in (
+                "TIFFSetErrorHandler",
+                "TIFFSetErrorHandlerExt",
+                "TIFFSetWarningHandler",
+                "TIFFSetWarningHandlerExt",
+            ):
                 getattr(lib, setter)(None)
-        except (OSError, AttributeError):   # not libtiff after all, or one without those functions
+        except (OSError, AttributeError):  # not libtiff after all, or one without those functions
             pass
 
 
@@ -106,6 +123,7 @@ def gray_values(im):
     (16- and 32-bit integers, floats) are scaled by their own darkest and brightest pixel: clipped to
     8 bits instead, a faint 16-bit scan would read as blank."""
     from PIL import Image
+
     w, h = im.size
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         x = torch.frombuffer(bytearray(im.convert("F").tobytes()), dtype=torch.float32).view(h, w)
@@ -123,14 +141,14 @@ def to_mnist(gray, path="image"):
     gray = native_grid(gray)
     border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     paper = border.median()
-    if paper > 0.5:                          # dark ink on light paper: make the ink bright
+    if paper > 0.5:  # dark ink on light paper: make the ink bright
         gray, paper = 1 - gray, 1 - paper
-    ink = ((gray - paper) / (1 - paper).clamp(min=1e-3)).clamp(0, 1)   # the paper's own shade becomes 0
+    ink = ((gray - paper) / (1 - paper).clamp(min=1e-3)).clamp(0, 1)  # the paper's own shade becomes 0
     mask = ink > 0.25 * ink.max()
     if ink.max() < 0.15 or not mask.any():
         raise UserError(f"{path} looks blank: no strokes stand out from the background")
     rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
-    ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]      # crop to the ink
+    ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]  # crop to the ink
     h, w = ink.shape
     scale = 20 / max(h, w)
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
@@ -144,7 +162,7 @@ def to_mnist(gray, path="image"):
     top = min(max(round(14 - cy.item()), 0), 28 - size[0])
     left = min(max(round(14 - cx.item()), 0), 28 - size[1])
     canvas = torch.zeros(28, 28)
-    canvas[top:top + size[0], left:left + size[1]] = patch
+    canvas[top : top + size[0], left : left + size[1]] = patch
     return widen_thin_strokes(canvas).mul(255).round().to(torch.uint8)
 
 
@@ -166,8 +184,11 @@ def native_grid(gray, step=0.08):
     if min(bh, bw) < 3:
         return gray
     # the centre of each block, from the first whole one; a part block at an edge adds nothing
-    return gray[oh + bh // 2::bh, ow + bw // 2::bw].contiguous() if min(gray.shape) // max(bh, bw) >= MIN_SIDE // 2 \
+    return (
+        gray[oh + bh // 2 :: bh, ow + bw // 2 :: bw].contiguous()
+        if min(gray.shape) // max(bh, bw) >= MIN_SIDE // 2
         else gray
+    )
 
 
 def fit_square(gray):
@@ -180,7 +201,7 @@ def fit_square(gray):
     border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     canvas = torch.full((side, side), float(border.median()))
     top, left = (side - h) // 2, (side - w) // 2
-    canvas[top:top + h, left:left + w] = gray
+    canvas[top : top + h, left : left + w] = gray
     small = F.interpolate(canvas[None, None], size=(28, 28), mode="bilinear", antialias=side > 28, align_corners=False)
     return small[0, 0].clamp(0, 1).mul(255).round().to(torch.uint8)
 

@@ -8,6 +8,7 @@ Each shift is a pure function of the images, the severity and a fixed seed, batc
 device, and keeps the labels. "inverted" goes through predict.py's preprocessing (preprocess.to_mnist),
 as a photo of dark ink on light paper would, so it measures that path, not the raw model.
 """
+
 import math
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from data import blur, dilate, elastic, erode, low_resolution
 
 SEVERITIES = (1, 2)
-SHIFTS = {   # name: what severities 1 and 2 do
+SHIFTS = {  # name: what severities 1 and 2 do
     "thin": "strokes eroded by a 2x2, then a 3x3 square",
     "thick": "strokes dilated by a 2x2, then a 3x3 square",
     "blur": "Gaussian blur, sigma 1 and 1.6 pixels",
@@ -33,18 +34,20 @@ SHIFTS = {   # name: what severities 1 and 2 do
 }
 
 
-FONT_ROWS = ("fonts 1", "fonts 2")   # digits of held-out handwriting fonts, as scans and photos (fontdigits.py)
+FONT_ROWS = ("fonts 1", "fonts 2")  # digits of held-out handwriting fonts, as scans and photos (fontdigits.py)
 
 
 def suite(images, labels, classes):
     """(row, images, labels) of every case the suite scores: clean, each shift at each severity, and
     for digit models the held-out fonts' check sets at both severities, or a note saying how to
     install the fonts where none are. The fonts' images have their own labels."""
-    rows = [("clean", images, labels)] + [(f"{name} {s}", apply(name, images, s), labels)
-                                          for name in SHIFTS for s in SEVERITIES]
+    rows = [("clean", images, labels)] + [
+        (f"{name} {s}", apply(name, images, s), labels) for name in SHIFTS for s in SEVERITIES
+    ]
     note = None
     if list(classes) == list("0123456789"):
         import fontdigits
+
         held_out = fontdigits.split_fonts(fontdigits.find_fonts())[1]
         if held_out:
             for row in FONT_ROWS:
@@ -76,8 +79,9 @@ def _sign(gen, n, device):
 def _affine(x, a, b, c, d, tx=None, ty=None):
     """Sample x through the per-image affine map [[a, b, tx], [c, d, ty]] (output -> input, grid units)."""
     zero = torch.zeros_like(a)
-    theta = torch.stack([torch.stack([a, b, zero if tx is None else tx], 1),
-                         torch.stack([c, d, zero if ty is None else ty], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([a, b, zero if tx is None else tx], 1), torch.stack([c, d, zero if ty is None else ty], 1)], 1
+    )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 
@@ -95,7 +99,7 @@ def _shear(x, s, gen):
 
 def _offcentre(x, s, gen):
     direction = _uniform(gen, len(x), x.device, 0, 2 * math.pi)
-    pixels = (4, 7)[s] * 2 / x.shape[-1]   # grid units span 2
+    pixels = (4, 7)[s] * 2 / x.shape[-1]  # grid units span 2
     one = torch.ones_like(direction)
     return _affine(x, one, 0 * one, 0 * one, one, direction.cos() * pixels, direction.sin() * pixels)
 
@@ -104,6 +108,7 @@ def _scale(factor):
     def shift(x, s, gen):
         inv = torch.full((len(x),), 1 / factor[s], device=x.device)
         return _affine(x, inv, 0 * inv, 0 * inv, inv)
+
     return shift
 
 
@@ -129,6 +134,7 @@ def _inverted(x, s, gen):
     """Dark ink on white paper (severity 2: on grey paper, at lower contrast), then predict.py's
     preprocessing, one image at a time as predict.py does it."""
     from preprocess import to_mnist
+
     paper, ink = ((1.0, 0.0), (0.75, 0.3))[s]
     photos = paper + (ink - paper) * x
     return torch.stack([to_mnist(p[0].cpu()).to(x.device) for p in photos]).unsqueeze(1).float() / 255

@@ -10,6 +10,7 @@ Without --test, a seeded, stratified seventh of the data (as MNIST's 60,000/10,0
 `source.record` says which images, and a checkpoint keeps it, so evaluate.py scores the same ones.
 Every reader is bounded like the IDX reader and names the file, line or column of a bad input.
 """
+
 import os
 import warnings
 import zlib
@@ -19,8 +20,8 @@ import torch
 
 from data import DATASETS, MAX_BYTES, DataError, DatasetInfo, load_split, read_pair
 
-MAX_CSV_BYTES = 2 << 30   # Kaggle's train.csv is 73 MB, EMNIST ByClass written out as CSV about 1.2 GB
-CHUNK_CELLS = 8 << 20     # cells parsed at a time: 64 MB of int64 however long the file, not 8 bytes a cell
+MAX_CSV_BYTES = 2 << 30  # Kaggle's train.csv is 73 MB, EMNIST ByClass written out as CSV about 1.2 GB
+CHUNK_CELLS = 8 << 20  # cells parsed at a time: 64 MB of int64 however long the file, not 8 bytes a cell
 TEST_SHARE, TEST_SEED = 1 / 7, 12345
 MAX_CLASSES = 1000
 
@@ -28,11 +29,12 @@ MAX_CLASSES = 1000
 @dataclass
 class Source:
     """A dataset opened for training or evaluation."""
-    info: DatasetInfo      # name (a built-in name, or the absolute path), classes, rule for outside images
-    train: tuple           # (images uint8 [N, 1, 28, 28], labels int64 [N])
+
+    info: DatasetInfo  # name (a built-in name, or the absolute path), classes, rule for outside images
+    train: tuple  # (images uint8 [N, 1, 28, 28], labels int64 [N])
     test: tuple
-    record: dict           # how to find the same test images again: saved in the checkpoint's data record
-    note: str = ""         # said at the start of a run
+    record: dict  # how to find the same test images again: saved in the checkpoint's data record
+    note: str = ""  # said at the start of a run
 
 
 def open_dataset(spec, data_dir=None, test=None, record=None, device="cpu", strict=True):
@@ -43,16 +45,24 @@ def open_dataset(spec, data_dir=None, test=None, record=None, device="cpu", stri
     if spec in DATASETS:
         if test:
             raise DataError(f"--test is for your own data; {spec} has its own test split", 2)
-        return Source(DATASETS[spec], load_split(spec, "train", data_dir, device),
-                      load_split(spec, "test", data_dir, device), {"kind": "builtin"})
+        return Source(
+            DATASETS[spec],
+            load_split(spec, "train", data_dir, device),
+            load_split(spec, "test", data_dir, device),
+            {"kind": "builtin"},
+        )
     if not os.path.exists(spec):
-        raise DataError(f"unknown dataset {spec!r}: neither a built-in one ({', '.join(DATASETS)}) nor a file or "
-                        f"folder of that name", 2)
-    if not test and record and record.get("kind") == "file":   # trained beside --test PATH: score that set again,
-        test = record["path"]                                    # never a share of the images it trained on
+        raise DataError(
+            f"unknown dataset {spec!r}: neither a built-in one ({', '.join(DATASETS)}) nor a file or "
+            f"folder of that name",
+            2,
+        )
+    if not test and record and record.get("kind") == "file":  # trained beside --test PATH: score that set again,
+        test = record["path"]  # never a share of the images it trained on
         if not os.path.exists(test):
-            raise DataError(f"{test}, the test set the model was trained beside, is not there; pass --test PATH "
-                            f"where it is now", 2)
+            raise DataError(
+                f"{test}, the test set the model was trained beside, is not there; pass --test PATH where it is now", 2
+            )
     images, labels, classes, rule, own_test = read_any(spec)
     info = DatasetInfo(os.path.abspath(spec), None, tuple(classes), rule=rule)
     if test or own_test:
@@ -62,24 +72,39 @@ def open_dataset(spec, data_dir=None, test=None, record=None, device="cpu", stri
         else:
             test_images, test_labels = own_test
         note = f"test set {test}" if test else f"the test files of {spec}"
-        return Source(info, (images.to(device), labels.to(device)), (test_images.to(device), test_labels.to(device)),
-                      {"kind": "file", "path": os.path.abspath(test)} if test else {"kind": "own"}, note)
+        return Source(
+            info,
+            (images.to(device), labels.to(device)),
+            (test_images.to(device), test_labels.to(device)),
+            {"kind": "file", "path": os.path.abspath(test)} if test else {"kind": "own"},
+            note,
+        )
     fingerprint = {"count": len(labels), "labels_crc": zlib.crc32(labels.to(torch.uint8).numpy().tobytes())}
     same = bool(record) and record.get("kind") == "share" and {k: record.get(k) for k in fingerprint} == fingerprint
     if record and record.get("kind") == "share" and not same and strict:
-        raise DataError(f"{spec} holds other data than the model was trained on ({len(labels):,} images, not "
-                        f"{record.get('count')}); pass --dataset with that data, or --test with a labelled test set", 2)
+        raise DataError(
+            f"{spec} holds other data than the model was trained on ({len(labels):,} images, not "
+            f"{record.get('count')}); pass --dataset with that data, or --test with a labelled test set",
+            2,
+        )
     if same:
         held = record["indices"].long()
         note = f"the test split it was trained beside: {len(held):,} of {len(labels):,} images"
     else:
         held = stratified_share(labels, TEST_SHARE, TEST_SEED)
-        note = (f"test split: a stratified seventh of the data, {len(held):,} of {len(labels):,} images "
-                f"(seed {TEST_SEED}; recorded in the checkpoint)")
+        note = (
+            f"test split: a stratified seventh of the data, {len(held):,} of {len(labels):,} images "
+            f"(seed {TEST_SEED}; recorded in the checkpoint)"
+        )
     keep = torch.ones(len(labels), dtype=torch.bool)
     keep[held] = False
-    return Source(info, (images[keep].to(device), labels[keep].to(device)), (images[held].to(device),
-                  labels[held].to(device)), {"kind": "share", "indices": held.to(torch.int32), **fingerprint}, note)
+    return Source(
+        info,
+        (images[keep].to(device), labels[keep].to(device)),
+        (images[held].to(device), labels[held].to(device)),
+        {"kind": "share", "indices": held.to(torch.int32), **fingerprint},
+        note,
+    )
 
 
 def read_any(path):
@@ -87,8 +112,9 @@ def read_any(path):
     of IDX files or a folder of class folders."""
     if os.path.isfile(path):
         if not path.lower().endswith(".csv"):
-            raise DataError(f"{path} is not a .csv file; give a CSV, a folder of class folders or a folder of IDX "
-                            f"files", 2)
+            raise DataError(
+                f"{path} is not a .csv file; give a CSV, a folder of class folders or a folder of IDX files", 2
+            )
         pixels, labels, names = read_csv(path, need_labels=True)
         return (pixels, *numbered_classes(labels, names, path), "mnist", None)
     if idx_files(path):
@@ -105,7 +131,7 @@ def stratified_share(labels, share, seed):
     for k in labels.unique().tolist():
         members = (labels == k).nonzero().squeeze(1)
         members = members[torch.randperm(len(members), generator=gen)]
-        picked.append(members[:round(len(members) * share)])
+        picked.append(members[: round(len(members) * share)])
     return torch.cat(picked).sort().values
 
 
@@ -113,8 +139,10 @@ def remap(labels, names, classes, path):
     """LABELS (indices into NAMES) as indices into CLASSES, the training set's; a class it lacks is refused."""
     missing = sorted(set(names) - set(classes))
     if missing:
-        raise DataError(f"{path} has class {missing[0]!r}, which the training data does not have "
-                        f"({', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''})")
+        raise DataError(
+            f"{path} has class {missing[0]!r}, which the training data does not have "
+            f"({', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''})"
+        )
     table = torch.tensor([classes.index(n) for n in names], dtype=torch.long)
     return table[labels]
 
@@ -123,65 +151,71 @@ def remap(labels, names, classes, path):
 # CSV: a label column and N*N pixel columns (Kaggle's digit recognizer), or pixels only
 # ---------------------------------------------------------------------------------------------
 
+
 def read_csv(path, need_labels=False):
     """(pixels uint8 [N, 1, 28, 28], labels int64 [N] or None, class names or None) of a CSV file. The
     label column is the one a header names "label", or the first column without a header; a file whose
     header has no label column holds pixels only (Kaggle's test.csv). Images of other than 28x28
     pixels (N*N columns) are resized to 28x28. Names come from a classes.txt beside the file."""
     import numpy as np
+
     size = os.path.getsize(path)
     if size > MAX_CSV_BYTES:
         raise DataError(f"{path} is {size:,} bytes, far more than any MNIST-style set as CSV; give another file")
     with open(path, "rb") as f:
         raw = f.read()
     header, body, first_line = split_header(raw, path)
-    del raw   # the text is held once from here on
-    columns = header if header is not None else [str(i) for i in range(body[:body.find(b"\n")].count(b",") + 1)]
+    del raw  # the text is held once from here on
+    columns = header if header is not None else [str(i) for i in range(body[: body.find(b"\n")].count(b",") + 1)]
     label = next((i for i, name in enumerate(columns) if name.lower() == "label"), None)
     if header is None and (need_labels or not square(len(columns))):
         label = 0
     if need_labels and label is None:
-        raise DataError(f"{path} has no label column (its header starts {', '.join(columns[:3])}, ...); name it "
-                        f"'label', or drop the header and put the label first")
+        raise DataError(
+            f"{path} has no label column (its header starts {', '.join(columns[:3])}, ...); name it "
+            f"'label', or drop the header and put the label first"
+        )
     width = len(columns) - (label is not None)
     if not square(width):
-        raise DataError(f"{path} has {width} pixel columns, which is not a square number; an N x N image needs "
-                        f"N*N of them (784 for 28x28)")
+        raise DataError(
+            f"{path} has {width} pixel columns, which is not a square number; an N x N image needs "
+            f"N*N of them (784 for 28x28)"
+        )
     ends = line_ends(body, len(columns), first_line, path, np)
     pixels = torch.empty(len(ends), width, dtype=torch.uint8)
     labels = torch.empty(len(ends), dtype=torch.int64) if label is not None else None
     step = max(1, CHUNK_CELLS // len(columns))
     for lo in range(0, len(ends), step):
         hi = min(len(ends), lo + step)
-        text = body[0 if lo == 0 else int(ends[lo - 1]) + 1:int(ends[hi - 1])]
+        text = body[0 if lo == 0 else int(ends[lo - 1]) + 1 : int(ends[hi - 1])]
         table = parse_cells(text, hi - lo, columns, first_line + lo, path, np)
         if labels is not None:
             labels[lo:hi] = table[:, label]
-        part = torch.cat([table[:, :label], table[:, label + 1:]], 1) if label is not None else table
+        part = torch.cat([table[:, :label], table[:, label + 1 :]], 1) if label is not None else table
         check_range(part, labels[lo:hi] if labels is not None else None, columns, label, first_line + lo, path)
         pixels[lo:hi] = part
-    return to_images(pixels, int(width ** 0.5)), labels, class_names(path)
+    return to_images(pixels, int(width**0.5)), labels, class_names(path)
 
 
 def split_header(raw, path):
     """(header names or None, the data lines ending in a newline, the file line number of the first one)."""
-    if b"\r" in raw:   # Windows line ends
+    if b"\r" in raw:  # Windows line ends
         raw = raw.replace(b"\r\n", b"\n")
     if not raw or raw.isspace():
         raise DataError(f"{path} is empty; give a CSV with one image a line")
     last = len(raw)
-    while raw[last - 1] == 10:   # blank lines at the end carry nothing
+    while raw[last - 1] == 10:  # blank lines at the end carry nothing
         last -= 1
     end = raw.find(b"\n", 0, last)
     end = last if end < 0 else end
     first = raw[:end].decode("utf-8", "replace")
     start, line = (end + 1, 2) if any(c.isalpha() for c in first) else (0, 1)
-    body = raw[start:last + 1] if last < len(raw) else raw[start:] + b"\n"   # each line ends in one newline
+    body = raw[start : last + 1] if last < len(raw) else raw[start:] + b"\n"  # each line ends in one newline
     return ([name.strip().strip('"') for name in first.split(",")] if line == 2 else None), body, line
 
 
 def square(n):
-    return n > 0 and round(n ** 0.5) ** 2 == n
+    return n > 0 and round(n**0.5) ** 2 == n
 
 
 def line_ends(body, width, first_line, path, np):
@@ -192,12 +226,14 @@ def line_ends(body, width, first_line, path, np):
     if len(ends) == 0:
         return ends
     starts = np.concatenate([[0], ends[:-1] + 1])
-    per_line = np.add.reduceat(data == 44, starts, dtype=np.int32) + 1   # commas in each line, plus one
+    per_line = np.add.reduceat(data == 44, starts, dtype=np.int32) + 1  # commas in each line, plus one
     ragged = np.flatnonzero(per_line != width)
     if len(ragged):
         line = int(ragged[0])
-        raise DataError(f"{path} line {first_line + line} has {int(per_line[line])} cells, not {width} like the "
-                        f"{'header' if first_line == 2 else 'first line'}; fix or remove that line")
+        raise DataError(
+            f"{path} line {first_line + line} has {int(per_line[line])} cells, not {width} like the "
+            f"{'header' if first_line == 2 else 'first line'}; fix or remove that line"
+        )
     if len(ends) * width > MAX_BYTES:
         raise DataError(f"{path} holds {len(ends):,} rows, more than any MNIST-style set; give a smaller file")
     return ends
@@ -207,7 +243,7 @@ def parse_cells(text, rows, columns, first_line, path, np):
     """ROWS lines of whole numbers as an int64 table [ROWS, len(COLUMNS)], by numpy's C parser (a Python
     one takes a minute over Kaggle's 33 million cells); a cell that is no number gets its line named."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # numpy's deprecation of fromstring's text mode, still its fastest
+        warnings.simplefilter("ignore")  # numpy's deprecation of fromstring's text mode, still its fastest
         try:
             cells = np.fromstring(text.replace(b"\n", b","), dtype=np.int64, sep=",")
         except ValueError:
@@ -224,22 +260,31 @@ def first_bad_cell(body, columns, first_line, path):
             text = cell.strip().strip(b'"')
             if not text.isdigit():
                 shown = text.decode("utf-8", "replace")[:20]
-                return (f"{path} line {first_line + n}, column {name}: {shown!r} is not a whole number"
-                        if shown else f"{path} line {first_line + n}, column {name} is empty")
+                return (
+                    f"{path} line {first_line + n}, column {name}: {shown!r} is not a whole number"
+                    if shown
+                    else f"{path} line {first_line + n}, column {name} is empty"
+                )
     return f"{path} cannot be read as numbers; check that it is a CSV of whole numbers"
 
 
 def check_range(pixels, labels, columns, label, first_line, path):
     """One line naming the first pixel outside 0..255 or label below 0 (or absurdly large), if any."""
-    if len(pixels) and 0 <= pixels.min() and pixels.max() <= 255 and (
-            labels is None or (labels.min() >= 0 and labels.max() < 1_000_000)):
+    if (
+        len(pixels)
+        and 0 <= pixels.min()
+        and pixels.max() <= 255
+        and (labels is None or (labels.min() >= 0 and labels.max() < 1_000_000))
+    ):
         return
     bad = ((pixels < 0) | (pixels > 255)).nonzero()
     if len(bad):
         row, col = bad[0].tolist()
         col += label is not None and col >= label
-        raise DataError(f"{path} line {first_line + row}, column {columns[col]}: {int(pixels[bad[0][0], bad[0][1]])} "
-                        f"is outside the pixel range 0..255")
+        raise DataError(
+            f"{path} line {first_line + row}, column {columns[col]}: {int(pixels[bad[0][0], bad[0][1]])} "
+            f"is outside the pixel range 0..255"
+        )
     if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= 1_000_000):
         row = int(((labels < 0) | (labels >= 1_000_000)).nonzero()[0])
         raise DataError(f"{path} line {first_line + row}: label {int(labels[row])} is not a class number from 0")
@@ -274,14 +319,17 @@ def numbered_classes(labels, names, path):
         return labels, names
     values = labels.unique()
     if len(values) < 2 or len(values) > MAX_CLASSES:
-        raise DataError(f"{path} has {len(values)} distinct label{'s' * (len(values) != 1)}; a classifier needs "
-                        f"from 2 to {MAX_CLASSES}")
+        raise DataError(
+            f"{path} has {len(values)} distinct label{'s' * (len(values) != 1)}; a classifier needs "
+            f"from 2 to {MAX_CLASSES}"
+        )
     return torch.searchsorted(values, labels), [str(v) for v in values.tolist()]
 
 
 # ---------------------------------------------------------------------------------------------
 # Folders: IDX files with any classes, or one folder of images per class
 # ---------------------------------------------------------------------------------------------
+
 
 def idx_files(folder):
     """{(split, kind): path} of the IDX files in FOLDER: *train-images*, *train-labels*, *test- or
@@ -305,8 +353,11 @@ def read_idx_folder(folder):
     files = idx_files(folder)
     pairs = [s for s in ("train", "test") if (s, "images") in files and (s, "labels") in files]
     if not pairs:
-        raise DataError(f"{folder} holds no pair of IDX image and label files (*train-images-idx3-ubyte and "
-                        f"*train-labels-idx1-ubyte, .gz or not)", 2)
+        raise DataError(
+            f"{folder} holds no pair of IDX image and label files (*train-images-idx3-ubyte and "
+            f"*train-labels-idx1-ubyte, .gz or not)",
+            2,
+        )
     names = class_names(folder)
     info = DatasetInfo(folder, None, tuple(names or (str(k) for k in range(MAX_CLASSES))))
     splits = [read_pair(files[(s, "images")], files[(s, "labels")], info) for s in pairs]
@@ -322,10 +373,14 @@ def read_class_folders(folder):
     """(images, labels, class names) of a folder with one sub-folder of images per class, names sorted.
     Each image is brought to 28x28 by preprocess.fit_square: grey, its aspect kept, padded, resized."""
     from preprocess import FORMAT_NAMES, IMAGE_TYPES, fit_square, read_gray
+
     classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
     if len(classes) < 2:
-        raise DataError(f"{folder} holds {'only one class folder (' + classes[0] + ')' if classes else 'no class folders'}; "
-                        f"a classifier needs at least two, one sub-folder of images each", 2)
+        raise DataError(
+            f"{folder} holds {'only one class folder (' + classes[0] + ')' if classes else 'no class folders'}; "
+            f"a classifier needs at least two, one sub-folder of images each",
+            2,
+        )
     images, labels = [], []
     for k, name in enumerate(classes):
         sub = os.path.join(folder, name)
@@ -339,4 +394,3 @@ def read_class_folders(folder):
             images.append(fit_square(read_gray(os.path.join(sub, f))))
             labels.append(k)
     return torch.stack(images).unsqueeze(1), torch.tensor(labels), classes
-

@@ -6,6 +6,7 @@ recipe's flags. A run of a recipe whose flags have changed since stays in the fi
 tables. A run stopped part way (Ctrl-C, SIGTERM, a reboot) is resumed from its checkpoint by the same
 command; its wall time is then unknown and shows as "not timed".
 """
+
 import json
 import os
 import signal
@@ -16,16 +17,21 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)   # the toolkit's modules, for the scripts in this folder
+sys.path.insert(0, ROOT)  # the toolkit's modules, for the scripts in this folder
 
 import torch  # noqa: E402
 
-from cli import UserError, non_negative, positive, recipe_flags  # noqa: E402
+from cli import (  # noqa: E402
+    UserError,
+    non_negative,
+    positive,
+    recipe_flags,
+    write_text_atomic,  # noqa: E402
+)
 from device import machine  # noqa: E402
-from cli import write_text_atomic  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "results")
-QUICK_IMAGES = 512   # --quick: train and test on this many images, for one epoch
+QUICK_IMAGES = 512  # --quick: train and test on this many images, for one epoch
 
 
 def recipe_path(name):
@@ -42,12 +48,13 @@ def commands(recipes):
 # Running train.py
 # ---------------------------------------------------------------------------------------------
 
+
 def run_one(recipe, seed, out, opts, resume=True):
     """Train once; (final test accuracy, wall seconds to 0.1 s, epochs run). A run folder left by a stopped
     run of the same command is resumed rather than started over; its wall time is then None,
     because the stopped part was not timed."""
     common = ["--progress", "off", "--device", opts.device] + (["--data-dir", opts.data_dir] if opts.data_dir else [])
-    if opts.quick:   # argparse keeps the last value, so these override the recipe's own
+    if opts.quick:  # argparse keeps the last value, so these override the recipe's own
         common += ["--subset", str(QUICK_IMAGES), "--epochs", "1"]
     env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads)) if opts.threads else None
     flags = ["@" + recipe_path(recipe), "--seed", str(seed)]
@@ -76,9 +83,18 @@ def train(args, env):
     """Run train.py to the end. Ctrl-C and SIGTERM are passed on to it, once per signal, so it saves at
     the end of its step and exits; left to the terminal, subprocess.run would kill it a quarter second
     later, before it could save. (Pressed twice, Ctrl-C makes it quit at once.)"""
-    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    previous = {s: signal.signal(s, lambda signum, _: proc.send_signal(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    previous = {
+        s: signal.signal(s, lambda signum, _: proc.send_signal(signum)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         stdout, stderr = proc.communicate()
     finally:
@@ -96,13 +112,18 @@ def stamp(opts, out):
     --amp auto depends on the machine, so two runs of one recipe may differ in it)."""
     with open(os.path.join(out, "args.json")) as f:
         amp = json.load(f).get("amp", "off")
-    return {"machine": machine(opts.device), "torch": torch.__version__,
-            "threads": opts.threads or torch.get_num_threads(), "amp": amp}
+    return {
+        "machine": machine(opts.device),
+        "torch": torch.__version__,
+        "threads": opts.threads or torch.get_num_threads(),
+        "amp": amp,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # The record
 # ---------------------------------------------------------------------------------------------
+
 
 def read_runs(path):
     """Every run recorded in a results file, by 'row/kind', as written."""
@@ -149,16 +170,24 @@ def add_common_flags(p, what):
     p.add_argument("--results", default=RESULTS, help=f"folder for {what} and the runs' folders (default: results)")
     p.add_argument("--device", default="auto", help="passed to train.py (default: auto)")
     p.add_argument("--data-dir", help="passed to train.py (default: train.py's search)")
-    p.add_argument("--threads", type=positive(int), help="CPU threads per run (OMP_NUM_THREADS), recorded with each run; "
-                   "e.g. 1 to leave the other cores free (default: torch's own choice)")
-    p.add_argument("--quick", action="store_true", help="each command on 512 images for 1 epoch, into "
-                   "RESULTS/quick; checks that every command runs")
+    p.add_argument(
+        "--threads",
+        type=positive(int),
+        help="CPU threads per run (OMP_NUM_THREADS), recorded with each run; "
+        "e.g. 1 to leave the other cores free (default: torch's own choice)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="each command on 512 images for 1 epoch, into RESULTS/quick; checks that every command runs",
+    )
     p.add_argument("--table", action="store_true", help="only rebuild the table from the recorded runs")
 
 
 # ---------------------------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------------------------
+
 
 def publish(md, folder, name):
     """Print the table and write it to FOLDER/NAME and into FOLDER/README.md, the report, between the
@@ -182,8 +211,11 @@ def table_head(runs):
     and the CPU threads per run)."""
     machines = sorted({r.get("machine", "?") for r in runs if r.get("wall_s") is not None}) or [machine()]
     threads = sorted({r.get("threads", "?") for r in runs}, key=str)
-    named = (f"Machine: {machines[0]}" if len(machines) == 1 else
-             "Machines: " + "; ".join(f"[{i}] {name}" for i, name in enumerate(machines, 1)))
+    named = (
+        f"Machine: {machines[0]}"
+        if len(machines) == 1
+        else "Machines: " + "; ".join(f"[{i}] {name}" for i, name in enumerate(machines, 1))
+    )
     return machines, f"{named}; {'/'.join(map(str, threads))} CPU thread(s) per run."
 
 

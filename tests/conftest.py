@@ -1,6 +1,7 @@
 """Shared helpers: tiny synthetic IDX datasets, trained runs shared by the whole session, script
 runners, and disk snapshots. Tests marked `slow` start real processes or train for real; the quick
 tier is `python -m pytest -q -m "not slow"`."""
+
 import gzip
 import hashlib
 import os
@@ -37,11 +38,11 @@ def write_idx_set(folder, n_train=300, n_test=100, gz=False, seed=0, images=None
         x = torch.randint(0, 60, (n, 28, 28), generator=g) if images is None else images
         if images is None:
             for i, c in enumerate(y.tolist()):
-                x[i, 2 + 2 * c: 4 + 2 * c, 4:24] = 250
+                x[i, 2 + 2 * c : 4 + 2 * c, 4:24] = 250
         for kind, t, magic in (("images-idx3", x, 0x803), ("labels-idx1", y, 0x801)):
             path = os.path.join(folder, f"{split}-{kind}-ubyte" + (".gz" if gz else ""))
             data = idx_bytes(t, magic)
-            with (gzip.open(path, "wb") if gz else open(path, "wb")) as f:
+            with gzip.open(path, "wb") if gz else open(path, "wb") as f:
                 f.write(data)
     return folder
 
@@ -62,8 +63,23 @@ def synth_data(tmp_path_factory):
 def synth_run(synth_data, tmp_path_factory):
     """A `fast` model trained 3 epochs on the synthetic set with a validation split: (data, run folder)."""
     out = str(tmp_path_factory.mktemp("runs") / "synth")
-    code = main_of("train", ["--model", "fast", "--epochs", "3", "--val", "50", "--data-dir", synth_data,
-                             "--out", out, "--progress", "off"])
+    code = main_of(
+        "train",
+        [
+            "--model",
+            "fast",
+            "--epochs",
+            "3",
+            "--val",
+            "50",
+            "--data-dir",
+            synth_data,
+            "--out",
+            out,
+            "--progress",
+            "off",
+        ],
+    )
     assert code == 0
     return synth_data, out
 
@@ -73,8 +89,11 @@ def mnist_run(tmp_path_factory):
     """A real MNIST run of a few hundred steps: 300 steps of 128 images, tested on all 10,000.
     (run folder, what it printed)."""
     out = str(tmp_path_factory.mktemp("runs") / "mnist")
-    code, stdout, err = capture(lambda: main_of("train", ["--model", "cnn", "--epochs", "1", "--subset", "38400",
-                                                          "--out", out, "--progress", "off"]))
+    code, stdout, err = capture(
+        lambda: main_of(
+            "train", ["--model", "cnn", "--epochs", "1", "--subset", "38400", "--out", out, "--progress", "off"]
+        )
+    )
     assert code == 0, err
     return out, stdout
 
@@ -84,6 +103,7 @@ def main_of(module, argv):
     import importlib
 
     from cli import run
+
     return run(importlib.import_module(module).main, list(argv))
 
 
@@ -91,6 +111,7 @@ def capture(call):
     """(result, stdout, stderr) of call(), without pytest's capsys (usable in session fixtures)."""
     import contextlib
     import io
+
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         result = call()
@@ -108,8 +129,9 @@ def run_cli(args, cwd=ROOT, timeout=600, env=None):
     """Run a command line as a separate process: CompletedProcess with text output."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("MNIST_DEBUG", None)
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
 
 
 def snapshot(*folders):

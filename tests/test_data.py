@@ -1,4 +1,5 @@
 """Finding, parsing and validating IDX files; batches, splits, normalization and augmentation."""
+
 import gzip
 import os
 
@@ -31,13 +32,16 @@ def corrupt(folder, name, data_bytes):
         f.write(data_bytes)
 
 
-@pytest.mark.parametrize("case,make,message", [
-    ("truncated", lambda raw: raw[:-100], "is truncated"),
-    ("trailing", lambda raw: raw + b"\0" * 7, "trailing bytes"),
-    ("magic", lambda raw: b"\0\0\x08\x01" + raw[4:], "not an IDX image file"),
-    ("tiny", lambda raw: raw[:3], "only 3 bytes"),
-    ("size", lambda raw: raw[:8] + (32).to_bytes(4, "big") + raw[12:], "32x28 images"),
-])
+@pytest.mark.parametrize(
+    "case,make,message",
+    [
+        ("truncated", lambda raw: raw[:-100], "is truncated"),
+        ("trailing", lambda raw: raw + b"\0" * 7, "trailing bytes"),
+        ("magic", lambda raw: b"\0\0\x08\x01" + raw[4:], "not an IDX image file"),
+        ("tiny", lambda raw: raw[:3], "only 3 bytes"),
+        ("size", lambda raw: raw[:8] + (32).to_bytes(4, "big") + raw[12:], "32x28 images"),
+    ],
+)
 def test_corrupt_image_files_give_clear_errors(tmp_path, case, make, message):
     folder = write_idx_set(str(tmp_path / case), n_train=20, n_test=5)
     path = os.path.join(folder, "train-images-idx3-ubyte")
@@ -87,6 +91,7 @@ def test_a_gzip_bomb_is_refused_at_once(tmp_path, n_images, forge):
     after the promised bytes plus one; in well under a second and a few MB either way."""
     import time
     import tracemalloc
+
     path = str(tmp_path / "train-images-idx3-ubyte.gz")
     assert gzip_bomb(path, n_images, 2048, forge) < 3_000_000
     tracemalloc.start()
@@ -102,7 +107,7 @@ def test_a_gzip_bomb_is_refused_at_once(tmp_path, n_images, forge):
 def test_a_header_promising_too_much_is_refused_before_reading(tmp_path):
     path = str(tmp_path / "train-labels-idx1-ubyte")
     with open(path, "wb") as f:
-        f.write(data.LABEL_MAGIC.to_bytes(4, "big") + (2 ** 31).to_bytes(4, "big"))
+        f.write(data.LABEL_MAGIC.to_bytes(4, "big") + (2**31).to_bytes(4, "big"))
     with pytest.raises(DataError, match="claims 2,147,483,648 labels .*more than any"):
         read_idx(path, data.LABEL_MAGIC)
 
@@ -137,19 +142,20 @@ def test_batches_keep_the_last_batch_and_shuffle_reproducibly():
     assert len(Batches(x, y, 4, 0.0, 1.0, drop_last=True)) == 2
     first = torch.cat([yb for _, yb in b.epoch(0)])
     assert sorted(first.tolist()) == list(range(10)) and first.tolist() != list(range(10))
-    assert torch.equal(first, torch.cat([yb for _, yb in b.epoch(0)]))          # same seed, same order
-    assert not torch.equal(first, torch.cat([yb for _, yb in b.epoch(1)]))      # a new order each epoch
+    assert torch.equal(first, torch.cat([yb for _, yb in b.epoch(0)]))  # same seed, same order
+    assert not torch.equal(first, torch.cat([yb for _, yb in b.epoch(1)]))  # a new order each epoch
     resumed = torch.cat([yb for _, yb in b.epoch(0, start=1)])
-    assert torch.equal(resumed, first[4:])                                      # resume mid-epoch
+    assert torch.equal(resumed, first[4:])  # resume mid-epoch
     xb, yb = next(b.epoch(0))
-    assert torch.equal(xb[:, 0, 0, 0], yb.float())   # normalization with std 1/255 gives raw pixels
+    assert torch.equal(xb[:, 0, 0, 0], yb.float())  # normalization with std 1/255 gives raw pixels
 
 
 def test_ranks_split_each_global_batch():
     x, y = torch.zeros(10, 1, 28, 28, dtype=torch.uint8), torch.arange(10)
     whole = [yb for _, yb in Batches(x, y, 4, 0, 1, shuffle=True, seed=1).epoch(2)]
-    parts = [[yb for _, yb in Batches(x, y, 4, 0, 1, shuffle=True, seed=1, rank=r, world_size=2).epoch(2)]
-             for r in range(2)]
+    parts = [
+        [yb for _, yb in Batches(x, y, 4, 0, 1, shuffle=True, seed=1, rank=r, world_size=2).epoch(2)] for r in range(2)
+    ]
     for w, a, b in zip(whole, *parts):
         assert torch.equal(torch.cat([a, b]), w)
 
@@ -179,7 +185,7 @@ def test_augment_is_seeded_and_keeps_shapes():
     assert a.min() >= 0 and a.max() <= 1
     blank = Augment(0, 0, 0, erase=1.0)(torch.ones(8, 1, 28, 28), torch.Generator().manual_seed(0))
     erased = (blank == 0).float().mean((1, 2, 3))
-    assert ((erased > 0.01) & (erased < 0.4)).all()   # every image lost one box of 2-33 %
+    assert ((erased > 0.01) & (erased < 0.4)).all()  # every image lost one box of 2-33 %
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.float64, 1e-12)])
@@ -217,6 +223,7 @@ def test_stats_cli(capsys, synth):
 def test_data_imports_without_torchvision_at_start():
     import subprocess
     import sys
+
     code = "import sys, data; print('torchvision' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=data.HERE, capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr

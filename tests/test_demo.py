@@ -5,6 +5,7 @@ headless Chromium (slow; skipped without selenium, chromium and chromedriver).
 
 MNIST_DEMO_SCREENSHOT=docs/demo.png python -m pytest -q tests/test_demo.py -k browser
 redraws the screenshot of the README."""
+
 import base64
 import contextlib
 import http.client
@@ -65,12 +66,14 @@ def server(classifier):
 def digits():
     """The first eight MNIST test digits as PNG bytes, with their labels."""
     from data import load_split
+
     images, labels = load_split("mnist", "test")
     return [(png(images[i, 0].numpy()), str(int(labels[i]))) for i in range(8)]
 
 
 def png(array, kind="PNG"):
     from PIL import Image
+
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, kind)
     return buffer.getvalue()
@@ -78,11 +81,14 @@ def png(array, kind="PNG"):
 
 def png_declaring(width, height):
     """A PNG whose header declares width x height pixels, holding almost no data: a decompression bomb."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)   # 8-bit grayscale
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def call(base, path, method="GET", body=None, headers=None):
@@ -102,8 +108,11 @@ def predict(base, body, content_type="image/png", **headers):
     return status, json.loads(data)
 
 
-PAGE = {"/": ("index.html", "text/html; charset=utf-8"), "/demo.js": ("demo.js", "text/javascript; charset=utf-8"),
-        "/demo.css": ("demo.css", "text/css; charset=utf-8")}
+PAGE = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/demo.js": ("demo.js", "text/javascript; charset=utf-8"),
+    "/demo.css": ("demo.css", "text/css; charset=utf-8"),
+}
 
 
 def test_the_page_is_its_files_and_fetches_nothing_from_elsewhere(server):
@@ -128,6 +137,7 @@ def test_the_page_is_its_files_and_fetches_nothing_from_elsewhere(server):
 def shipped_about():
     """The line the page shows for weights/mnist.pt, from the accuracy its record holds."""
     import torch
+
     ckpt = torch.load(os.path.join(ROOT, "weights", "mnist.pt"), map_location="cpu", weights_only=True)
     return f"cnn from mnist.pt, {ckpt['history'][-1]['test_acc']:.2f} % on the MNIST test set"
 
@@ -135,14 +145,20 @@ def shipped_about():
 def test_the_config_gives_the_page_its_settings(server):
     status, headers, body = call(server, "/config")
     assert status == 200 and headers["Content-Type"] == "application/json"
-    assert json.loads(body) == {"about": shipped_about(),
-                                "hint": "Draw a digit, or upload a photo of one.",
-                                "classes": [str(i) for i in range(10)], "max_body": 2 * 1024 * 1024, "top": 5,
-                                "accept": list(demo.MIME_TYPES), "formats": demo.FORMAT_NAMES}
+    assert json.loads(body) == {
+        "about": shipped_about(),
+        "hint": "Draw a digit, or upload a photo of one.",
+        "classes": [str(i) for i in range(10)],
+        "max_body": 2 * 1024 * 1024,
+        "top": 5,
+        "accept": list(demo.MIME_TYPES),
+        "formats": demo.FORMAT_NAMES,
+    }
 
 
 def test_real_mnist_digits_are_read(server, digits):
     from PIL import Image
+
     for body, label in digits:
         status, answer = predict(server, body)
         assert status == 200, answer
@@ -151,12 +167,13 @@ def test_real_mnist_digits_are_read(server, digits):
         assert len(probs) == 5 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0001
     prefix = "data:image/png;base64,"
     assert answer["input"].startswith(prefix)
-    assert Image.open(io.BytesIO(base64.b64decode(answer["input"][len(prefix):]))).size == (28, 28)
+    assert Image.open(io.BytesIO(base64.b64decode(answer["input"][len(prefix) :]))).size == (28, 28)
 
 
 def test_a_photo_of_dark_ink_on_paper_is_read(server, digits):
     """A JPEG of a digit, four times MNIST's size, dark on light: what a phone or a scanner gives."""
     from PIL import Image, ImageOps
+
     image = ImageOps.invert(Image.open(io.BytesIO(digits[0][0]))).resize((112, 112), Image.BICUBIC)
     status, answer = predict(server, png(np.asarray(image), "JPEG"), "image/jpeg")
     assert status == 200 and answer["top"][0]["label"] == digits[0][1]
@@ -168,7 +185,7 @@ def test_a_blank_canvas_gets_a_hint(server):
 
 
 def refused(base, path, method, body, headers, status, words):
-    if method == "POST":   # an image's type, so that each case meets the check it is about
+    if method == "POST":  # an image's type, so that each case meets the check it is about
         headers = {"Content-Type": "image/png", **headers}
     started = time.perf_counter()
     got, answer_headers, data = call(base, path, method, body, headers)
@@ -205,7 +222,7 @@ def test_bad_requests_get_4xx_json_and_the_server_carries_on(server, digits, cas
     headers, elapsed = refused(server, *BAD[case])
     if BAD[case][4] == 405:
         assert headers["Allow"] in ("POST", "GET, HEAD")
-    assert elapsed < 2   # a bomb is refused from its header, before any pixel is decoded
+    assert elapsed < 2  # a bomb is refused from its header, before any pixel is decoded
     status, answer = predict(server, digits[0][0])
     assert status == 200 and answer["top"][0]["label"] == digits[0][1]
 
@@ -215,10 +232,15 @@ def test_a_body_without_a_length_gets_411(server, digits):
     chunked body announced in the headers (the server answers before any chunk arrives, so the test
     sends none: sending them raced with the server closing the connection)."""
     host, port = server.rsplit("/", 1)[1].split(":")
-    for send in (lambda c: (c.putrequest("POST", "/predict"), c.putheader("Content-Type", "image/png"),
-                            c.endheaders()),
-                 lambda c: (c.putrequest("POST", "/predict"), c.putheader("Content-Type", "image/png"),
-                            c.putheader("Transfer-Encoding", "chunked"), c.endheaders())):
+    for send in (
+        lambda c: (c.putrequest("POST", "/predict"), c.putheader("Content-Type", "image/png"), c.endheaders()),
+        lambda c: (
+            c.putrequest("POST", "/predict"),
+            c.putheader("Content-Type", "image/png"),
+            c.putheader("Transfer-Encoding", "chunked"),
+            c.endheaders(),
+        ),
+    ):
         connection = http.client.HTTPConnection(host, int(port), timeout=10)
         try:
             send(connection)
@@ -232,6 +254,7 @@ def test_a_body_without_a_length_gets_411(server, digits):
 def test_an_unexpected_error_costs_one_request_only(server, classifier, digits, monkeypatch):
     def broken(body):
         raise RuntimeError("a bug")
+
     monkeypatch.setattr(classifier, "predict", broken)
     status, answer = predict(server, digits[0][0])
     assert status == 500 and "unexpected RuntimeError" in answer["error"]
@@ -256,12 +279,21 @@ def test_a_port_in_use_is_one_line(capsys):
         holder.listen()
         port = holder.getsockname()[1]
         code, out, err = run_script("demo", ["--port", str(port)], capsys)
-    assert code == 1 and err == f"demo.py: error: port {port} on 127.0.0.1 is already in use; stop what holds " \
-                                 f"it or pick another with --port\n"
+    assert (
+        code == 1
+        and err
+        == f"demo.py: error: port {port} on 127.0.0.1 is already in use; stop what holds "
+        f"it or pick another with --port\n"
+    )
 
 
-@pytest.mark.parametrize("argv, words", [(["--port", "70000"], "invalid port number (0-65535) value: '70000'"),
-                                         (["--ckpt", "nowhere.pt"], "checkpoint nowhere.pt does not exist")])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--port", "70000"], "invalid port number (0-65535) value: '70000'"),
+        (["--ckpt", "nowhere.pt"], "checkpoint nowhere.pt does not exist"),
+    ],
+)
 def test_bad_command_lines_are_one_line(capsys, argv, words):
     code, out, err = run_script("demo", argv, capsys)
     assert code == 2 and words in err and err.count("\n") == 1
@@ -269,8 +301,14 @@ def test_bad_command_lines_are_one_line(capsys, argv, words):
 
 @pytest.mark.slow
 def test_the_command_prints_its_address_serves_and_stops_on_ctrl_c():
-    process = subprocess.Popen([sys.executable, "demo.py", "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(
+        [sys.executable, "demo.py", "--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         line = process.stdout.readline()
         assert line.startswith("serving cnn (mnist.pt) on http://127.0.0.1:"), line
@@ -287,6 +325,7 @@ def test_the_command_prints_its_address_serves_and_stops_on_ctrl_c():
 # ---------------------------------------------------------------------------------------------
 # What the server guards against, over real sockets
 # ---------------------------------------------------------------------------------------------
+
 
 def raw_request(port, data, timeout=5, send_buffer=None):
     """Send data over a fresh connection and read until the server closes it: (status, headers, body)."""
@@ -315,7 +354,7 @@ def test_predict_takes_images_only(server, digits):
         answer = json.loads(data)
         assert status == 415 and "image/png, image/jpeg" in answer["error"], answer
         assert answer["accepted"] == list(demo.MIME_TYPES)
-    status, answer = predict(server, digits[0][0], "IMAGE/PNG; charset=binary")   # parameters and case aside
+    status, answer = predict(server, digits[0][0], "IMAGE/PNG; charset=binary")  # parameters and case aside
     assert status == 200 and answer["top"][0]["label"] == digits[0][1]
 
 
@@ -325,7 +364,7 @@ def test_a_request_from_another_sites_page_gets_403(server, digits):
         for path, method, body in (("/predict", "POST", digits[0][0]), ("/", "GET", None), ("/config", "GET", None)):
             status, _, data = call(server, path, method, body, {"Content-Type": "image/png", "Origin": origin})
             assert status == 403 and "not one from" in json.loads(data)["error"], (origin, path)
-    status, answer = predict(server, digits[0][0], Origin=f"http://127.0.0.1:{port}")   # its own page
+    status, answer = predict(server, digits[0][0], Origin=f"http://127.0.0.1:{port}")  # its own page
     assert status == 200 and answer["top"][0]["label"] == digits[0][1]
 
 
@@ -334,8 +373,13 @@ def test_a_foreign_host_gets_421_from_a_loopback_server(server, digits):
     port = server.rsplit(":", 1)[1]
     for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}", "0.0.0.0", "[::2]"):
         for path, method in (("/", "GET"), ("/demo.js", "GET"), ("/predict", "POST"), ("/nowhere", "GET")):
-            status, _, data = call(server, path, method, digits[0][0] if method == "POST" else None,
-                                   {"Host": host, "Content-Type": "image/png"})
+            status, _, data = call(
+                server,
+                path,
+                method,
+                digits[0][0] if method == "POST" else None,
+                {"Host": host, "Content-Type": "image/png"},
+            )
             assert status == 421 and "127.0.0.1 or localhost only" in json.loads(data)["error"], (host, path)
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}", f"[::1]:{port}", "127.1.2.3"):
         assert call(server, "/", headers={"Host": host})[0] == 200, host
@@ -348,7 +392,7 @@ def test_every_answer_carries_a_strict_content_security_policy(server, digits):
     answers["POST /predict"] = call(server, "/predict", "POST", digits[0][0], {"Content-Type": "image/png"})[:2]
     answers["415"] = call(server, "/predict", "POST", b"x", {"Content-Type": "text/plain"})[:2]
     answers["421"] = call(server, "/", headers={"Host": "evil.example"})[:2]
-    answers["BREW"] = raw_request(port, b"BREW / HTTP/1.0\r\n\r\n")[:2]   # refused by http.server itself
+    answers["BREW"] = raw_request(port, b"BREW / HTTP/1.0\r\n\r\n")[:2]  # refused by http.server itself
     assert [status for status, _ in answers.values()] == [200] * 4 + [404, 405, 200, 200, 415, 421, 501]
     for name, (_, headers) in answers.items():
         headers = {k.lower(): v for k, v in headers.items()}
@@ -369,7 +413,7 @@ def test_idle_connections_cannot_keep_out_a_real_request(classifier, digits):
             status, answer = predict(base, digits[0][0])
             assert status == 200 and answer["top"][0]["label"] == digits[0][1]
             assert time.perf_counter() - started < 3
-            assert idle[0].recv(1) == b""   # the oldest, closed by the server
+            assert idle[0].recv(1) == b""  # the oldest, closed by the server
             assert len([c for c in srv.connections.values() if not c.cut]) <= demo.Limits().connections
         finally:
             for s in idle:
@@ -393,14 +437,16 @@ def cut_off_after(s, byte, within):
 def test_a_slow_client_is_cut_off_at_its_deadline(classifier):
     """Its headers, then its body, trickling in: a per-recv timeout (30 s) would never fire."""
     with serving(classifier, header_seconds=0.2, body_seconds=0.2) as (srv, base):
-        starts = {b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ": b"x",
-                  b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
-                  b"Content-Length: 1000\r\n\r\n": b"\0"}
+        starts = {
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ": b"x",
+            b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 1000\r\n\r\n": b"\0",
+        }
         for start, byte in starts.items():
             with socket.create_connection(("127.0.0.1", srv.server_port), timeout=5) as s:
                 s.sendall(start)
                 assert 0.15 < cut_off_after(s, byte, within=3) < 1.5
-        assert call(base, "/")[0] == 200   # and it still serves
+        assert call(base, "/")[0] == 200  # and it still serves
 
 
 def test_an_oversize_upload_is_drained_so_that_the_client_reads_413(server):
@@ -409,15 +455,16 @@ def test_an_oversize_upload_is_drained_so_that_the_client_reads_413(server):
     connection (the client's send fails, and the answer is lost)."""
     port = int(server.rsplit(":", 1)[1])
     size = 3 * 1024 * 1024
-    request = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/png\r\n"
-               f"Content-Length: {size}\r\n\r\n").encode() + b"\0" * size
+    request = (
+        f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/png\r\nContent-Length: {size}\r\n\r\n"
+    ).encode() + b"\0" * size
     status, _, body = raw_request(port, request, send_buffer=64 * 1024)
     assert status == 413 and "3,145,728 bytes" in json.loads(body)["error"]
 
 
 def test_inferences_beyond_the_limit_get_503_with_retry_after(classifier, digits):
     with serving(classifier, inferences=1) as (srv, base):
-        assert srv.inferences.acquire(blocking=False)   # as an inference in progress would
+        assert srv.inferences.acquire(blocking=False)  # as an inference in progress would
         status, headers, data = call(base, "/predict", "POST", digits[0][0], {"Content-Type": "image/png"})
         assert status == 503 and headers["Retry-After"] == "1" and "try again" in json.loads(data)["error"]
         srv.inferences.release()
@@ -437,7 +484,7 @@ def test_a_full_server_answers_503_when_every_connection_is_busy(classifier, dig
             while not any(c.phase == "busy" for c in list(srv.connections.values())):
                 assert time.perf_counter() < deadline
                 time.sleep(0.01)
-            status, headers, body = raw_request(srv.server_port, b"")   # answered as soon as it connects
+            status, headers, body = raw_request(srv.server_port, b"")  # answered as soon as it connects
             assert status == 503 and headers["retry-after"] == "1" and "busy" in json.loads(body)["error"]
             assert "frame-ancestors 'none'" in headers["content-security-policy"]
         finally:
@@ -456,7 +503,7 @@ def test_log_lines_escape_control_characters_and_non_ascii(classifier, capsys):
 def test_a_server_reachable_from_elsewhere_warns_and_takes_any_host(classifier, capsys):
     with serving(classifier, quiet=False):
         pass
-    assert capsys.readouterr().err == ""   # loopback: no warning
+    assert capsys.readouterr().err == ""  # loopback: no warning
     with serving(classifier, host="0.0.0.0", quiet=False) as (_, base):
         assert call(base, "/", headers={"Host": "demo.example"})[0] == 200
     err = capsys.readouterr().err
@@ -467,6 +514,7 @@ def test_a_server_reachable_from_elsewhere_warns_and_takes_any_host(classifier, 
 # ---------------------------------------------------------------------------------------------
 # A real browser
 # ---------------------------------------------------------------------------------------------
+
 
 def chrome(width, height):
     """Headless Chromium under Selenium, or a skip that says what to install."""
@@ -481,14 +529,21 @@ def chrome(width, height):
         pytest.skip("chromium or chromedriver is not installed (apt-get install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 "--force-device-scale-factor=1"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--force-device-scale-factor=1",
+    ):
         options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})   # to see what the CSP blocked
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to see what the CSP blocked
     browser = webdriver.Chrome(options=options, service=Service(executable_path=driver))
     # The viewport itself, which --window-size leaves smaller by whatever the headless frame takes.
-    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+    )
     return browser
 
 
@@ -500,6 +555,7 @@ def settled(browser):
 def draw(browser, pad, points):
     """One stroke through points given from the pad's centre, with the mouse (pointer events)."""
     from selenium.webdriver.common.action_chains import ActionChains
+
     actions = ActionChains(browser, duration=20).move_to_element_with_offset(pad, *points[0]).click_and_hold()
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
         for _ in range(6):
@@ -509,18 +565,19 @@ def draw(browser, pad, points):
 
 @pytest.mark.slow
 def test_a_digit_drawn_in_a_real_browser_is_read(server, digits, tmp_path):
-    browser = chrome(760, 500)   # first: it skips when selenium or chromium is missing
+    browser = chrome(760, 500)  # first: it skips when selenium or chromium is missing
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+
     try:
         browser.get(server + "/")
         pad = browser.find_element(By.ID, "pad")
         status = browser.find_element(By.ID, "status")
-        WebDriverWait(browser, 10).until(lambda b: status.text)   # the hint, once /config has answered
+        WebDriverWait(browser, 10).until(lambda b: status.text)  # the hint, once /config has answered
         assert status.text == "Draw a digit, or upload a photo of one."
         assert browser.find_element(By.ID, "about").text == shipped_about()
         assert browser.find_element(By.ID, "classes").text == "Classes: " + " · ".join(map(str, range(10)))
-        draw(browser, pad, [(-72, -84), (72, -84), (-12, 96)])   # a seven: the bar, then down to the left
+        draw(browser, pad, [(-72, -84), (72, -84), (-12, 96)])  # a seven: the bar, then down to the left
         WebDriverWait(browser, 20).until(settled)
         labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#bars .row .label")]
         assert labels[:1] == ["7"], labels
@@ -544,6 +601,7 @@ def test_a_digit_drawn_in_a_real_browser_is_read(server, digits, tmp_path):
         # The picker offers what the server reads. Chrome cannot draw a TIFF, so the page sends it as it
         # is and shows the server's reading; a file of another type gets one line.
         from PIL import Image
+
         assert browser.find_element(By.ID, "file").get_attribute("accept") == ",".join(demo.MIME_TYPES)
         Image.open(io.BytesIO(digits[3][0])).save(tmp_path / "digit.tif")
         browser.find_element(By.ID, "file").send_keys(str(tmp_path / "digit.tif"))
@@ -562,5 +620,6 @@ def test_a_digit_drawn_in_a_real_browser_is_read(server, digits, tmp_path):
 def screenshot(browser, path):
     """The window as a palette PNG: the page's few flat colours keep it small."""
     from PIL import Image
+
     image = Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB")
     image.quantize(64, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)

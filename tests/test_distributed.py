@@ -1,4 +1,5 @@
 """train.py under torchrun: two CPU processes (gloo) compute what one process computes."""
+
 import os
 import re
 import subprocess
@@ -7,17 +8,39 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, write_idx_set
 from cli import read_log
+from conftest import ROOT, run_cli, write_idx_set
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in"),
+]
 
 # Plain SGD on a model with neither BatchNorm nor dropout: the only per-rank state is the batch,
 # so two ranks averaging their shares' gradients must step like one process. In fp32 (bf16 would
 # round the two differently) on the CPU (gloo, even beside a GPU).
-SGD = ["--model", "cnn", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0", "--scheduler", "none",
-       "--batch-size", "50", "--seed", "4", "--progress", "off", "--device", "cpu", "--amp", "off"]
+SGD = [
+    "--model",
+    "cnn",
+    "--optimizer",
+    "sgd",
+    "--lr",
+    "0.05",
+    "--momentum",
+    "0",
+    "--scheduler",
+    "none",
+    "--batch-size",
+    "50",
+    "--seed",
+    "4",
+    "--progress",
+    "off",
+    "--device",
+    "cpu",
+    "--amp",
+    "off",
+]
 # torchrun gives each rank one thread; the single process gets one too, so that both run the same kernels.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 # What still differs: each rank sums its convolution's weight gradient over its 25 images and the two
@@ -31,9 +54,14 @@ ATOL = 2e-5
 def torchrun(args, nproc=2):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD}
     env.pop("MNIST_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={nproc}", "train.py", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +85,7 @@ def weights(out):
 def test_outputs_are_written_once_and_load(ddp_run):
     out, stdout = ddp_run
     assert "x 2 processes (gloo)" in stdout
-    assert stdout.count("done: test accuracy") == 1          # only rank 0 prints
+    assert stdout.count("done: test accuracy") == 1  # only rank 0 prints
     rows = read_log(os.path.join(out, "log.csv"))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     ckpt = weights(out)
@@ -95,8 +123,9 @@ def test_resume_under_torchrun_continues_the_run(ddp_run, data, tmp_path):
     a, b = weights(ddp_run[0]), weights(out)
     for name, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][name], value, rtol=1e-4, atol=ATOL, msg=name)
-    assert [r["test_acc"] for r in read_log(os.path.join(out, "log.csv"))] == \
-           [r["test_acc"] for r in read_log(os.path.join(ddp_run[0], "log.csv"))]
+    assert [r["test_acc"] for r in read_log(os.path.join(out, "log.csv"))] == [
+        r["test_acc"] for r in read_log(os.path.join(ddp_run[0], "log.csv"))
+    ]
 
 
 def test_an_error_stops_every_rank_with_one_message(data, tmp_path):

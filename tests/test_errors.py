@@ -1,5 +1,6 @@
 """Bad input is normal input: each case gives one clear line on stderr, the right exit code
 (2: the command line is wrong, 1: a file or the run is), no traceback, and no change on disk."""
+
 import os
 import types
 
@@ -34,8 +35,23 @@ def files(tmp_path_factory):
     f = types.SimpleNamespace(tmp=str(tmp))
     f.synth = write_idx_set(str(tmp / "synth"), n_train=200, n_test=50)
     f.run = str(tmp / "run")
-    code = run(__import__("train").main, ["--model", "convnet", "--dropout", "0.1", "--epochs", "1",
-                                          "--data-dir", f.synth, "--out", f.run, "--progress", "off"])
+    code = run(
+        __import__("train").main,
+        [
+            "--model",
+            "convnet",
+            "--dropout",
+            "0.1",
+            "--epochs",
+            "1",
+            "--data-dir",
+            f.synth,
+            "--out",
+            f.run,
+            "--progress",
+            "off",
+        ],
+    )
     assert code == 0
     f.ckpt = os.path.join(f.run, "last.pt")
     ckpt = torch.load(f.ckpt, weights_only=True)
@@ -51,12 +67,17 @@ def files(tmp_path_factory):
 
     raw = open(os.path.join(f.synth, "train-images-idx3-ubyte"), "rb").read()
     f.truncated = variant("truncated", lambda d: rewrite(d, "train-images-idx3-ubyte", raw[:5000]))
-    f.magic = variant("magic", lambda d: [rewrite(d, f"{split}-images-idx3-ubyte", b"\0\0\x08\x02" + raw[4:])
-                                          for split in ("train", "t10k")])
-    f.counts = variant("counts", lambda d: rewrite(d, "train-labels-idx1-ubyte",
-                                                   idx_bytes(torch.zeros(29, dtype=torch.uint8), 0x801)))
-    f.labels = variant("labels", lambda d: rewrite(d, "train-labels-idx1-ubyte",
-                                                   idx_bytes(torch.full((30,), 10, dtype=torch.uint8), 0x801)))
+    f.magic = variant(
+        "magic",
+        lambda d: [rewrite(d, f"{split}-images-idx3-ubyte", b"\0\0\x08\x02" + raw[4:]) for split in ("train", "t10k")],
+    )
+    f.counts = variant(
+        "counts", lambda d: rewrite(d, "train-labels-idx1-ubyte", idx_bytes(torch.zeros(29, dtype=torch.uint8), 0x801))
+    )
+    f.labels = variant(
+        "labels",
+        lambda d: rewrite(d, "train-labels-idx1-ubyte", idx_bytes(torch.full((30,), 10, dtype=torch.uint8), 0x801)),
+    )
     f.empty = str(tmp / "empty.pt")
     open(f.empty, "wb").close()
     f.cut = str(tmp / "cut.pt")
@@ -79,6 +100,7 @@ def files(tmp_path_factory):
     f.file = str(tmp / "a-file")
     rewrite(str(tmp), "a-file", b"x")
     from PIL import Image
+
     f.blank = str(tmp / "blank.png")
     Image.new("L", (64, 64), 255).save(f.blank)
     f.dot = str(tmp / "dot.png")
@@ -87,9 +109,9 @@ def files(tmp_path_factory):
     rewrite(str(tmp), "photo.png", b"this is text with a .png name")
     f.no_images = str(tmp / "no-images")
     os.makedirs(f.no_images)
-    f.copy = str(tmp / "copy.pt")   # a run's last.pt copied out of its folder
+    f.copy = str(tmp / "copy.pt")  # a run's last.pt copied out of its folder
     rewrite(str(tmp), "copy.pt", open(f.ckpt, "rb").read())
-    f.slim = os.path.join(ROOT, "weights", "mnist.pt")   # shipped weights: no optimizer state
+    f.slim = os.path.join(ROOT, "weights", "mnist.pt")  # shipped weights: no optimizer state
     return f
 
 
@@ -115,19 +137,45 @@ CASES = [
     ("text lr", T, lambda f: ["--lr", "fast"], 2, r"--lr: expected a positive float"),
     ("negative val", T, lambda f: ["--val", "-5"], 2, r"--val: must be 0 or more"),
     ("text val", T, lambda f: ["--val", "some"], 2, r"--val: expected a number"),
-    ("val too large", T, lambda f: ["--data-dir", f.synth, "--val", "200", *TRAIN], 2,
-     r"--val 200 leaves nothing to train on: the training set has 200 images"),
-    ("missing data dir", T, lambda f: ["--data-dir", f.tmp + "/nowhere", *TRAIN], 2,
-     r"--data-dir .*nowhere does not exist"),
+    (
+        "val too large",
+        T,
+        lambda f: ["--data-dir", f.synth, "--val", "200", *TRAIN],
+        2,
+        r"--val 200 leaves nothing to train on: the training set has 200 images",
+    ),
+    (
+        "missing data dir",
+        T,
+        lambda f: ["--data-dir", f.tmp + "/nowhere", *TRAIN],
+        2,
+        r"--data-dir .*nowhere does not exist",
+    ),
     ("truncated idx", T, lambda f: ["--data-dir", f.truncated, *TRAIN], 1, r"is truncated: its header promises 200"),
     ("wrong magic", T, lambda f: ["--data-dir", f.magic, *TRAIN], 1, r"not an IDX image file \(magic number 00000802"),
     ("count mismatch", T, lambda f: ["--data-dir", f.counts, *TRAIN], 1, r"30 images but .* 29 labels"),
-    ("label out of range", T, lambda f: ["--data-dir", f.labels, *TRAIN], 1, r"label 10, but mnist has only 10 classes"),
-    ("unwritable out", T, lambda f: ["--data-dir", f.synth, "--out", f.file + "/run", *TRAIN], 1,
-     r"cannot write to --out .*a-file/run"),
+    (
+        "label out of range",
+        T,
+        lambda f: ["--data-dir", f.labels, *TRAIN],
+        1,
+        r"label 10, but mnist has only 10 classes",
+    ),
+    (
+        "unwritable out",
+        T,
+        lambda f: ["--data-dir", f.synth, "--out", f.file + "/run", *TRAIN],
+        1,
+        r"cannot write to --out .*a-file/run",
+    ),
     ("out is a file", T, lambda f: ["--data-dir", f.synth, "--out", f.file, *TRAIN], 2, r"is a file, not a folder"),
-    ("out holds a run", T, lambda f: ["--data-dir", f.synth, "--out", f.run, *TRAIN], 2,
-     r"already holds a run \(last.pt.*pass --resume .* --overwrite"),
+    (
+        "out holds a run",
+        T,
+        lambda f: ["--data-dir", f.synth, "--out", f.run, *TRAIN],
+        2,
+        r"already holds a run \(last.pt.*pass --resume .* --overwrite",
+    ),
     ("resume missing", T, lambda f: ["--resume", f.tmp + "/gone.pt"], 2, r"checkpoint .*gone.pt does not exist"),
     ("resume folder without ckpt", T, lambda f: ["--resume", f.synth], 2, r"holds no last.pt"),
     ("resume empty", T, lambda f: ["--resume", f.empty], 1, r"is empty \(0 bytes\)"),
@@ -137,17 +185,43 @@ CASES = [
     ("resume older format", T, lambda f: ["--resume", f.older], 1, r"format 0, which predates"),
     ("resume unknown model", T, lambda f: ["--resume", f.foreign], 1, r"model 'resnet9000', which this toolkit"),
     ("resume malicious", T, lambda f: ["--resume", f.evil], 1, r"refusing to load .*pickled Python objects"),
-    ("resume changed model", T, lambda f: ["--resume", f.run, "--model", "tiny"], 2,
-     r"trained with --model convnet, not tiny"),
-    ("resume changed dropout", T, lambda f: ["--resume", f.run, "--dropout", "0.5"], 2,
-     r"trained with --dropout 0.1, not 0.5"),
-    ("resume a copy in place", T, lambda f: ["--resume", f.copy], 2,
-     r"copy.pt is not the last.pt of its own run folder .* continue it in a new folder with --out NEW"),
+    (
+        "resume changed model",
+        T,
+        lambda f: ["--resume", f.run, "--model", "tiny"],
+        2,
+        r"trained with --model convnet, not tiny",
+    ),
+    (
+        "resume changed dropout",
+        T,
+        lambda f: ["--resume", f.run, "--dropout", "0.5"],
+        2,
+        r"trained with --dropout 0.1, not 0.5",
+    ),
+    (
+        "resume a copy in place",
+        T,
+        lambda f: ["--resume", f.copy],
+        2,
+        r"copy.pt is not the last.pt of its own run folder .* continue it in a new folder with --out NEW",
+    ),
     ("resume into a run", T, lambda f: ["--resume", f.copy, "--out", f.run], 2, r"already holds a run"),
-    ("resume shipped weights", T, lambda f: ["--resume", f.slim, "--out", f.tmp + "/x"], 2,
-     r"holds weights without the training state a resume needs"),
+    (
+        "resume shipped weights",
+        T,
+        lambda f: ["--resume", f.slim, "--out", f.tmp + "/x"],
+        2,
+        r"holds weights without the training state a resume needs",
+    ),
     ("dropout on cnn", T, lambda f: ["--model", "cnn", "--dropout", "0.5"], 2, r"model 'cnn' has no dropout"),
-    ("dropout of 1", T, lambda f: ["--model", "convnet", "--dropout", "1"], 2, r"--dropout: must be from 0 to 1 \(excluded\)"),
+    (
+        "dropout of 1",
+        T,
+        lambda f: ["--model", "convnet", "--dropout", "1"],
+        2,
+        r"--dropout: must be from 0 to 1 \(excluded\)",
+    ),
     ("nesterov with adam", T, lambda f: ["--nesterov"], 2, r"--nesterov needs --optimizer sgd"),
     ("patience without val", T, lambda f: ["--patience", "3"], 2, r"--patience watches the validation set"),
     ("smoothing of 1", T, lambda f: ["--label-smoothing", "1"], 2, r"--label-smoothing must be below 1"),
@@ -190,16 +264,33 @@ CASES = [
     ("predict blank image", P, lambda f: [f.blank, "--ckpt", f.ckpt], 1, r"blank.png looks blank"),
     ("predict 1x1 image", P, lambda f: [f.dot, "--ckpt", f.ckpt], 1, r"dot.png is only 1x1 pixels"),
     ("predict not an image", P, lambda f: [f.fake_png, "--ckpt", f.ckpt], 1, r"photo.png is not an image"),
-    ("predict folder without images", P, lambda f: [f.no_images, "--ckpt", f.ckpt], 2, r"holds no PNG, JPEG, BMP, GIF, WebP or TIFF images"),
-    ("predict bad checkpoint", P, lambda f: [f.blank, "--ckpt", f.text], 1, r"truncated, damaged or another kind of file"),
+    (
+        "predict folder without images",
+        P,
+        lambda f: [f.no_images, "--ckpt", f.ckpt],
+        2,
+        r"holds no PNG, JPEG, BMP, GIF, WebP or TIFF images",
+    ),
+    (
+        "predict bad checkpoint",
+        P,
+        lambda f: [f.blank, "--ckpt", f.text],
+        1,
+        r"truncated, damaged or another kind of file",
+    ),
     ("predict malicious checkpoint", P, lambda f: [f.blank, "--ckpt", f.evil], 1, r"refusing to load"),
     ("predict zero top", P, lambda f: [f.blank, "--top", "0"], 2, r"--top: must be greater than 0"),
     ("export unknown format", X, lambda f: [f.ckpt, "--format", "tflite"], 2, r"--format: invalid choice"),
     ("export no format", X, lambda f: [f.ckpt], 2, r"required: --format"),
     ("export missing checkpoint", X, lambda f: [f.tmp + "/gone.pt", "--format", "pt2"], 2, r"does not exist"),
     ("export onto itself", X, lambda f: [f.ckpt, "--format", "ckpt", "--out", f.ckpt], 2, r"is the checkpoint itself"),
-    ("export into a missing folder", X, lambda f: [f.ckpt, "--format", "pt2", "--out", f.tmp + "/no/m.pt2"], 2,
-     r"the folder .*no does not exist"),
+    (
+        "export into a missing folder",
+        X,
+        lambda f: [f.ckpt, "--format", "pt2", "--out", f.tmp + "/no/m.pt2"],
+        2,
+        r"the folder .*no does not exist",
+    ),
     ("export newer format", X, lambda f: [f.newer, "--format", "pt2"], 1, r"newer than this toolkit reads"),
 ]
 
@@ -208,10 +299,10 @@ CASES = [
 def test_bad_input(case, script, argv, code, pattern, files, tmp_path, monkeypatch, capsys):
     if "cuda" in case and HAS_CUDA or "mps" in case and HAS_MPS:
         pytest.skip("this machine has the device")
-    monkeypatch.chdir(tmp_path)   # a default runs/ folder would appear here
+    monkeypatch.chdir(tmp_path)  # a default runs/ folder would appear here
     before = snapshot(files.tmp, str(tmp_path), os.path.join(ROOT, "data"))
     module = __import__(script)
-    if script in (D, M):   # these two keep their own tiny error handling so they stay copyable
+    if script in (D, M):  # these two keep their own tiny error handling so they stay copyable
         try:
             got = module.main(argv(files))
         except SystemExit as e:
@@ -223,6 +314,7 @@ def test_bad_input(case, script, argv, code, pattern, files, tmp_path, monkeypat
     lines = [line for line in err.strip().splitlines() if line]
     assert len(lines) == 1 and "Traceback" not in err, err
     import re
+
     assert re.search(pattern, lines[0]), lines[0]
     assert snapshot(files.tmp, str(tmp_path), os.path.join(ROOT, "data")) == before
     assert not os.path.exists(files.marker)

@@ -1,5 +1,6 @@
 """evaluate.py beyond one checkpoint: test-time augmentation and ensembles, checked against an
 independent computation from the models themselves."""
+
 import json
 import os
 
@@ -9,8 +10,7 @@ import torch.nn.functional as F
 
 from checkpoint import build_model, load_checkpoint
 from conftest import main_of, run_script
-from data import load_split, normalize
-from data import tta_views
+from data import load_split, normalize, tta_views
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,26 @@ def two_runs(synth_data, tmp_path_factory):
     runs = []
     for seed in (0, 1):
         out = str(tmp / f"run{seed}")
-        assert main_of("train", ["--model", "fast", "--epochs", "2", "--seed", str(seed), "--data-dir", synth_data,
-                                 "--out", out, "--progress", "off"]) == 0
+        assert (
+            main_of(
+                "train",
+                [
+                    "--model",
+                    "fast",
+                    "--epochs",
+                    "2",
+                    "--seed",
+                    str(seed),
+                    "--data-dir",
+                    synth_data,
+                    "--out",
+                    out,
+                    "--progress",
+                    "off",
+                ],
+            )
+            == 0
+        )
         runs.append(os.path.join(out, "last.pt"))
     return synth_data, runs
 
@@ -31,8 +49,8 @@ def probs_of(path, images, shifts=((0, 0),)):
     model = build_model(ckpt)[0].eval()
     out = []
     for dy, dx in shifts:
-        h, w = images.shape[-2:]   # move by (dy, dx), zeros coming in at the edge
-        moved = F.pad(images, (1, 1, 1, 1))[..., 1 - dy:1 - dy + h, 1 - dx:1 - dx + w]
+        h, w = images.shape[-2:]  # move by (dy, dx), zeros coming in at the edge
+        moved = F.pad(images, (1, 1, 1, 1))[..., 1 - dy : 1 - dy + h, 1 - dx : 1 - dx + w]
         with torch.no_grad():
             out.append(model(normalize(moved, ckpt["data"]["mean"], ckpt["data"]["std"])).softmax(1))
     return torch.stack(out).mean(0)
@@ -58,7 +76,9 @@ def test_tta_views_are_the_image_and_its_one_pixel_shifts():
     right = torch.cat([torch.zeros_like(x[..., :1]), x[..., :-1]], dim=-1)
     up = torch.cat([x[..., 1:, :], torch.zeros_like(x[..., :1, :])], dim=-2)
     left = torch.cat([x[..., 1:], torch.zeros_like(x[..., :1])], dim=-1)
-    assert sorted(v.flatten().tolist() for v in views[1:]) == sorted(v.flatten().tolist() for v in (down, up, right, left))
+    assert sorted(v.flatten().tolist() for v in views[1:]) == sorted(
+        v.flatten().tolist() for v in (down, up, right, left)
+    )
     mirrored = tta_views(x, flips=True)
     assert len(mirrored) == 6 and torch.equal(mirrored[-1], x.flip(-1))
 
@@ -71,7 +91,7 @@ def test_ensemble_averages_the_softmax_and_reports_each_model(two_runs, tmp_path
     assert results[a]["accuracy"] == pytest.approx(accuracy(pa, labels))
     assert results[b]["accuracy"] == pytest.approx(accuracy(pb, labels))
     assert results["ensemble"]["accuracy"] == pytest.approx(accuracy((pa + pb) / 2, labels))
-    mean_loss = F.nll_loss(((pa + pb) / 2).clamp_min(1e-12).log(), labels).item()   # of the mean softmax, not logits
+    mean_loss = F.nll_loss(((pa + pb) / 2).clamp_min(1e-12).log(), labels).item()  # of the mean softmax, not logits
     assert results["ensemble"]["loss"] == pytest.approx(mean_loss, rel=1e-4)
     wrong_a, wrong_b = pa.argmax(1) != labels, pb.argmax(1) != labels
     assert results["ensemble"]["missed_by_all"] == int((wrong_a & wrong_b).sum())

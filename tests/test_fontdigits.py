@@ -1,5 +1,6 @@
 """fontdigits.py: the held-out split, seeded check sets shaped as evaluate.py scores them, training
 digits, and its command line. Most tests need the handwriting fonts installed and skip without them."""
+
 import os
 
 import pytest
@@ -39,7 +40,7 @@ def test_a_file_that_is_no_font_draws_no_digits(tmp_path):
 
 @pytest.mark.skipif(not os.path.exists("/usr/share/fonts/truetype/seto/setofont-ex.ttf"), reason="fonts-seto absent")
 def test_a_font_without_digits_is_refused_by_rendering():
-    assert not fontdigits.draws_digits("/usr/share/fonts/truetype/seto/setofont-ex.ttf")   # it draws nothing
+    assert not fontdigits.draws_digits("/usr/share/fonts/truetype/seto/setofont-ex.ttf")  # it draws nothing
 
 
 @needs_fonts
@@ -54,7 +55,7 @@ def test_the_split_is_disjoint_and_keeps_families_whole():
     assert sorted(TRAINING + HELD) == FONTS
     assert not {f.family for f in TRAINING} & {f.family for f in HELD}
     assert {f.family for f in HELD} <= set(HELD_OUT)
-    assert 0.25 <= len(HELD_OUT) / len(fontdigits.FONTS) <= 0.4   # about a third of the families
+    assert 0.25 <= len(HELD_OUT) / len(fontdigits.FONTS) <= 0.4  # about a third of the families
 
 
 @needs_fonts
@@ -97,7 +98,7 @@ def test_training_digits_are_mnist_style_balanced_and_seeded():
     images, labels = fontdigits.training_digits(fonts, 2 * 10 * len(fonts), seed=0)
     assert images.shape == (20 * len(fonts), 1, 28, 28) and images.dtype == torch.uint8
     assert torch.bincount(labels, minlength=10).tolist() == [2 * len(fonts)] * 10
-    assert (images[:, 0, 0].float().mean() < 5) and (images.flatten(1).amax(1) > 200).all()   # white on black
+    assert (images[:, 0, 0].float().mean() < 5) and (images.flatten(1).amax(1) > 200).all()  # white on black
     again, _ = fontdigits.training_digits(fonts, 50, seed=0)
     assert torch.equal(again, fontdigits.training_digits(fonts, 50, seed=0)[0])
     assert not torch.equal(again, fontdigits.training_digits(fonts, 50, seed=1)[0])
@@ -111,5 +112,6 @@ def test_command_line_lists_and_draws(tmp_path, capsys):
     path = tmp_path / "grid.png"
     assert fontdigits.main(["--grid", str(path), "--held-out", "--severity", "2"]) == 0
     from PIL import Image
+
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size[0] > 10 * 48

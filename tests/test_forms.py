@@ -1,5 +1,6 @@
 """forms.py: MNIST's 7s, 1s and 4s rewritten in European forms, and the extra training digits train.py
 adds with --european and --fonts."""
+
 import pytest
 import torch
 
@@ -33,7 +34,7 @@ def test_a_crossed_seven_gains_ink_across_its_middle(mnist):
     plain = mnist[0][mnist[1] == 7][:2000].float()[:, 0].mean(0)
     gained = (sevens.mean(0) - plain).clamp(min=0)
     rows = gained.sum(1)
-    assert rows[10:20].sum() > 2 * (rows[:8].sum() + rows[22:].sum())   # the bar sits mid-height
+    assert rows[10:20].sum() > 2 * (rows[:8].sum() + rows[22:].sum())  # the bar sits mid-height
 
 
 def test_more_digits_appends_and_refuses_other_classes(mnist, monkeypatch):
@@ -43,6 +44,7 @@ def test_more_digits_appends_and_refuses_other_classes(mnist, monkeypatch):
     with pytest.raises(UserError, match="add digits 0-9; this dataset's classes are T-shirt"):
         forms.more_digits(images, labels, ["T-shirt/top", "Trouser"], european=3)
     import fontdigits
+
     monkeypatch.setattr(fontdigits, "find_fonts", lambda: [])
     with pytest.raises(UserError, match="needs handwriting fonts, and none are installed: sudo apt-get install"):
         forms.more_digits(images, labels, list("0123456789"), fonts=10)
@@ -50,10 +52,42 @@ def test_more_digits_appends_and_refuses_other_classes(mnist, monkeypatch):
 
 def test_train_adds_them_to_the_training_set_only(synth_data, tmp_path):
     out = str(tmp_path / "run")
-    code, printed, err = capture(lambda: main_of("train", ["--model", "fast", "--epochs", "1", "--european", "60",
-                                                         "--subset", "600", "--out", out, "--progress", "off"]))
+    code, printed, err = capture(
+        lambda: main_of(
+            "train",
+            [
+                "--model",
+                "fast",
+                "--epochs",
+                "1",
+                "--european",
+                "60",
+                "--subset",
+                "600",
+                "--out",
+                out,
+                "--progress",
+                "off",
+            ],
+        )
+    )
     assert code == 0, err
-    assert "660 train, 0 val, 600 test images" in printed   # MNIST's first 600, plus 60
-    code, _, err = capture(lambda: main_of("train", ["--model", "fast", "--epochs", "1", "--european", "60",
-                                                   "--data-dir", synth_data, "--out", str(tmp_path / "bars")]))
+    assert "660 train, 0 val, 600 test images" in printed  # MNIST's first 600, plus 60
+    code, _, err = capture(
+        lambda: main_of(
+            "train",
+            [
+                "--model",
+                "fast",
+                "--epochs",
+                "1",
+                "--european",
+                "60",
+                "--data-dir",
+                synth_data,
+                "--out",
+                str(tmp_path / "bars"),
+            ],
+        )
+    )
     assert code == 1 and "--european 60: only 0 of 60 digits could be rewritten" in err, err

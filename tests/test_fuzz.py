@@ -1,5 +1,6 @@
 """Seeded fuzzing: damaged checkpoints and IDX files end in one of our clean errors or a correct
 result, never another exception. In-process and small, so hundreds of cases take seconds."""
+
 import gzip
 import os
 import random
@@ -23,10 +24,10 @@ def mutations(raw, rng, n):
             for _ in range(rng.randint(1, 8)):
                 b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
         elif kind == 1:
-            b = b[:rng.randrange(len(b))]
+            b = b[: rng.randrange(len(b))]
         elif kind == 2:
             at = rng.randrange(len(b))
-            b[at:at + rng.randint(1, 64)] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+            b[at : at + rng.randint(1, 64)] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
         else:
             at = rng.randrange(len(b))
             b[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 32)))
@@ -36,9 +37,10 @@ def mutations(raw, rng, n):
 def pickle_span(path):
     """(start, end) of the pickled record inside a torch.save zip: the part that says what things are."""
     import zipfile
+
     with zipfile.ZipFile(path) as z:
         info = next(i for i in z.infolist() if i.filename.endswith("data.pkl"))
-    with open(path, "rb") as f:   # the local header: 30 bytes, then the name and extra fields
+    with open(path, "rb") as f:  # the local header: 30 bytes, then the name and extra fields
         f.seek(info.header_offset + 26)
         name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
     start = info.header_offset + 30 + name_len + extra_len
@@ -50,8 +52,9 @@ def test_damaged_checkpoints_give_a_clean_error_or_a_working_model(synth_run, tm
     raw = open(os.path.join(run, "last.pt"), "rb").read()
     rng, path = random.Random(1), str(tmp_path / "damaged.pt")
     lo, hi = pickle_span(os.path.join(run, "last.pt"))
-    in_record = [raw[:lo] + case[:hi - lo] + raw[hi:] for case in mutations(raw[lo:hi], rng, 300)
-                 if len(case) >= hi - lo]   # same length: the zip index stays valid, the record does not
+    in_record = [
+        raw[:lo] + case[: hi - lo] + raw[hi:] for case in mutations(raw[lo:hi], rng, 300) if len(case) >= hi - lo
+    ]  # same length: the zip index stays valid, the record does not
     outcomes = {"refused": 0, "loaded": 0}
     for case in list(mutations(raw, rng, 300)) + in_record:
         with open(path, "wb") as f:
@@ -63,7 +66,7 @@ def test_damaged_checkpoints_give_a_clean_error_or_a_working_model(synth_run, tm
             outcomes["loaded"] += 1
         except UserError:
             outcomes["refused"] += 1
-    assert outcomes["refused"] > 100 and outcomes["loaded"] > 0, outcomes   # both kinds were met
+    assert outcomes["refused"] > 100 and outcomes["loaded"] > 0, outcomes  # both kinds were met
 
 
 def test_damaged_checkpoints_are_resumed_or_refused_cleanly(synth_run, tmp_path):
@@ -88,7 +91,7 @@ def test_damaged_idx_files_give_a_clean_error_or_the_promised_shape(tmp_path, ma
     rng = random.Random(3 + gz)
     path = str(tmp_path / ("file.gz" if gz else "file"))
     refused = 0
-    headers = [h + raw[head:] for h in mutations(raw[:head], rng, 150)]   # the header alone, then anywhere
+    headers = [h + raw[head:] for h in mutations(raw[:head], rng, 150)]  # the header alone, then anywhere
     for whole in headers + list(mutations(raw, rng, 150)):
         with open(path, "wb") as f:
             f.write(gzip.compress(whole) if gz else whole)

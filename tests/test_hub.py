@@ -1,5 +1,6 @@
 """hubconf.py through torch.hub itself: every entry loads, the shipped weights score what their files
 record, and a request for weights an entry does not have is refused in one sentence."""
+
 import os
 
 import pytest
@@ -33,6 +34,7 @@ def hub_cache(tmp_path):
 @pytest.fixture(scope="module")
 def mnist_test():
     from data import load_split
+
     images, labels = load_split("mnist", "test")
     return images.float() / 255, labels
 
@@ -49,6 +51,7 @@ def test_help_starts_with_the_registry_description(hub_cache, name):
 
 def test_docstrings_list_the_shipped_weights():
     import hubconf
+
     for entry in ENTRIES:
         doc = getattr(hubconf, entry).__doc__
         mine = [w for w, owner in WEIGHTS.items() if owner == entry]
@@ -74,6 +77,7 @@ def test_entries_take_the_model_options():
 @pytest.mark.parametrize("weights", sorted(WEIGHTS))
 def test_accuracies_in_the_docstrings_are_the_files(weights):
     import hubconf
+
     ckpt = torch.load(os.path.join(ROOT, "weights", f"{weights}.pt"), weights_only=True)
     assert ckpt["model"]["name"] == WEIGHTS[weights]
     assert hubconf._ABOUT[weights].endswith(f"{ckpt['history'][-1]['test_acc']:.2f} %")
@@ -83,6 +87,7 @@ def test_pretrained_normalizes_as_the_checkpoint_did(mnist_test):
     """The wrapper on 0..1 images gives what preprocess.classify gives on the uint8 ones."""
     from checkpoint import build_model, load_checkpoint
     from preprocess import classify
+
     images, _ = mnist_test
     model = hub_load("cnn", pretrained=True)
     assert not model.training and model.classes == [str(d) for d in range(10)]
@@ -118,12 +123,15 @@ def test_weights_fix_the_options_they_were_trained_with():
         hub_load("vgg", weights="fashion-mnist", width=32)
 
 
-@pytest.mark.parametrize("entry, kwargs, message", [
-    ("cnn", {"weights": "imagenet"}, "unknown weights 'imagenet'; the shipped ones are 'mnist', "),
-    ("tiny", {"pretrained": True}, "tiny has no shipped weights; pretrained=True works for cnn, vgg, resnet"),
-    ("cnn", {"weights": "fashion-mnist"}, "the 'fashion-mnist' weights belong to vgg, not cnn; cnn has 'mnist'"),
-    ("cnn_basic", {"weights": "mnist"}, "the 'mnist' weights belong to cnn, not cnn_basic; cnn_basic has none"),
-])
+@pytest.mark.parametrize(
+    "entry, kwargs, message",
+    [
+        ("cnn", {"weights": "imagenet"}, "unknown weights 'imagenet'; the shipped ones are 'mnist', "),
+        ("tiny", {"pretrained": True}, "tiny has no shipped weights; pretrained=True works for cnn, vgg, resnet"),
+        ("cnn", {"weights": "fashion-mnist"}, "the 'fashion-mnist' weights belong to vgg, not cnn; cnn has 'mnist'"),
+        ("cnn_basic", {"weights": "mnist"}, "the 'mnist' weights belong to cnn, not cnn_basic; cnn_basic has none"),
+    ],
+)
 def test_weights_an_entry_lacks_are_refused_in_one_sentence(entry, kwargs, message):
     with pytest.raises(ValueError) as info:
         hub_load(entry, **kwargs)

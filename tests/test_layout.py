@@ -1,5 +1,6 @@
 """The shape of the toolkit: who imports whom, how few modules a training run passes through, what
 the user's guide may say, that the results report holds what the ledgers write, and quiet closed pipes."""
+
 import ast
 import glob
 import os
@@ -12,7 +13,17 @@ import pytest
 
 from conftest import ROOT, run_script
 
-ENTRY = {"train", "evaluate", "predict", "export", "demo", "bench", "reproduce", "top", "hubconf"}   # commands, never imported
+ENTRY = {
+    "train",
+    "evaluate",
+    "predict",
+    "export",
+    "demo",
+    "bench",
+    "reproduce",
+    "top",
+    "hubconf",
+}  # commands, never imported
 SOURCES = sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "experiments", "*.py")))
 LOCAL = {os.path.splitext(os.path.basename(p))[0] for p in SOURCES}
 
@@ -39,17 +50,19 @@ def test_no_command_imports_another_command():
 def test_no_import_cycles():
     def visit(module, path):
         if module in path:
-            raise AssertionError("import cycle: " + " -> ".join(path[path.index(module):] + [module]))
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(module) :] + [module]))
         for dep in GRAPH.get(module, ()):
             visit(dep, path + [module])
+
     for module in GRAPH:
         visit(module, [])
 
 
 def top_level_imports(path):
     tree = ast.parse(open(path).read())
-    return ({n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
-            | {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names})
+    return {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom) and n.module} | {
+        a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names
+    }
 
 
 def test_models_and_data_copy_out_alone(tmp_path):
@@ -58,11 +71,13 @@ def test_models_and_data_copy_out_alone(tmp_path):
     for name in ("models", "data"):
         assert not top_level_imports(os.path.join(ROOT, f"{name}.py")) & LOCAL, name
         shutil.copy(os.path.join(ROOT, f"{name}.py"), tmp_path)
-    code = ("import sys; sys.modules['torchvision'] = sys.modules['numpy'] = sys.modules['PIL'] = None; "
-            "import torch, models, data; m = models.get_model('strided'); "
-            "x = torch.zeros(4, 1, 28, 28, dtype=torch.uint8); "
-            "b = next(iter(data.Batches(x, torch.zeros(4, dtype=torch.long), 2, 0.1, 0.3).epoch())); "
-            "print(m(b[0]).shape)")
+    code = (
+        "import sys; sys.modules['torchvision'] = sys.modules['numpy'] = sys.modules['PIL'] = None; "
+        "import torch, models, data; m = models.get_model('strided'); "
+        "x = torch.zeros(4, 1, 28, 28, dtype=torch.uint8); "
+        "b = next(iter(data.Batches(x, torch.zeros(4, dtype=torch.long), 2, 0.1, 0.3).epoch())); "
+        "print(m(b[0]).shape)"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "torch.Size([2, 10])" in result.stdout, result.stderr
 
@@ -78,12 +93,32 @@ def test_a_default_run_reads_in_train_py(synth_data, tmp_path, capsys):
 
     def profile(frame, event, arg):
         code = frame.f_code
-        if event == "call" and os.path.dirname(code.co_filename) == ROOT and code.co_flags & 2 and code.co_name[0] != "<":
+        if (
+            event == "call"
+            and os.path.dirname(code.co_filename) == ROOT
+            and code.co_flags & 2
+            and code.co_name[0] != "<"
+        ):
             called.add((os.path.basename(code.co_filename), code.co_qualname))
+
     sys.setprofile(profile)
     try:
-        code, _, err = run_script("train", ["--model", "cnn", "--epochs", "1", "--data-dir", synth_data,
-                                            "--out", str(tmp_path / "run"), "--progress", "off"], capsys)
+        code, _, err = run_script(
+            "train",
+            [
+                "--model",
+                "cnn",
+                "--epochs",
+                "1",
+                "--data-dir",
+                synth_data,
+                "--out",
+                str(tmp_path / "run"),
+                "--progress",
+                "off",
+            ],
+            capsys,
+        )
     finally:
         sys.setprofile(None)
     assert code == 0, err
@@ -95,9 +130,15 @@ def test_a_default_run_reads_in_train_py(synth_data, tmp_path, capsys):
 
 def calls_of(path, owner, names):
     """Lines of PATH that call owner.NAME for a NAME in NAMES (os.replace, ...)."""
-    return [n.lineno for n in ast.walk(ast.parse(open(path).read())) if isinstance(n, ast.Call)
-            and isinstance(n.func, ast.Attribute) and n.func.attr in names
-            and isinstance(n.func.value, ast.Name) and n.func.value.id == owner]
+    return [
+        n.lineno
+        for n in ast.walk(ast.parse(open(path).read()))
+        if isinstance(n, ast.Call)
+        and isinstance(n.func, ast.Attribute)
+        and n.func.attr in names
+        and isinstance(n.func.value, ast.Name)
+        and n.func.value.id == owner
+    ]
 
 
 def test_one_atomic_writer():
@@ -110,15 +151,19 @@ def test_one_atomic_writer():
 def test_the_resume_state_is_written_and_read_in_train_py_alone():
     """The keys only continuing a run reads are saved and restored side by side, in train.py."""
     keys = {"optimizer", "stopping", "ema_steps", "scaler"}
-    users = {os.path.relpath(p, ROOT) for p in SOURCES for n in ast.walk(ast.parse(open(p).read()))
-             if isinstance(n, ast.Constant) and n.value in keys}
+    users = {
+        os.path.relpath(p, ROOT)
+        for p in SOURCES
+        for n in ast.walk(ast.parse(open(p).read()))
+        if isinstance(n, ast.Constant) and n.value in keys
+    }
     assert users == {"train.py"}
 
 
 def test_the_readme_file_table_names_every_module():
     """Every top-level .py file appears in the README's table of files, and nothing else does."""
     text = open(os.path.join(ROOT, "README.md")).read()
-    table = text[text.index("## Files"):].split("\n## ")[0]
+    table = text[text.index("## Files") :].split("\n## ")[0]
     named = set(re.findall(r"`([a-z_]+\.py)`", table))
     assert named == {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py"))}
 
@@ -165,8 +210,9 @@ def closed_pipe(args):
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        return subprocess.run([sys.executable, *args], cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE,
-                              text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, *args], cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120
+        )
     finally:
         os.close(write_end)
 
@@ -176,8 +222,9 @@ def closed_pipe(args):
 def test_commands_exit_quietly_when_their_output_pipe_closes(args, tmp_path):
     if "DIGIT" in args:
         from PIL import Image, ImageDraw
+
         image = Image.new("L", (64, 64), 255)
-        ImageDraw.Draw(image).line([(32, 8), (32, 56)], fill=0, width=6)   # a one
+        ImageDraw.Draw(image).line([(32, 8), (32, 56)], fill=0, width=6)  # a one
         args = [str(tmp_path / "one.png") if a == "DIGIT" else a for a in args]
         image.save(args[-1])
     result = closed_pipe(args)
@@ -187,8 +234,9 @@ def test_commands_exit_quietly_when_their_output_pipe_closes(args, tmp_path):
 @pytest.mark.slow
 def test_training_stops_when_its_output_pipe_closes(synth_data, tmp_path):
     out = str(tmp_path / "run")
-    result = closed_pipe(["train.py", "--model", "fast", "--epochs", "1", "--data-dir", synth_data,
-                          "--out", out, "--progress", "off"])
+    result = closed_pipe(
+        ["train.py", "--model", "fast", "--epochs", "1", "--data-dir", synth_data, "--out", out, "--progress", "off"]
+    )
     assert result.returncode == 141 and "Traceback" not in result.stderr, result.stderr
     assert f"Continue with: python train.py --resume {out}" in result.stderr
     # stopped inside epoch 1, before its first save: args.json lets --resume start it again

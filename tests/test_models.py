@@ -1,4 +1,5 @@
 """The registry, and every architecture against the shapes and sizes its notebook printed."""
+
 import pytest
 import torch
 
@@ -7,8 +8,13 @@ from models import ModelError, count_params, get_model, list_models, register, s
 
 # Parameter counts for 1x28x28 input and 10 classes, as the notebooks report them.
 NOTEBOOK_PARAMS = {
-    "cnn": 171_158, "cnn-basic": 108_874, "cnn2": 857_738, "cnn3": 454_250,
-    "convnet": 184_586, "lenet5": 61_706, "tiny": 9_902,
+    "cnn": 171_158,
+    "cnn-basic": 108_874,
+    "cnn2": 857_738,
+    "cnn3": 454_250,
+    "convnet": 184_586,
+    "lenet5": 61_706,
+    "tiny": 9_902,
 }
 
 

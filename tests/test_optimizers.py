@@ -1,5 +1,6 @@
 """The plain-tensor optimizers step like torch.optim's, share its state_dict format, and leave
 torch._dynamo unimported."""
+
 import io
 import subprocess
 import sys
@@ -22,15 +23,20 @@ CASES = [  # (ours, torch's, options)
 
 def model_and_batches(seed=0):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                                torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 6 * 6, 3),
+    )
     batches = [(torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))) for _ in range(30)]
     return model, batches
 
 
 def train(model, optimizer, batches, lr0):
     for i, (x, y) in enumerate(batches):
-        for group in optimizer.param_groups:   # as train.py sets it: a new lr every step
+        for group in optimizer.param_groups:  # as train.py sets it: a new lr every step
             group["lr"] = lr0 * (1 + i) / len(batches)
         optimizer.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -74,8 +80,9 @@ def test_state_dict_moves_between_ours_and_torch_both_ways(ours, theirs, options
         train(reference, ref_opt, batches[:15], lr)
         train(reference, ref_opt, batches[15:], lr)
         assert_same(model, reference)
-    assert list(opt.state_dict()["param_groups"][0]) == list(theirs(whole.parameters(), lr=lr, **options)
-                                                             .state_dict()["param_groups"][0])
+    assert list(opt.state_dict()["param_groups"][0]) == list(
+        theirs(whole.parameters(), lr=lr, **options).state_dict()["param_groups"][0]
+    )
 
 
 def test_a_saved_state_for_another_model_is_refused():
@@ -87,8 +94,10 @@ def test_a_saved_state_for_another_model_is_refused():
 
 def test_build_optimizer_uses_torch_optim_when_compiled_and_for_the_rest():
     model, _ = model_and_batches()
+
     def build(name, compile=False):
         return type(optimizers.build_optimizer(model, name, 1e-3, compiled=compile))
+
     assert build("adam") is optimizers.Adam and build("sgd") is optimizers.SGD and build("adamw") is optimizers.AdamW
     assert build("adam", compile=True) is torch.optim.Adam
     assert build("radam") is torch.optim.RAdam and build("adadelta") is torch.optim.Adadelta
@@ -96,10 +105,12 @@ def test_build_optimizer_uses_torch_optim_when_compiled_and_for_the_rest():
 
 def test_training_does_not_import_dynamo():
     """The reason these exist: torch.optim imports torch._dynamo, over a second of every short run."""
-    code = ("import sys, torch, optimizers\n"
-            "m = torch.nn.Linear(3, 2)\n"
-            "o = optimizers.build_optimizer(m, 'adam', 1e-3)\n"
-            "m(torch.randn(4, 3)).sum().backward(); o.step(); o.zero_grad(); o.state_dict()\n"
-            "print('torch._dynamo' in sys.modules)")
+    code = (
+        "import sys, torch, optimizers\n"
+        "m = torch.nn.Linear(3, 2)\n"
+        "o = optimizers.build_optimizer(m, 'adam', 1e-3)\n"
+        "m(torch.randn(4, 3)).sum().backward(); o.step(); o.zero_grad(); o.state_dict()\n"
+        "print('torch._dynamo' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "False", result.stderr

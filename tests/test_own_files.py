@@ -2,6 +2,7 @@
 user's own files never written over, temporary files that follow no planted link, checkpoints and
 IDX files bounded before anything is allocated, and images of any bit depth. Each case ends in one
 line and a non-zero exit, or the right result, with every other file left as it was."""
+
 import gzip
 import json
 import os
@@ -13,12 +14,11 @@ import tracemalloc
 import pytest
 import torch
 
-import data
 import cli
-from cli import UserError
+import data
+from cli import UserError, read_log
 from conftest import ROOT, capture, idx_bytes, main_of, snapshot, write_idx_set
 from preprocess import FORMAT_NAMES, read_gray, to_mnist
-from cli import read_log
 
 FAST = ["--model", "fast", "--epochs", "1", "--progress", "off"]
 
@@ -33,6 +33,7 @@ def one_line(call):
 
 def digit_png(path, size=64):
     from PIL import Image, ImageDraw
+
     image = Image.new("L", (size, size), 255)
     ImageDraw.Draw(image).line([(size // 2, size // 8), (size // 2, size * 7 // 8)], fill=0, width=size // 10)
     image.save(path)
@@ -43,9 +44,11 @@ def digit_png(path, size=64):
 # 1. Formats from one list
 # ---------------------------------------------------------------------------------------------
 
+
 def test_an_eps_file_is_refused_without_running_ghostscript(tmp_path, monkeypatch):
     """Pillow reads EPS by running Ghostscript; it must never be asked to."""
     from PIL import EpsImagePlugin
+
     monkeypatch.setattr(EpsImagePlugin, "has_ghostscript", lambda: pytest.fail("Ghostscript was looked for"))
     eps = tmp_path / "x.eps"
     eps.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\nnewpath 14 2 moveto 14 26 lineto stroke\n")
@@ -56,6 +59,7 @@ def test_an_eps_file_is_refused_without_running_ghostscript(tmp_path, monkeypatc
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF"])
 def test_every_listed_format_is_read(tmp_path, fmt):
     from PIL import Image
+
     path = tmp_path / f"one.{fmt.lower()}"
     Image.open(digit_png(tmp_path / "one.png")).convert("L").save(path, fmt)
     assert to_mnist(read_gray(str(path))).max() == 255
@@ -63,6 +67,7 @@ def test_every_listed_format_is_read(tmp_path, fmt):
 
 def test_an_unlisted_format_pillow_knows_is_refused(tmp_path):
     from PIL import Image
+
     path = tmp_path / "one.ico"
     Image.open(digit_png(tmp_path / "one.png")).save(path, "ICO")
     with pytest.raises(UserError, match=f"give a {FORMAT_NAMES} file"):
@@ -72,6 +77,7 @@ def test_an_unlisted_format_pillow_knows_is_refused(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # 3. A user's files stay theirs
 # ---------------------------------------------------------------------------------------------
+
 
 def test_save_preprocessed_never_writes_over_an_input(tmp_path):
     folder = tmp_path / "drawings"
@@ -85,6 +91,7 @@ def test_save_preprocessed_never_writes_over_an_input(tmp_path):
 
 def test_save_preprocessed_refuses_two_inputs_with_one_name(tmp_path):
     from PIL import Image
+
     folder = tmp_path / "drawings"
     folder.mkdir()
     Image.open(digit_png(folder / "a.png")).convert("L").save(folder / "a.jpg")
@@ -97,6 +104,7 @@ def test_save_preprocessed_refuses_two_inputs_with_one_name(tmp_path):
 def test_save_preprocessed_refuses_names_that_differ_only_in_case(tmp_path):
     # one file on macOS's and Windows' file systems, where the second would overwrite the first
     from PIL import Image
+
     folder = tmp_path / "drawings"
     folder.mkdir()
     Image.open(digit_png(folder / "seven.png")).save(folder / "Seven.jpg")
@@ -126,16 +134,19 @@ def test_resume_of_a_checkpoint_outside_its_run_folder_needs_a_new_folder(run_el
     code, line = one_line(lambda: main_of("train", ["--resume", os.path.join(mine, "model.pt"), "--epochs", "2"]))
     assert code == 2 and "continue it in a new folder with --out NEW" in line
     new = str(tmp_path / "continued")
-    code, printed, err = capture(lambda: main_of("train", ["--resume", os.path.join(mine, "model.pt"), "--epochs", "2",
-                                                         "--out", new, "--data-dir", synth]))
+    code, printed, err = capture(
+        lambda: main_of(
+            "train", ["--resume", os.path.join(mine, "model.pt"), "--epochs", "2", "--out", new, "--data-dir", synth]
+        )
+    )
     assert code == 0, err
     assert f"resuming {new} at epoch 2" in printed
-    assert snapshot(mine) == before   # the user's folder, log.csv included, is as it was
+    assert snapshot(mine) == before  # the user's folder, log.csv included, is as it was
     ckpt = torch.load(os.path.join(new, "last.pt"), weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["args"]["out"] == new
     assert [r["epoch"] for r in read_log(os.path.join(new, "log.csv"))] == ["1", "2"]
     code, printed, err = capture(lambda: main_of("train", ["--resume", new, "--epochs", "3", "--data-dir", synth]))
-    assert code == 0 and f"resuming {new} at epoch 3" in printed, err   # the new folder is the run's own now
+    assert code == 0 and f"resuming {new} at epoch 3" in printed, err  # the new folder is the run's own now
 
 
 def test_resume_of_best_pt_does_not_continue_in_place(synth_data, tmp_path):
@@ -159,8 +170,9 @@ def test_overwrite_replaces_a_run_of_ours(run_elsewhere, tmp_path):
     synth, run, _ = run_elsewhere
     out = str(tmp_path / "run")
     shutil.copytree(run, out)
-    code, _, err = capture(lambda: main_of("train", [*FAST, "--seed", "5", "--data-dir", synth, "--out", out,
-                                                     "--overwrite"]))
+    code, _, err = capture(
+        lambda: main_of("train", [*FAST, "--seed", "5", "--data-dir", synth, "--out", out, "--overwrite"])
+    )
     assert code == 0, err
     assert json.load(open(os.path.join(out, "args.json")))["seed"] == 5
 
@@ -199,6 +211,7 @@ def test_a_lock_file_planted_as_a_link_is_refused(synth_data, tmp_path):
 
 def test_a_log_planted_as_a_link_is_not_appended_to(tmp_path):
     import train
+
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     os.symlink(victim, tmp_path / "log.csv")
@@ -209,10 +222,10 @@ def test_a_log_planted_as_a_link_is_not_appended_to(tmp_path):
 
 def test_a_checkpoint_save_syncs_the_file_and_its_folder(tmp_path, monkeypatch):
     from checkpoint import save_checkpoint
+
     synced = []
     real = os.fsync
-    monkeypatch.setattr(cli.os, "fsync", lambda fd: synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
-                        or real(fd))
+    monkeypatch.setattr(cli.os, "fsync", lambda fd: synced.append(os.path.realpath(f"/proc/self/fd/{fd}")) or real(fd))
     save_checkpoint({"x": torch.zeros(3)}, str(tmp_path / "last.pt"))
     assert any(p.endswith(".tmp") for p in synced) and str(tmp_path) in synced
 
@@ -222,7 +235,7 @@ def test_a_killed_save_leaves_nothing_behind_once_the_folder_is_used_again(synth
     assert main_of("train", [*FAST, "--data-dir", synth_data, "--out", out]) == 0
     stale = os.path.join(out, ".last.pt.a1b2c3d4e5f6.tmp")
     open(stale, "wb").write(b"half a checkpoint")
-    mine = os.path.join(out, ".notes.a1b2c3d4e5f6.tmp")   # not one of a run's files: left alone
+    mine = os.path.join(out, ".notes.a1b2c3d4e5f6.tmp")  # not one of a run's files: left alone
     open(mine, "w").write("mine")
     assert main_of("train", ["--resume", out, "--epochs", "2", "--data-dir", synth_data]) == 0
     assert not os.path.exists(stale) and os.path.exists(mine)
@@ -231,6 +244,7 @@ def test_a_killed_save_leaves_nothing_behind_once_the_folder_is_used_again(synth
 # ---------------------------------------------------------------------------------------------
 # 4. Bounded before allocating
 # ---------------------------------------------------------------------------------------------
+
 
 def altered(tmp_path, change):
     """A copy of the shipped mnist-top.pt (a vgg) with its record changed."""
@@ -241,22 +255,30 @@ def altered(tmp_path, change):
     return path
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: c["model"]["kwargs"].update(width=4096), r"width=4096 must be from 1 to 1024"),
-    (lambda c: c["model"]["kwargs"].update(width=32.0), r"width=32.0 must be a whole number"),
-    (lambda c: c["model"]["kwargs"].update(width=1024), r"would have 292,631,562 parameters, more than the 100,000,000"),
-    (lambda c: c["model"]["kwargs"].update(width=512), r"weights do not fit model 'vgg' \(features.0.0.weight is"),
-    (lambda c: c["model"]["kwargs"].update(num_classes=12), r"predicts 12 classes but it names 10"),
-    (lambda c: c["model"]["kwargs"].update(in_channels=3), r"reads 3 channels but its data has 1"),
-    (lambda c: c["data"].update(input_shape=5), r"input_shape 5 is not \[1, 28, 28\]"),
-    (lambda c: c["data"].update(input_shape={"c": 1}), r"input_shape \{'c': 1\} is not"),
-    (lambda c: (c["data"].update(input_shape=[3, 28, 28]), c["model"]["kwargs"].update(in_channels=3)),
-     r"input_shape \[3, 28, 28\] is not \[1, 28, 28\], the only shape"),
-    (lambda c: c["data"].update(mean=float("nan")), r"finite mean"),
-    (lambda c: c["data"].update(std=float("inf")), r"finite mean, std above 0"),
-    (lambda c: c["data"].update(mean=10 ** 400), r"finite mean"),   # too big for a float: no OverflowError
-    (lambda c: c["model"]["kwargs"].update(num_classes=10 ** 400), r"num_classes=1\d{39} must be from 1 to 100000"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c["model"]["kwargs"].update(width=4096), r"width=4096 must be from 1 to 1024"),
+        (lambda c: c["model"]["kwargs"].update(width=32.0), r"width=32.0 must be a whole number"),
+        (
+            lambda c: c["model"]["kwargs"].update(width=1024),
+            r"would have 292,631,562 parameters, more than the 100,000,000",
+        ),
+        (lambda c: c["model"]["kwargs"].update(width=512), r"weights do not fit model 'vgg' \(features.0.0.weight is"),
+        (lambda c: c["model"]["kwargs"].update(num_classes=12), r"predicts 12 classes but it names 10"),
+        (lambda c: c["model"]["kwargs"].update(in_channels=3), r"reads 3 channels but its data has 1"),
+        (lambda c: c["data"].update(input_shape=5), r"input_shape 5 is not \[1, 28, 28\]"),
+        (lambda c: c["data"].update(input_shape={"c": 1}), r"input_shape \{'c': 1\} is not"),
+        (
+            lambda c: (c["data"].update(input_shape=[3, 28, 28]), c["model"]["kwargs"].update(in_channels=3)),
+            r"input_shape \[3, 28, 28\] is not \[1, 28, 28\], the only shape",
+        ),
+        (lambda c: c["data"].update(mean=float("nan")), r"finite mean"),
+        (lambda c: c["data"].update(std=float("inf")), r"finite mean, std above 0"),
+        (lambda c: c["data"].update(mean=10**400), r"finite mean"),  # too big for a float: no OverflowError
+        (lambda c: c["model"]["kwargs"].update(num_classes=10**400), r"num_classes=1\d{39} must be from 1 to 100000"),
+    ],
+)
 def test_a_checkpoint_is_sized_and_checked_before_its_model_is_built(tmp_path, change, message):
     path = altered(tmp_path, change)
     t0 = time.perf_counter()
@@ -282,11 +304,11 @@ def gz_set(folder, seed, n=30):
 def test_the_extracted_copy_is_used_only_while_it_matches_its_gz(tmp_path):
     folder = gz_set(tmp_path / "set", seed=1)
     first = data.load_split("mnist", "train", folder)
-    assert os.path.exists(os.path.join(folder, "train-images-idx3-ubyte"))   # kept extracted
+    assert os.path.exists(os.path.join(folder, "train-images-idx3-ubyte"))  # kept extracted
     again = data.load_split("mnist", "train", folder)
     assert torch.equal(first[0], again[0])
     other = gz_set(tmp_path / "other", seed=2)
-    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):   # the .gz replaced, the copy stale
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):  # the .gz replaced, the copy stale
         shutil.copy(os.path.join(other, name), os.path.join(folder, name))
     replaced = data.load_split("mnist", "train", folder)
     assert torch.equal(replaced[0], data.load_split("mnist", "train", other)[0])
@@ -308,8 +330,8 @@ def test_a_forged_gz_allocates_only_what_it_holds(tmp_path):
     head = data.IMAGE_MAGIC.to_bytes(4, "big") + (700_000).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
     with gzip.open(path, "wb") as f:
         f.write(head + b"\0" * 1000)
-    promised = (len(head) + 700_000 * 784) % 2 ** 32
-    with open(path, "r+b") as f:   # forge the trailer's size to match the header's promise
+    promised = (len(head) + 700_000 * 784) % 2**32
+    with open(path, "r+b") as f:  # forge the trailer's size to match the header's promise
         f.seek(-4, os.SEEK_END)
         f.write(promised.to_bytes(4, "little"))
     tracemalloc.start()
@@ -335,14 +357,19 @@ def test_idx_caps_fit_emnist_byclass_and_refuse_more_than_a_gigabyte(tmp_path):
 # 5. Images of any depth
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["uint16 png", "int32 tiff", "float32 tiff"])
 def test_deep_images_are_scaled_by_their_range(tmp_path, kind):
     """A faint scan: paper at 3000 and ink at 200 of 65535 (or the same as 32-bit integers or floats)
     clipped to 8 bits would be white on white; scaled by its own range it is a clear stroke."""
     import numpy as np
     from PIL import Image
-    dtype, ext = {"uint16 png": (np.uint16, "png"), "int32 tiff": (np.int32, "tif"),
-                  "float32 tiff": (np.float32, "tif")}[kind]
+
+    dtype, ext = {
+        "uint16 png": (np.uint16, "png"),
+        "int32 tiff": (np.int32, "tif"),
+        "float32 tiff": (np.float32, "tif"),
+    }[kind]
     pixels = np.full((64, 64), 3000, dtype)
     pixels[8:56, 28:36] = 200
     if dtype is np.float32:

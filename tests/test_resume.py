@@ -1,5 +1,6 @@
 """A run killed at any point and resumed from its last finished epoch ends bitwise equal to one that
 was never interrupted."""
+
 import os
 import random
 import signal
@@ -10,15 +11,38 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, capture, main_of
 from cli import read_log
+from conftest import ROOT, capture, main_of
 
-pytestmark = pytest.mark.slow   # real processes, killed and resumed
+pytestmark = pytest.mark.slow  # real processes, killed and resumed
 
 # Dropout, augmentation with erasing, EMA and a validation split: every source of randomness.
-RECIPE = ["--model", "convnet", "--dropout", "0.3", "--augment", "--erase", "0.3", "--ema", "0.9",
-          "--epochs", "3", "--subset", "1000", "--batch-size", "50", "--val", "300",
-          "--deterministic", "--seed", "7", "--progress", "off", "--log-every", "3"]
+RECIPE = [
+    "--model",
+    "convnet",
+    "--dropout",
+    "0.3",
+    "--augment",
+    "--erase",
+    "0.3",
+    "--ema",
+    "0.9",
+    "--epochs",
+    "3",
+    "--subset",
+    "1000",
+    "--batch-size",
+    "50",
+    "--val",
+    "300",
+    "--deterministic",
+    "--seed",
+    "7",
+    "--progress",
+    "off",
+    "--log-every",
+    "3",
+]
 TIMING = ("seconds", "images_per_s")
 
 
@@ -28,7 +52,9 @@ def metrics(log_path):
 
 def steps(folder):
     """steps.csv without its timing column."""
-    return [{k: v for k, v in row.items() if k != "images_per_s"} for row in read_log(os.path.join(folder, "steps.csv"))]
+    return [
+        {k: v for k, v in row.items() if k != "images_per_s"} for row in read_log(os.path.join(folder, "steps.csv"))
+    ]
 
 
 def same_weights(a, b):
@@ -66,9 +92,14 @@ def reference(tmp_path_factory):
 
 
 def start(out):
-    return subprocess.Popen([sys.executable, "train.py", *RECIPE, "--out", out], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.Popen(
+        [sys.executable, "train.py", *RECIPE, "--out", out],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def wait_for(proc, text):
@@ -91,14 +122,14 @@ def test_ctrl_c_stops_inside_an_epoch_and_resume_is_exact(reference, tmp_path):
     assert f"Continue with: python train.py --resume {out}" in err and "interrupted: stopped at epoch" in err
     saved = torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"]
     assert f"last.pt still holds the last good state (epoch {saved})" in err and saved in (1, 2)
-    with open(os.path.join(out, ".last.pt.0123456789ab.tmp"), "wb") as f:   # what a kill in the middle of a save leaves
+    with open(os.path.join(out, ".last.pt.0123456789ab.tmp"), "wb") as f:  # what a kill in the middle of a save leaves
         f.write(open(os.path.join(out, "last.pt"), "rb").read()[:1000])
     code, printed, err = train("--resume", out)
     assert code == 0, err
     assert "resuming" in printed
     assert same_weights(reference[0], out)
     assert metrics(os.path.join(reference[0], "log.csv")) == metrics(os.path.join(out, "log.csv"))
-    assert steps(reference[0]) == steps(out)   # stopped inside an epoch, resumed to the same rows
+    assert steps(reference[0]) == steps(out)  # stopped inside an epoch, resumed to the same rows
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
@@ -114,9 +145,10 @@ def test_sigkill_anywhere_then_resume_is_exact(reference, tmp_path, seed):
     proc.wait()
     for attempt in range(2):
         cmd = ["train.py", "--resume", out]
-        if attempt == 0:   # a second kill, this time in the resumed run
-            proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
+        if attempt == 0:  # a second kill, this time in the resumed run
+            proc = subprocess.Popen(
+                [sys.executable, *cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
             time.sleep(rng.uniform(2.5, 4.0))
             proc.kill()
             proc.wait()

@@ -1,5 +1,6 @@
 """The fast path computes what a plain loop computes, and bench.py runs. No timing is asserted here:
 speed claims live in bench.py."""
+
 import json
 import os
 import resource
@@ -20,11 +21,18 @@ def reference_batches(folder, batch_size, seed, mean, std):
 
     from bench import NotebookMNIST
     from data import Batches, load_split, split_off_val
+
     # train.py's training set is what split_off_val keeps (all of it when --val is 0, reordered).
     (images, labels), _ = split_off_val(*load_split("mnist", "train", folder), 0)
     # Batches with each image's index as its label yields the shuffled order, whatever the formula.
-    order = torch.cat([i for _, i in Batches(images, torch.arange(len(labels)), batch_size, mean, std,
-                                             shuffle=True, seed=seed).epoch(0)])
+    order = torch.cat(
+        [
+            i
+            for _, i in Batches(
+                images, torch.arange(len(labels)), batch_size, mean, std, shuffle=True, seed=seed
+            ).epoch(0)
+        ]
+    )
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
     dataset = torch.utils.data.Subset(NotebookMNIST(images, labels, tf), order.tolist())
     return list(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False))
@@ -34,17 +42,45 @@ def test_fast_path_matches_plain_loop(synth, tmp_path, capsys):
     """Same seed, same batches: train.py (on-device data, channels_last, no per-step sync) and a plain
     DataLoader loop give the same batch losses and the same weights, within float tolerance."""
     out = str(tmp_path / "run")
-    code, _, err = run_script("train", ["--model", "fast", "--optimizer", "sgd", "--lr", "0.05", "--scheduler",
-                                        "none", "--epochs", "1", "--batch-size", "64", "--seed", "3",
-                                        "--channels-last", "on", "--data-dir", synth, "--out", out, "--amp", "off",
-                                        "--progress", "off", "--device", "cpu"], capsys)   # as the reference
+    code, _, err = run_script(
+        "train",
+        [
+            "--model",
+            "fast",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.05",
+            "--scheduler",
+            "none",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--seed",
+            "3",
+            "--channels-last",
+            "on",
+            "--data-dir",
+            synth,
+            "--out",
+            out,
+            "--amp",
+            "off",
+            "--progress",
+            "off",
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )  # as the reference
     assert code == 0, err
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     mean, std = ckpt["data"]["mean"], ckpt["data"]["std"]
 
-    torch.manual_seed(3)   # train.py seeds the same way before building the model
+    torch.manual_seed(3)  # train.py seeds the same way before building the model
     model = get_model("fast")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)   # train.py's default momentum
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)  # train.py's default momentum
     losses, seen = [], 0
     for x, y in reference_batches(synth, 64, 3, mean, std):
         loss = F.cross_entropy(model(x), y)
@@ -62,23 +98,43 @@ def test_fast_path_matches_plain_loop(synth, tmp_path, capsys):
 def test_on_device_batch_equals_torchvision_transform(synth):
     """One batch, compared tensor for tensor, in both memory formats."""
     from data import Batches, load_split, split_off_val
+
     (images, labels), _ = split_off_val(*load_split("mnist", "train", synth), 0)
     expected_x, expected_y = reference_batches(synth, 100, 0, 0.1307, 0.3081)[0]
     for channels_last in (False, True):
-        x, y = next(Batches(images, labels, 100, 0.1307, 0.3081, shuffle=True, seed=0,
-                            channels_last=channels_last).epoch(0))
+        x, y = next(
+            Batches(images, labels, 100, 0.1307, 0.3081, shuffle=True, seed=0, channels_last=channels_last).epoch(0)
+        )
         torch.testing.assert_close(x, expected_x, rtol=0, atol=1e-6)
         assert torch.equal(y, expected_y)
 
 
 def test_amp_bf16_trains_and_saves_float32(synth, tmp_path, capsys):
     out = str(tmp_path / "amp")
-    code, stdout, err = run_script("train", ["--model", "fast", "--amp", "bf16", "--epochs", "2", "--lr", "1e-2",
-                                             "--data-dir", synth, "--out", out, "--progress", "off"], capsys)
+    code, stdout, err = run_script(
+        "train",
+        [
+            "--model",
+            "fast",
+            "--amp",
+            "bf16",
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-2",
+            "--data-dir",
+            synth,
+            "--out",
+            out,
+            "--progress",
+            "off",
+        ],
+        capsys,
+    )
     assert code == 0, err
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())
-    assert ckpt["history"][-1]["test_acc"] > 80   # the bars are easy; bf16 must still learn them
+    assert ckpt["history"][-1]["test_acc"] > 80  # the bars are easy; bf16 must still learn them
 
 
 def test_compile_saves_the_plain_module(synth, tmp_path, capsys, monkeypatch):
@@ -87,8 +143,25 @@ def test_compile_saves_the_plain_module(synth, tmp_path, capsys, monkeypatch):
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="eager", **kw))
     out = str(tmp_path / "compiled")
-    code, _, err = run_script("train", ["--model", "fast", "--compile", "--epochs", "1", "--batch-size", "100",
-                                        "--data-dir", synth, "--out", out, "--progress", "off"], capsys)
+    code, _, err = run_script(
+        "train",
+        [
+            "--model",
+            "fast",
+            "--compile",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "100",
+            "--data-dir",
+            synth,
+            "--out",
+            out,
+            "--progress",
+            "off",
+        ],
+        capsys,
+    )
     assert code == 0, err
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     assert not any(k.startswith("_orig_mod") for k in ckpt["state_dict"])
@@ -101,8 +174,9 @@ def test_compile_saves_the_plain_module(synth, tmp_path, capsys, monkeypatch):
 def test_bench_runs_and_writes_json(tmp_path, capsys):
     """A few steps of every section, so the benchmark cannot rot; its figures are not checked here."""
     report = str(tmp_path / "bench.json")
-    code, out, err = run_script("bench", ["--steps", "2", "--repeats", "1", "--seeds", "1", "--quick", "--json", report],
-                                capsys)
+    code, out, err = run_script(
+        "bench", ["--steps", "2", "--repeats", "1", "--seeds", "1", "--quick", "--json", report], capsys
+    )
     assert code == 0, err
     figures = json.load(open(report))
     assert figures["throughput_ratio"] > 0 and set(figures["recipes"]) == {"fast", "strong"}
@@ -119,12 +193,12 @@ def test_freed_memory_is_reused_without_page_faults():
 
     def faults_of_steps():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(30):   # 8 MB and 4 MB tensors, written and freed as a training step does
+        for _ in range(30):  # 8 MB and 4 MB tensors, written and freed as a training step does
             a = torch.ones(2 << 20)
             b = torch.ones(1 << 20) + a[: 1 << 20]
             del a, b
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
     assert keep_freed_memory()
-    faults_of_steps()   # the heap grows once
-    assert faults_of_steps() < 1000   # 30 steps of 3,000 pages each
+    faults_of_steps()  # the heap grows once
+    assert faults_of_steps() < 1000  # 30 steps of 3,000 pages each

@@ -1,4 +1,5 @@
 """Training learns, its outputs describe themselves, and every recipe flag does what it says."""
+
 import json
 import os
 import re
@@ -39,7 +40,7 @@ def test_evaluate_prints_the_same_accuracy(mnist_run, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_checkpoint_describes_itself(mnist_run):
-    ckpt = torch.load(os.path.join(mnist_run[0], "last.pt"), weights_only=True)   # plain types only
+    ckpt = torch.load(os.path.join(mnist_run[0], "last.pt"), weights_only=True)  # plain types only
     assert ckpt["model"] == {"name": "cnn", "kwargs": {"in_channels": 1, "num_classes": 10}}
     assert ckpt["data"]["dataset"] == "mnist" and ckpt["data"]["mean"] == 0.1307
     assert ckpt["data"]["classes"] == list("0123456789")
@@ -53,10 +54,11 @@ def test_checkpoint_describes_itself(mnist_run):
 @pytest.mark.slow
 def test_bare_state_dict_evaluates_with_model_flag(mnist_run, tmp_path, capsys):
     ckpt = torch.load(os.path.join(mnist_run[0], "last.pt"), weights_only=True)
-    torch.save(ckpt["state_dict"], tmp_path / "weights.pth")   # as the notebooks saved their models
+    torch.save(ckpt["state_dict"], tmp_path / "weights.pth")  # as the notebooks saved their models
     # a bare state_dict records no precision: ask for the one the run was scored in
-    code, printed, err = run_script("evaluate", [str(tmp_path / "weights.pth"), "--model", "cnn",
-                                                 "--amp", ckpt["args"]["amp"]], capsys)
+    code, printed, err = run_script(
+        "evaluate", [str(tmp_path / "weights.pth"), "--model", "cnn", "--amp", ckpt["args"]["amp"]], capsys
+    )
     assert code == 0, err
     assert f"accuracy {ckpt['history'][-1]['test_acc']:.2f} %" in printed
 
@@ -72,16 +74,19 @@ def train_synth(capsys, synth, tmp_path, *flags):
     return out, stdout
 
 
-@pytest.mark.parametrize("flags", [
-    ["--optimizer", "sgd", "--nesterov", "--weight-decay", "5e-4", "--scheduler", "step", "--step-size", "1"],
-    ["--optimizer", "adamw", "--weight-decay", "0.01", "--scheduler", "onecycle"],
-    ["--optimizer", "radam", "--weight-decay", "0.01", "--scheduler", "exp", "--gamma", "0.9"],
-    ["--optimizer", "adadelta", "--scheduler", "none"],
-    ["--optimizer", "adam", "--warmup", "0.5", "--clip-grad", "1.0", "--label-smoothing", "0.1"],
-    ["--model", "convnet", "--dropout", "0.5", "--l1", "1e-4", "--l2", "1e-4", "--norm", "raw"],
-    ["--model", "tiny", "--augment", "--erase", "0.5", "--ema", "0.9", "--norm", "mnist"],
-    ["--model", "lenet5", "--amp", "bf16", "--channels-last", "off", "--drop-last"],
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--optimizer", "sgd", "--nesterov", "--weight-decay", "5e-4", "--scheduler", "step", "--step-size", "1"],
+        ["--optimizer", "adamw", "--weight-decay", "0.01", "--scheduler", "onecycle"],
+        ["--optimizer", "radam", "--weight-decay", "0.01", "--scheduler", "exp", "--gamma", "0.9"],
+        ["--optimizer", "adadelta", "--scheduler", "none"],
+        ["--optimizer", "adam", "--warmup", "0.5", "--clip-grad", "1.0", "--label-smoothing", "0.1"],
+        ["--model", "convnet", "--dropout", "0.5", "--l1", "1e-4", "--l2", "1e-4", "--norm", "raw"],
+        ["--model", "tiny", "--augment", "--erase", "0.5", "--ema", "0.9", "--norm", "mnist"],
+        ["--model", "lenet5", "--amp", "bf16", "--channels-last", "off", "--drop-last"],
+    ],
+)
 def test_recipes_run_and_learn(capsys, synth, tmp_path, flags):
     out, stdout = train_synth(capsys, synth, tmp_path, *flags)
     rows = log_of(out)
@@ -90,9 +95,10 @@ def test_recipes_run_and_learn(capsys, synth, tmp_path, flags):
 
 
 def test_lr_schedules_have_their_shapes():
-    def factors(steps, epochs=5, **flags):   # 10 steps an epoch
+    def factors(steps, epochs=5, **flags):  # 10 steps an epoch
         args = train.build_parser().parse_args(["--epochs", str(epochs), *(f"--{k}={v}" for k, v in flags.items())])
         return [train.lr_factor(s, 10, args) for s in steps]
+
     assert factors([0, 25], scheduler="exp", gamma=0.9) == pytest.approx([1, 0.81])
     assert factors([0, 19, 20, 45], scheduler="step", gamma=0.9, **{"step-size": 2}) == pytest.approx([1, 1, 0.9, 0.81])
     assert factors([25], scheduler="cosine") == pytest.approx([0.5])
@@ -104,7 +110,8 @@ def test_lr_schedules_have_their_shapes():
 def test_l1_l2_penalties_match_their_formulas():
     model = torch.nn.Linear(3, 2)
     expected = 0.1 * sum(p.abs().sum() for p in model.parameters()) + 0.01 * sum(
-        (p ** 2).sum() for p in model.parameters())
+        (p**2).sum() for p in model.parameters()
+    )
     assert train.penalty(model, 0.1, 0.01).item() == pytest.approx(expected.item())
 
 
@@ -112,7 +119,7 @@ def test_eval_untrained_logs_epoch_zero(capsys, synth, tmp_path):
     out, stdout = train_synth(capsys, synth, tmp_path, "--eval-untrained")
     rows = log_of(out)
     assert rows[0]["epoch"] == "0" and rows[0]["train_loss"] == "" and float(rows[0]["test_acc"]) < 50
-    assert float(rows[-1]["test_acc"]) > float(rows[0]["test_acc"])   # two epochs beat the untrained model
+    assert float(rows[-1]["test_acc"]) > float(rows[0]["test_acc"])  # two epochs beat the untrained model
     assert "untrained" in stdout
 
 
@@ -133,8 +140,11 @@ def test_stop_on_validation_accuracy_and_best_checkpoint(capsys, synth, tmp_path
 def test_patience_counts_epochs_without_a_lower_validation_loss():
     args, history, reasons = train.build_parser().parse_args(["--patience", "2", "--val", "10"]), train.History(), []
     for epoch, loss in enumerate([1.0, 0.8, 0.9, 0.7, 0.75, 0.71], 1):
-        reasons.append(train.stop_reason({"epoch": epoch, "train_loss": 1, "val_loss": loss, "val_acc": 50},
-                                         args, history, ema=False))
+        reasons.append(
+            train.stop_reason(
+                {"epoch": epoch, "train_loss": 1, "val_loss": loss, "val_acc": 50}, args, history, ema=False
+            )
+        )
     assert reasons[:5] == [None] * 5
     assert reasons[5] == "validation loss has not improved for 2 epochs (best 0.7000 at epoch 4)"
 
@@ -142,8 +152,14 @@ def test_patience_counts_epochs_without_a_lower_validation_loss():
 def test_patience_stops_a_run_that_overfits(capsys, tmp_path):
     # Labels that have nothing to do with the images: the net memorizes and validation loss rises.
     from conftest import write_idx_set
-    noise = write_idx_set(str(tmp_path / "noise"), n_train=300, n_test=50,
-                          images=torch.randint(0, 256, (300, 28, 28)), labels=torch.randint(0, 10, (300,)))
+
+    noise = write_idx_set(
+        str(tmp_path / "noise"),
+        n_train=300,
+        n_test=50,
+        images=torch.randint(0, 256, (300, 28, 28)),
+        labels=torch.randint(0, 10, (300,)),
+    )
     out, stdout = train_synth(capsys, noise, tmp_path, "--epochs", "40", "--val", "100", "--patience", "3")
     assert "has not improved for 3 epochs" in stdout and len(log_of(out)) < 40
 
@@ -151,7 +167,7 @@ def test_patience_stops_a_run_that_overfits(capsys, tmp_path):
 def test_steps_csv_logs_every_n_steps_and_the_epoch_ends(capsys, synth, tmp_path):
     out, _ = train_synth(capsys, synth, tmp_path, "--log-every", "2")
     rows = read_log(os.path.join(out, "steps.csv"))
-    per_epoch = 300 // 50   # 300 images in batches of 50 (QUICK): 6 steps
+    per_epoch = 300 // 50  # 300 images in batches of 50 (QUICK): 6 steps
     expected = [s for s in range(1, 2 * per_epoch + 1) if s % 2 == 0 or s % per_epoch == 0]
     assert [int(r["step"]) for r in rows] == expected and {r["epoch"] for r in rows} == {"1", "2"}
     assert list(rows[0]) == ["step", "epoch", "train_loss", "train_acc", "lr", "images_per_s"]
@@ -165,6 +181,7 @@ def test_steps_csv_logs_every_n_steps_and_the_epoch_ends(capsys, synth, tmp_path
 
 def test_tensorboard_writes_event_files_or_says_how_to_install(capsys, synth, tmp_path, monkeypatch):
     import importlib.util
+
     if importlib.util.find_spec("tensorboard") is not None:
         out, _ = train_synth(capsys, synth, tmp_path, "--tensorboard")
         assert [f for f in os.listdir(os.path.join(out, "tb")) if f.startswith("events.out.tfevents")]
@@ -189,12 +206,12 @@ def test_divergence_stops_with_advice_and_keeps_the_last_good_checkpoint(capsys,
     assert run_script("train", [*args, "--epochs", "1", "--lr", "0.01"], capsys)[0] == 0
     before = open(os.path.join(out, "last.pt"), "rb").read()
     code, _, err = run_script("train", ["--resume", out, "--epochs", "3", "--lr", "1e4"], capsys)
-    assert code == 2 and "--lr" in err    # a changed lr is refused on resume, and the run left as it was...
+    assert code == 2 and "--lr" in err  # a changed lr is refused on resume, and the run left as it was...
     assert open(os.path.join(out, "last.pt"), "rb").read() == before
     code, _, err = run_script("train", [*args, "--epochs", "2", "--lr", "1e4", "--overwrite"], capsys)
     assert code == 1 and re.search(r"loss became (nan|inf) at epoch 1, step \d+ of \d+", err)
     assert "Try a lower --lr (this run used 10000)" in err and "nothing was saved" in err
-    assert not os.path.exists(os.path.join(out, "last.pt"))   # ...replaced only because --overwrite asked for it
+    assert not os.path.exists(os.path.join(out, "last.pt"))  # ...replaced only because --overwrite asked for it
 
 
 def test_divergence_after_a_good_epoch_keeps_it(capsys, synth, tmp_path, monkeypatch):
@@ -202,10 +219,11 @@ def test_divergence_after_a_good_epoch_keeps_it(capsys, synth, tmp_path, monkeyp
     calls = {"n": 0}
     real = train.F.cross_entropy
 
-    def poisoned(*a, **k):   # finite for the first epoch (6 steps), then nan
+    def poisoned(*a, **k):  # finite for the first epoch (6 steps), then nan
         calls["n"] += 1
         loss = real(*a, **k)
         return loss * float("nan") if calls["n"] > 6 else loss
+
     monkeypatch.setattr(train.F, "cross_entropy", poisoned)
     code, _, err = run_script("train", ["--data-dir", synth, "--out", out, *QUICK], capsys)
     assert code == 1 and "at epoch 2, step 1 of 6" in err and "still holds the last good state" in err
@@ -232,14 +250,31 @@ def test_every_recipe_file_parses_and_says_why(name):
 
 def test_a_recipe_file_is_read_and_later_flags_override_it(capsys, synth_data, tmp_path):
     out = str(tmp_path / "run")
-    code, stdout, err = run_script("train", ["@recipes/fast.args", "--batch-size", "64", "--seed", "3", "--data-dir",
-                                             synth_data, "--out", out, "--progress", "off"], capsys)
+    code, stdout, err = run_script(
+        "train",
+        [
+            "@recipes/fast.args",
+            "--batch-size",
+            "64",
+            "--seed",
+            "3",
+            "--data-dir",
+            synth_data,
+            "--out",
+            out,
+            "--progress",
+            "off",
+        ],
+        capsys,
+    )
     assert code == 0, err
     saved = json.load(open(os.path.join(out, "args.json")))
-    assert saved["model"] == "strided-crop20" and saved["scheduler"] == "onecycle" and saved["lr"] == 4e-2   # from the file
-    assert saved["batch_size"] == 64 and saved["seed"] == 3                                           # overridden
+    assert (
+        saved["model"] == "strided-crop20" and saved["scheduler"] == "onecycle" and saved["lr"] == 4e-2
+    )  # from the file
+    assert saved["batch_size"] == 64 and saved["seed"] == 3  # overridden
     code, _, err = run_script("train", ["--resume", out, "@recipes/fast.args", "--batch-size", "64"], capsys)
-    assert code == 0, err   # the same file again is no change of flags
+    assert code == 0, err  # the same file again is no change of flags
 
 
 def test_a_missing_recipe_file_gets_one_line(capsys):
@@ -263,14 +298,31 @@ def test_every_recipe_trains_a_few_steps(name, synth_data, tmp_path, capsys):
     args = train.build_parser().parse_args([f"@recipes/{name}"])
     if args.fonts:
         import fontdigits
+
         if not fontdigits.find_fonts():
             pytest.skip(f"{name} adds digits from handwriting fonts, and none are installed")
     data = synth_data if args.dataset == "mnist" else None
     if data is None:
         from conftest import FASHION_ARGS
+
         if not FASHION_ARGS:
             pytest.skip("Fashion-MNIST is not available here")
         data = FASHION_ARGS[1]
-    code, _, err = run_script("train", [f"@recipes/{name}", "--subset", "64", "--epochs", "1", "--data-dir", data,
-                                        "--out", str(tmp_path / "run"), "--progress", "off"], capsys)
+    code, _, err = run_script(
+        "train",
+        [
+            f"@recipes/{name}",
+            "--subset",
+            "64",
+            "--epochs",
+            "1",
+            "--data-dir",
+            data,
+            "--out",
+            str(tmp_path / "run"),
+            "--progress",
+            "off",
+        ],
+        capsys,
+    )
     assert code == 0, err
