@@ -418,6 +418,7 @@ def main(argv):
 
 
 def train(argv):
+    """Flags, device, data, model and folder; then the epochs, each saved as it ends; then one line."""
     args, resumed, source, in_place = parse_args(argv)
     keep_freed_memory()
     device = rank_device(args.device) if DDP else pick_device(args.device)
@@ -432,8 +433,8 @@ def train(argv):
         args.channels_last == "auto" and (device.type == "cpu" or (device.type == "cuda" and args.amp != "off"))
     )
 
-    # Set-up that can fail on one rank alone (its files, rank 0's folder) ends in meet(), where every
-    # rank learns of the failure; in one process meet() is a no-op.
+    # Under torchrun, set-up that can fail on one rank alone (its files, rank 0's folder) ends in meet(),
+    # where every rank learns of the failure; in one process a failure is raised at once.
     out, failure = None, None
     try:
         if DDP and LOCAL_RANK:  # one process per node finds (or downloads) the files first
@@ -700,29 +701,22 @@ def load_data(args, device, test_source=None):
         info, test_source, note = DATASETS[args.dataset], {"kind": "builtin"}, ""
         images, labels = load_split(args.dataset, "train", args.data_dir, device)
         test = load_split(args.dataset, "test", args.data_dir, device)
-        mean_std = normalization(args.dataset, args.data_dir)
     else:
         from userdata import open_dataset  # your own files: a CSV, class folders, IDX files
 
         source = open_dataset(args.dataset, args.data_dir, args.test, test_source, device)
-        info, (images, labels), test, test_source, note = (
-            source.info,
-            source.train,
-            source.test,
-            source.record,
-            source.note,
-        )
-        mean_std = own_stats(images) if args.norm == "dataset" else None
+        info, (images, labels), test = source.info, source.train, source.test
+        test_source, note = source.record, source.note
     if args.val >= len(labels):
         raise UserError(f"--val {args.val} leaves nothing to train on: the training set has {len(labels):,} images", 2)
-    norm = {"dataset": mean_std, "mnist": normalization("mnist"), "unit": (0.0, 1.0), "raw": (0.0, 1 / 255)}[args.norm]
+    if args.norm == "dataset":  # the training images' own mean and std: recorded for the built-in sets
+        norm = normalization(args.dataset, args.data_dir) if args.dataset in DATASETS else own_stats(images)
+    else:
+        norm = {"mnist": normalization("mnist"), "unit": (0.0, 1.0), "raw": (0.0, 1 / 255)}[args.norm]
     (images, labels), val = split_off_val(images, labels, args.val)
     if args.subset:
-        images, labels, test = (
-            images[: args.subset],
-            labels[: args.subset],
-            (test[0][: args.subset], test[1][: args.subset]),
-        )
+        images, labels = images[: args.subset], labels[: args.subset]
+        test = tuple(t[: args.subset] for t in test)
     if getattr(args, "fonts", 0) or getattr(args, "european", 0):  # getattr: runs saved before these flags
         from forms import more_digits  # rendering and rewriting digits needs Pillow and fonts
 
@@ -835,22 +829,19 @@ def train_one_epoch(learner, forward, batches, epoch, args, stop):
                     stop.code or 130,
                 )
         if log_every and ((global_step + 1) % log_every == 0 or last):
-            sums, now = (
-                (totals(loss_sum, correct, seen) if DDP else (loss_sum.item(), correct.item(), seen)),
-                time.perf_counter(),
-            )
-            n = sums[2] - window[2]
+            loss_now, correct_now, seen_now = sums_of(loss_sum, correct, seen)
+            now, n = time.perf_counter(), seen_now - window[2]
             step_rows.append(
                 {
                     "step": global_step + 1,
                     "epoch": epoch,
-                    "train_loss": (sums[0] - window[0]) / n,
-                    "train_acc": 100.0 * (sums[1] - window[1]) / n,
+                    "train_loss": (loss_now - window[0]) / n,
+                    "train_acc": 100.0 * (correct_now - window[1]) / n,
                     "lr": lr,
                     "images_per_s": n / max(now - window[3], 1e-9),
                 }
             )
-            window = (*sums, now)
+            window = (loss_now, correct_now, seen_now, now)
         if interval and time.perf_counter() - shown > interval:
             shown = time.perf_counter()
             say(
@@ -862,7 +853,7 @@ def train_one_epoch(learner, forward, batches, epoch, args, stop):
     if interval and interval < 1:
         say(stop, " " * 72, end="\r")
     elapsed = time.perf_counter() - t0
-    loss_total, right, images = totals(loss_sum, correct, seen) if DDP else (loss_sum.item(), correct.item(), seen)
+    loss_total, right, images = sums_of(loss_sum, correct, seen)
     return {
         "train_loss": loss_total / images,
         "train_acc": 100.0 * right / images,
@@ -870,6 +861,19 @@ def train_one_epoch(learner, forward, batches, epoch, args, stop):
         "seconds": elapsed,
         "images_per_s": images / WORLD / max(elapsed, 1e-9),
     }, step_rows
+
+
+def sums_of(loss_sum, correct, seen):
+    """(loss sum, correct, seen) as Python numbers; under torchrun summed over the ranks."""
+    if not DDP:
+        return float(loss_sum), int(correct), int(seen)
+    t = torch.tensor(
+        [float(loss_sum), float(correct), float(seen)],
+        dtype=torch.float64,
+        device=loss_sum.device if torch.is_tensor(loss_sum) else "cpu",
+    )
+    dist.all_reduce(t)
+    return t[0].item(), int(t[1].item()), int(t[2].item())
 
 
 def lr_factor(step, steps_per_epoch, args):
@@ -938,7 +942,7 @@ def evaluate(learner, data, tta=False):
             if not DDP:
                 loss, acc = score(logp, labels)
             else:
-                loss_sum, right, _ = totals(
+                loss_sum, right, _ = sums_of(
                     F.nll_loss(logp, labels[lo:hi], reduction="sum") if hi > lo else 0.0,
                     (logp.argmax(1) == labels[lo:hi]).sum() if hi > lo else 0,
                     0,
@@ -1228,17 +1232,6 @@ def agree(first_bad, stop):
     )
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     return (-1 if flags[0] == never else int(flags[0])), bool(flags[1] < 0)
-
-
-def totals(loss_sum, correct, seen):
-    """(loss sum, correct, seen) as Python numbers, summed over the ranks."""
-    t = torch.tensor(
-        [float(loss_sum), float(correct), float(seen)],
-        dtype=torch.float64,
-        device=loss_sum.device if torch.is_tensor(loss_sum) else "cpu",
-    )
-    dist.all_reduce(t)
-    return t[0].item(), int(t[1].item()), int(t[2].item())
 
 
 def restart_command():
