@@ -11,7 +11,7 @@ Error style: a user error prints one line on stderr and exits 2 when the command
 (unknown name, bad number, missing path, absent device), 1 when the command was fine but the work
 failed (corrupt file, diverged loss, full disk), 130 on Ctrl-C. `--debug` or MNIST_DEBUG=1 adds the
 traceback. A closed output pipe (`| head`) ends a command quietly. An exception class that sets
-`user_error = True` (UserError here, and data.py's, models.py's and files.py's own) carries a message
+`user_error = True` (UserError and WriteError here, data.py's and models.py's own) carries a message
 written for the user and its exit status in `code`, so this module needs none of theirs.
 
 Files: the data goes to a temporary file with a name of its own in the target's folder, created

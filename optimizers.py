@@ -21,7 +21,6 @@ class PlainOptimizer:
     """What the training loop, torch.amp.GradScaler and checkpoints use of an optimizer."""
 
     defaults = {}  # the option names and defaults of the torch.optim class it stands for
-    state_keys = ()  # the per-parameter state it keeps, in torch's names
 
     def __init__(self, params, **options):
         params = list(params)

@@ -1,6 +1,6 @@
 """Shared helpers: tiny synthetic IDX datasets, trained runs shared by the whole session, script
-runners, and disk snapshots. Tests marked `slow` start real processes or train for real; the quick
-tier is `python -m pytest -q -m "not slow"`."""
+runners, disk snapshots, small images and damaged copies of files. Tests marked `slow` start real
+processes or train for real; the quick tier is `python -m pytest -q -m "not slow"`."""
 
 import gzip
 import hashlib
@@ -152,3 +152,67 @@ def snapshot(*folders):
                 with open(path, "rb") as f:
                     state[path] = (st.st_size, hashlib.md5(f.read()).hexdigest())
     return state
+
+
+def one_line(call):
+    """(exit code, the single line on stderr) of a script's main run in this process."""
+    code, _, err = capture(call)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return code, lines[0]
+
+
+def png_size(path):
+    """(width, height) of a PNG file, checking that it is one."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return im.size
+
+
+def digit_png(path, size=64):
+    """A PNG of a one: a dark vertical stroke on white."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("L", (size, size), 255)
+    ImageDraw.Draw(image).line([(size // 2, size // 8), (size // 2, size * 7 // 8)], fill=0, width=size // 10)
+    image.save(path)
+    return str(path)
+
+
+def as_photo(image, size=200, canvas=(320, 260), at=(90, 20)):
+    """An MNIST digit (uint8 [28, 28]) as a user's drawing: dark ink on white paper, enlarged and off-centre."""
+    from PIL import Image
+
+    big = Image.fromarray((255 - image).numpy(), mode="L").resize((size, size), Image.BILINEAR)
+    paper = Image.new("L", canvas, 255)
+    paper.paste(big, at)
+    return paper
+
+
+@pytest.fixture(scope="module")
+def mnist_test():
+    """The real MNIST test set as stored: (uint8 images, labels). test_hub.py has its own, scaled to [0, 1]."""
+    from data import load_split
+
+    return load_split("mnist", "test")
+
+
+def mutations(raw, rng, n):
+    """N damaged copies of RAW: flipped bytes, cut-off ends, overwritten runs, inserted garbage."""
+    for _ in range(n):
+        b = bytearray(raw)
+        kind = rng.randrange(4)
+        if kind == 0:
+            for _ in range(rng.randint(1, 8)):
+                b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+        elif kind == 1:
+            b = b[: rng.randrange(len(b))]
+        elif kind == 2:
+            at = rng.randrange(len(b))
+            b[at : at + rng.randint(1, 64)] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+        else:
+            at = rng.randrange(len(b))
+            b[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 32)))
+        yield bytes(b)

@@ -1,14 +1,18 @@
-"""Finding, parsing and validating IDX files; batches, splits, normalization and augmentation."""
+"""Finding, parsing and validating IDX files (damaged ones included), their extracted .gz copies and
+size caps; batches, splits, normalization and augmentation; the grid data.py --show draws."""
 
 import gzip
 import os
+import random
+import shutil
+import tracemalloc
 
 import pytest
 import torch
 
 import data
-from conftest import HAS_FASHION, SHARED, idx_bytes, write_idx_set
-from data import Augment, Batches, DataError, load_split, read_idx, split_off_val
+from conftest import HAS_FASHION, SHARED, idx_bytes, mutations, png_size, write_idx_set
+from data import IMAGE_MAGIC, LABEL_MAGIC, Augment, Batches, DataError, load_split, read_idx, split_off_val
 
 
 def test_reads_flat_and_torchvision_layouts_gz_or_not(tmp_path):
@@ -237,3 +241,96 @@ def test_gzip_and_plain_give_the_same_tensor(tmp_path):
         f.write(raw)
     assert torch.equal(read_idx(str(tmp_path / "a"), 0x803), t)
     assert torch.equal(read_idx(str(tmp_path / "a.gz"), 0x803), t)
+
+
+def test_data_show_draws_a_grid(synth_data, tmp_path, capsys):
+    for flags, rows in (([], 4), (["--augment"], 4)):
+        out = str(tmp_path / f"grid{len(flags)}.png")
+        assert data.main(["--show", "mnist", "--data-dir", synth_data, "--out", out, *flags]) == 0, capsys.readouterr()
+        w, h = png_size(out)
+        assert w == 8 * 112 + 9 * 4 and h > rows * 112
+
+
+def write_gz(folder, name, raw):
+    with gzip.open(os.path.join(folder, name + ".gz"), "wb") as f:
+        f.write(raw)
+
+
+def gz_set(folder, seed, n=30):
+    """A small IDX set as .gz files only."""
+    plain = write_idx_set(str(folder) + "-plain", n_train=n, n_test=10, seed=seed)
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(plain):
+        write_gz(folder, name, open(os.path.join(plain, name), "rb").read())
+    return str(folder)
+
+
+def test_the_extracted_copy_is_used_only_while_it_matches_its_gz(tmp_path):
+    folder = gz_set(tmp_path / "set", seed=1)
+    first = data.load_split("mnist", "train", folder)
+    assert os.path.exists(os.path.join(folder, "train-images-idx3-ubyte"))  # kept extracted
+    again = data.load_split("mnist", "train", folder)
+    assert torch.equal(first[0], again[0])
+    other = gz_set(tmp_path / "other", seed=2)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):  # the .gz replaced, the copy stale
+        shutil.copy(os.path.join(other, name), os.path.join(folder, name))
+    replaced = data.load_split("mnist", "train", folder)
+    assert torch.equal(replaced[0], data.load_split("mnist", "train", other)[0])
+    assert not torch.equal(replaced[0], first[0])
+
+
+def test_the_extracted_copy_is_written_only_once_the_pair_is_checked(tmp_path):
+    folder = gz_set(tmp_path / "set", seed=1)
+    write_gz(folder, "train-labels-idx1-ubyte", idx_bytes(torch.zeros(29, dtype=torch.uint8), 0x801))
+    with pytest.raises(data.DataError, match="30 images but .* 29 labels"):
+        data.load_split("mnist", "train", folder)
+    assert not [f for f in os.listdir(folder) if not f.endswith(".gz")]
+
+
+def test_a_forged_gz_allocates_only_what_it_holds(tmp_path):
+    """The header promises 700,000 images (549 MB) and the trailer is forged to agree; the file holds
+    a few bytes. Reading stops at what really inflates, without allocating the promise."""
+    path = str(tmp_path / "train-images-idx3-ubyte.gz")
+    head = data.IMAGE_MAGIC.to_bytes(4, "big") + (700_000).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    with gzip.open(path, "wb") as f:
+        f.write(head + b"\0" * 1000)
+    promised = (len(head) + 700_000 * 784) % 2**32
+    with open(path, "r+b") as f:  # forge the trailer's size to match the header's promise
+        f.seek(-4, os.SEEK_END)
+        f.write(promised.to_bytes(4, "little"))
+    tracemalloc.start()
+    try:
+        with pytest.raises(data.DataError, match="truncated|cannot be read"):
+            data.read_idx(path, data.IMAGE_MAGIC)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20_000_000
+
+
+def test_idx_caps_fit_emnist_byclass_and_refuse_more_than_a_gigabyte(tmp_path):
+    assert 697_932 * 784 < data.MAX_BYTES <= 1 << 30
+    path = str(tmp_path / "train-images-idx3-ubyte")
+    with open(path, "wb") as f:
+        f.write(data.IMAGE_MAGIC.to_bytes(4, "big") + (1_400_000).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2)
+    with pytest.raises(data.DataError, match="claims 1,400,000 images .*more than any MNIST-style set holds"):
+        data.read_idx(path, data.IMAGE_MAGIC)
+
+
+@pytest.mark.parametrize("magic,dims,gz", [(IMAGE_MAGIC, (20, 28, 28), False), (LABEL_MAGIC, (50,), True)])
+def test_damaged_idx_files_give_a_clean_error_or_the_promised_shape(tmp_path, magic, dims, gz):
+    raw = idx_bytes(torch.randint(0, 10, dims, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)), magic)
+    head = 4 + 4 * len(dims)
+    rng = random.Random(3 + gz)
+    path = str(tmp_path / ("file.gz" if gz else "file"))
+    refused = 0
+    headers = [h + raw[head:] for h in mutations(raw[:head], rng, 150)]  # the header alone, then anywhere
+    for whole in headers + list(mutations(raw, rng, 150)):
+        with open(path, "wb") as f:
+            f.write(gzip.compress(whole) if gz else whole)
+        try:
+            out = read_idx(path, magic)
+            assert out.dtype == torch.uint8 and out.numel() == len(whole) - head
+        except DataError:
+            refused += 1
+    assert refused > 200

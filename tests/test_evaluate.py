@@ -1,15 +1,18 @@
-"""evaluate.py beyond one checkpoint: test-time augmentation and ensembles, checked against an
-independent computation from the models themselves."""
+"""evaluate.py: the pictures --out writes, the shipped weights' recorded scores, and beyond one
+checkpoint: test-time augmentation and ensembles, checked against an independent computation from the
+models themselves."""
 
 import json
 import os
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import plots
 from checkpoint import build_model, load_checkpoint
-from conftest import main_of, run_script
+from conftest import HAS_FASHION, ROOT, SHARED, main_of, png_size, run_script
 from data import load_split, normalize, tta_views
 
 
@@ -114,3 +117,67 @@ def test_tta_averages_the_shifted_images(two_runs, tmp_path, capsys):
     assert results[a]["accuracy"] == pytest.approx(accuracy(shifted, labels))
     assert results[a]["loss"] == pytest.approx(F.nll_loss(shifted.clamp_min(1e-12).log(), labels).item(), rel=1e-4)
     assert "TTA" in stdout
+
+
+def test_evaluate_out_writes_every_picture(synth_run, tmp_path, capsys):
+    folder, run = synth_run
+    report = str(tmp_path / "report")
+    code, out, err = run_script(
+        "evaluate", [os.path.join(run, "last.pt"), "--data-dir", folder, "--out", report], capsys
+    )
+    assert code == 0, err
+    for name, (min_w, min_h) in {
+        "confusion.png": (400, 400),
+        "curves.png": (800, 300),
+        "correct.png": (400, 200),
+    }.items():
+        w, h = png_size(os.path.join(report, name))
+        assert min_w <= w <= 4000 and min_h <= h <= 4000, (name, w, h)
+    assert "curves.png" in out and "skipped" not in out
+    assert not [f for f in os.listdir(report) if f.endswith(".tmp")]
+
+
+def test_without_matplotlib_the_plots_are_skipped_with_one_line(synth_run, tmp_path, capsys, monkeypatch):
+    folder, run = synth_run
+    monkeypatch.setattr(plots, "have_matplotlib", lambda: False)
+    report = str(tmp_path / "report")
+    code, out, err = run_script(
+        "evaluate", [os.path.join(run, "last.pt"), "--data-dir", folder, "--out", report], capsys
+    )
+    assert code == 0, err
+    assert "skipped confusion.png and curves.png: they need matplotlib" in out
+    assert os.path.exists(os.path.join(report, "correct.png"))
+    assert not os.path.exists(os.path.join(report, "confusion.png"))
+
+
+# The two large models score a part of the test set only (a full pass takes them 10-25 s on 2 cores):
+# there the check is that they load and are as accurate as the floor, not their exact figure.
+@pytest.mark.parametrize(
+    "file,dataset,floor,part",
+    [
+        ("mnist.pt", "mnist", 99.0, None),
+        pytest.param("mnist-top.pt", "mnist", 99.7, 3000, marks=pytest.mark.slow),
+        ("fashion-mnist.pt", "fashion-mnist", 90.0, None),
+        pytest.param("fashion-mnist-top.pt", "fashion-mnist", 94.0, 1500, marks=pytest.mark.slow),
+    ],
+)
+def test_shipped_weights_are_small_and_score_what_they_say(file, dataset, floor, part, capsys):
+    """Each shipped file is a slim checkpoint under 5 MB whose recorded accuracy is what it scores now."""
+    path = os.path.join(ROOT, "weights", file)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not present")
+    from checkpoint import load_checkpoint
+
+    assert os.path.getsize(path) < 5_000_000
+    ckpt = load_checkpoint(path)
+    assert ckpt["data"]["dataset"] == dataset and "optimizer" not in ckpt
+    assert ckpt["history"][-1]["test_acc"] > floor
+    if dataset == "fashion-mnist" and not HAS_FASHION:
+        return
+    args = [path] + (["--data-dir", SHARED] if dataset != "mnist" else []) + (["--subset", str(part)] if part else [])
+    code, out, err = run_script("evaluate", args, capsys)
+    assert code == 0, err
+    if part:
+        assert float(re.search(r"accuracy ([\d.]+) %", out).group(1)) > floor, out
+    else:
+        assert f"accuracy {ckpt['history'][-1]['test_acc']:.2f} %" in out, out

@@ -1,0 +1,40 @@
+"""cli.py's file writing: fresh temporary names in the target folder, no planted link followed, and
+each file and its folder synced."""
+
+import os
+
+import pytest
+import torch
+
+import cli
+
+
+def test_a_temporary_name_planted_as_a_link_is_not_followed(tmp_path, monkeypatch):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    monkeypatch.setattr(cli.secrets, "token_hex", lambda n: "0123456789ab")
+    target = tmp_path / "args.json"
+    os.symlink(victim, tmp_path / ".args.json.0123456789ab.tmp")
+    with pytest.raises(cli.WriteError, match="cannot write .*args.json"):
+        cli.write_text_atomic("{}", str(target))
+    assert victim.read_text() == "precious" and not target.exists()
+
+
+def test_temporary_names_are_fresh_and_in_the_target_folder(tmp_path, monkeypatch):
+    made = []
+    real = cli.open_new
+    monkeypatch.setattr(cli, "open_new", lambda path, mode="wb": made.append(path) or real(path, mode))
+    for _ in range(20):
+        cli.write_text_atomic("{}", str(tmp_path / "last.pt"))
+    assert len(set(made)) == 20 and all(os.path.dirname(n) == str(tmp_path) for n in made)
+    assert sorted(os.listdir(tmp_path)) == ["last.pt"]
+
+
+def test_a_checkpoint_save_syncs_the_file_and_its_folder(tmp_path, monkeypatch):
+    from checkpoint import save_checkpoint
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(cli.os, "fsync", lambda fd: synced.append(os.path.realpath(f"/proc/self/fd/{fd}")) or real(fd))
+    save_checkpoint({"x": torch.zeros(3)}, str(tmp_path / "last.pt"))
+    assert any(p.endswith(".tmp") for p in synced) and str(tmp_path) in synced
