@@ -245,16 +245,5 @@ def make_checkpoint(model, args, data, history, ema=None):
 def slim_checkpoint(ckpt):
     """The checkpoint with only what make_checkpoint writes, without what continuing the run needs:
     a third of the size."""
-    keep = (
-        "format",
-        "version",
-        "torch_version",
-        "model",
-        "state_dict",
-        "ema_state_dict",
-        "data",
-        "args",
-        "epoch",
-        "history",
-    )
+    keep = "format version torch_version model state_dict ema_state_dict data args epoch history".split()
     return {k: ckpt[k] for k in keep if ckpt.get(k) is not None}

@@ -620,20 +620,9 @@ def parse_args(argv):
 
 
 # Flags a resumed run may change; every other flag must match the checkpoint's.
-RESUME_MAY_CHANGE = {
-    "epochs",
-    "device",
-    "data_dir",
-    "resume",
-    "debug",
-    "compile",
-    "progress",
-    "log_every",
-    "tensorboard",
-    "eval_every",
-    "out",
-    "overwrite",
-}
+RESUME_MAY_CHANGE = set(
+    "epochs device data_dir resume debug compile progress log_every tensorboard eval_every out overwrite".split()
+)
 
 
 def resume_args(argv, saved):
