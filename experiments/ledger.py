@@ -21,13 +21,7 @@ sys.path.insert(0, ROOT)  # the toolkit's modules, for the scripts in this folde
 
 import torch  # noqa: E402
 
-from cli import (  # noqa: E402
-    UserError,
-    non_negative,
-    positive,
-    recipe_flags,
-    write_text_atomic,  # noqa: E402
-)
+from cli import UserError, non_negative, positive, recipe_flags, write_text_atomic  # noqa: E402
 from device import machine  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "results")
