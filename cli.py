@@ -291,7 +291,7 @@ def read_log(path):
 
 
 class StopRequest:
-    """Set by a signal (Ctrl-C, SIGTERM) or a closed output pipe: save at the end of this step and stop."""
+    """Set by a signal (Ctrl-C, SIGTERM) or a closed output pipe: stop at the end of this step."""
 
     def __init__(self):
         self.why, self.code = None, None
@@ -307,8 +307,9 @@ class StopRequest:
 @contextmanager
 def stop_on_signals():
     """Ctrl-C, or the SIGTERM with which schedulers (SLURM, Kubernetes) stop or preempt a job, asks the
-    run to save at the end of the step and stop; a second signal quits at once, and the last save is
-    whole anyway. Exit 130 after Ctrl-C, 143 after SIGTERM, as the shell reports a death by signal."""
+    run to stop at the end of the step, where it says how to continue; a second signal quits at once,
+    and the last save is whole anyway. Exit 130 after Ctrl-C, 143 after SIGTERM, as the shell reports a
+    death by signal."""
     stop = StopRequest()
 
     def handler(signum, frame):
@@ -316,7 +317,7 @@ def stop_on_signals():
             raise KeyboardInterrupt
         name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
         stop.ask("interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)", 128 + signum)
-        print(f"\n{name}: saving at the end of this step (send it again to quit now)", file=sys.stderr, flush=True)
+        print(f"\n{name}: stopping at the end of this step (send it again to quit now)", file=sys.stderr, flush=True)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -327,8 +328,8 @@ def stop_on_signals():
 
 
 def say(stop, text, end="\n"):
-    """print for a run: when the reader of its output went away (`| head`), the run saves at the end
-    of the step and stops, as after Ctrl-C, instead of dying in the middle of it."""
+    """print for a run: when the reader of its output went away (`| head`), the run stops at the end
+    of the step, as after Ctrl-C, instead of dying in the middle of it."""
     try:
         print(text, end=end, flush=True)
     except BrokenPipeError:

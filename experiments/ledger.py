@@ -74,9 +74,9 @@ def run_one(recipe, seed, out, opts, resume=True):
 
 
 def train(args, env):
-    """Run train.py to the end. Ctrl-C and SIGTERM are passed on to it, once per signal, so it saves at
-    the end of its step and exits; left to the terminal, subprocess.run would kill it a quarter second
-    later, before it could save. (Pressed twice, Ctrl-C makes it quit at once.)"""
+    """Run train.py to the end. Ctrl-C and SIGTERM are passed on to it, once per signal, so it stops at
+    the end of its step with its last finished epoch saved; left to the terminal, subprocess.run would
+    kill it a quarter second later. (Pressed twice, Ctrl-C makes it quit at once.)"""
     proc = subprocess.Popen(
         [sys.executable, "train.py", *args],
         cwd=ROOT,
