@@ -188,6 +188,33 @@ def curves_png(rows, path, title, steps=()):
     save_figure(fig, path)
 
 
+def seed_bands_png(curves, path, panels, title):
+    """One panel per (key, axis label) of PANELS, one colour per (label, runs) of CURVES: the mean over a
+    configuration's seeds at each epoch as a line, the seeds' min-max as a band around it. Each run is
+    {key: {epoch: value}}; an epoch counts the seeds that reached it, so a stopped seed leaves the band."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for (key, axis), ax in zip(panels, axes[0]):
+        for k, (label, runs) in enumerate(curves):
+            epochs = sorted({e for run in runs for e in run.get(key, {})})
+            if not epochs:
+                continue
+            values = [[run[key][e] for run in runs if e in run.get(key, {})] for e in epochs]
+            color = f"C{k % 10}"
+            ax.plot(epochs, [sum(v) / len(v) for v in values], "-o", color=color, markersize=3, label=label)
+            ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.2)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(axis)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
 def prediction_grids(images, labels, probs, classes, out, per_class=4, most=64):
     """mistakes.png: the misclassified images, most confident first, captioned "true → predicted (p)".
     correct.png: the `per_class` most confident right answers of every class. Returns the paths written."""
