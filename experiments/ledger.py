@@ -1,4 +1,5 @@
-"""The run ledger that reproduce.py and top.py share: run a recipe with train.py, record it, summarise.
+"""The run ledger that reproduce.py and top.py share: run a recipe with train.py (through runs.py, the
+runner and statistics compare.py uses), record it, summarise.
 
 Every finished run is recorded in a JSON file (results/reproduce.json, results/top.json) as soon as it
 ends, under its command's key ("004/ours"), with its seed, final accuracy, wall time, machine and the
@@ -9,11 +10,8 @@ command; its wall time is then unknown and shows as "not timed".
 
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -21,6 +19,7 @@ sys.path.insert(0, ROOT)  # the toolkit's modules, for the scripts in this folde
 
 import torch  # noqa: E402
 
+import runs  # noqa: E402
 from cli import UserError, non_negative, positive, recipe_flags, write_text_atomic  # noqa: E402
 from device import machine  # noqa: E402
 
@@ -44,61 +43,30 @@ def commands(recipes):
 
 
 def run_one(recipe, seed, out, opts, resume=True):
-    """Train once; (final test accuracy, wall seconds to 0.1 s, epochs run). A run folder left by a stopped
-    run of the same command is resumed rather than started over; its wall time is then None,
-    because the stopped part was not timed."""
-    common = ["--progress", "off", "--device", opts.device] + (["--data-dir", opts.data_dir] if opts.data_dir else [])
+    """Train once, through compare.py's runner (runs.train_jobs); (final test accuracy, wall seconds to
+    0.1 s, epochs run). A run folder left by a stopped run of the same command is resumed rather than
+    started over, and its wall time is then None, because the stopped part was not timed; one left by
+    another command (train.py refuses to resume it) is started over."""
+    extra = ["--device", opts.device] + (["--data-dir", opts.data_dir] if opts.data_dir else [])
     if opts.quick:  # argparse keeps the last value, so these override the recipe's own
-        common += ["--subset", str(QUICK_IMAGES), "--epochs", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads)) if opts.threads else None
-    flags = ["@" + recipe_path(recipe), "--seed", str(seed)]
-    fresh = [*flags, "--out", out, "--overwrite"]
-    # train.py refuses (exit 2) a --resume whose flags differ from the saved run's: then start over.
-    attempts = [["--resume", out, *flags], fresh] if resume and resumable(out) else [fresh]
-    for args in attempts:
-        t0 = time.perf_counter()
-        proc = train(args + common, env)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 2 or args is fresh:
-            break
-    if proc.returncode in (130, 143):
-        raise UserError(f"stopped part way; the same command continues the run in {out}", proc.returncode)
-    if proc.returncode:
-        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise UserError(f"this run failed: train.py {' '.join(args + common)}\n  {last[0]}")
-    if args is not fresh:
+        extra += ["--subset", str(QUICK_IMAGES), "--epochs", "1"]
+    job = runs.Job(recipe, os.path.join(ROOT, recipe_path(recipe)), seed, out, fresh=not resume)
+    outcomes = []
+    code = runs.train_jobs([job], extra, 1, outcomes.append, opts.threads, restart_refused=True)
+    if code:
+        raise UserError(f"stopped part way; the same command continues the run in {out}", code)
+    outcome = outcomes[-1]
+    if outcome.code:
+        raise UserError(
+            f"this run failed: train.py {' '.join(runs.train_argv(job, outcome.action, extra))}\n  "
+            f"{outcome.last_line or 'no output'}"
+        )
+    if outcome.action in ("resume", "keep"):
         print(f"continued the stopped run in {out}", flush=True)
-    last = torch.load(os.path.join(out, "last.pt"), weights_only=True)["history"][-1]
+    run = runs.read_run(out)
     # A run with --ema is its EMA weights: evaluate.py, predict.py and export.py use them by default.
-    return last.get("ema_test_acc", last["test_acc"]), (round(wall, 1) if args is fresh else None), last["epoch"]
-
-
-def train(args, env):
-    """Run train.py to the end. Ctrl-C and SIGTERM are passed on to it, once per signal, so it stops at
-    the end of its step with its last finished epoch saved; left to the terminal, subprocess.run would
-    kill it a quarter second later. (Pressed twice, Ctrl-C makes it quit at once.)"""
-    proc = subprocess.Popen(
-        [sys.executable, "train.py", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    previous = {
-        s: signal.signal(s, lambda signum, _: proc.send_signal(signum)) for s in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        stdout, stderr = proc.communicate()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
-def resumable(out):
-    return any(os.path.exists(os.path.join(out, name)) for name in ("last.pt", "args.json"))
+    wall = round(outcome.seconds, 1) if outcome.action in ("start", "restart") else None
+    return run.last("test"), wall, len(run.epochs)
 
 
 def stamp(opts, out):
@@ -230,7 +198,6 @@ def wall_by_machine(runs, machines, fmt):
     return ", ".join(cells) or "not timed"
 
 
-def mean_std(values, unit=" %"):
-    """'mean ± std%' of a list, with the count of values in brackets."""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {std:.2f}{unit} ({len(values)})"
+def mean_std(values):
+    """'mean ± sd % (n)' of accuracies, as compare.py writes a cell."""
+    return runs.percent(runs.summarize(values))
