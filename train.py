@@ -420,9 +420,10 @@ def main(argv):
 def train(argv):
     """Flags, device, data, model and folder; then the epochs, each saved as it ends; then one line."""
     args, resumed, source, in_place = parse_args(argv)
-    if resumed and ((resumed.get("stopping") or {}).get("stopped") or resumed["epoch"] >= args.epochs):
-        why = (resumed.get("stopping") or {}).get("stopped") or f"it finished epoch {resumed['epoch']} of {args.epochs}"
-        print(f"{args.resume} is complete ({why}); pass a larger --epochs to train further")
+    stopped = resumed and ((resumed.get("stopping") or {}).get("stopped") or resumed["epoch"] >= args.epochs)
+    if stopped and in_place:  # said before the data is read or the folder touched (a new --out is made first)
+        why = stopped if isinstance(stopped, str) else f"it finished epoch {resumed['epoch']} of {args.epochs}"
+        print(f"{source} is complete ({why}); pass a larger --epochs to train further")
         return 0
     keep_freed_memory()
     device = rank_device(args.device) if DDP else pick_device(args.device)
@@ -485,6 +486,10 @@ def train(argv):
         failure = e
     if DDP:
         out = meet(failure, out)
+    if history.stopped or first_epoch > args.epochs:
+        why = history.stopped or f"it finished epoch {first_epoch - 1} of {args.epochs}"
+        print(f"{out} is complete ({why}); pass a larger --epochs to train further")
+        return 0
     if resumed:
         print(f"resuming {out} at epoch {first_epoch}")
     elif args.resume:
