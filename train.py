@@ -420,9 +420,9 @@ def main(argv):
 def train(argv):
     """Flags, device, data, model and folder; then the epochs, each saved as it ends; then one line."""
     args, resumed, source, in_place = parse_args(argv)
-    stopped = resumed and ((resumed.get("stopping") or {}).get("stopped") or resumed["epoch"] >= args.epochs)
-    if stopped and in_place:  # said before the data is read or the folder touched (a new --out is made first)
-        why = stopped if isinstance(stopped, str) else f"it finished epoch {resumed['epoch']} of {args.epochs}"
+    complete = resumed and ((resumed.get("stopping") or {}).get("stopped") or resumed["epoch"] >= args.epochs)
+    if complete and in_place:  # said before the data is read or the folder touched (a new --out is made first)
+        why = complete if isinstance(complete, str) else f"it finished epoch {resumed['epoch']} of {args.epochs}"
         print(f"{source} is complete ({why}); pass a larger --epochs to train further")
         return 0
     keep_freed_memory()
