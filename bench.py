@@ -145,14 +145,14 @@ def train_steps(model, optimizer, batches, autocast):
     """train.py's training step over BATCHES (forward, cross-entropy, backward, Adam), its loss summed on
     the device as train.py does and read back once at the end, which waits for the last step."""
     model.train()
-    total = torch.zeros(())
+    total = torch.zeros((), device=next(model.parameters()).device)
     for x, y in batches:
         with autocast:
             loss = torch.nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total = total.to(loss.device) + loss.detach().float()
+        total += loss.detach().float()
     return total.item()
 
 

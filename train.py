@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from checkpoint import load_checkpoint, make_checkpoint, model_kwargs, save_checkpoint
+from checkpoint import checkpoint_path, load_checkpoint, make_checkpoint, model_kwargs, save_checkpoint
 from cli import (
     Parser,
     UserError,
@@ -662,8 +662,8 @@ def find_resume(path):
         if saved is None:
             raise UserError(f"{args_file} is not a train.py run's; start a new run instead", 2)
         return None, os.path.abspath(path), True, saved
-    file = os.path.abspath(os.path.join(path, "last.pt") if os.path.isdir(path) else path)
     ckpt = load_checkpoint(path)
+    file = os.path.abspath(checkpoint_path(path))
     if not isinstance(ckpt.get("args"), dict) or ckpt.get("optimizer") is None:
         raise UserError(
             f"{path} holds weights without the training state a resume needs (the optimizer's); "
