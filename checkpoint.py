@@ -16,6 +16,7 @@ import pickle
 import warnings
 
 import torch
+from torch import nn
 
 from cli import UserError, write_bytes_atomic
 from models import OPTIONS, ModelError, count_params, get_model, list_models, option_problem
@@ -207,6 +208,53 @@ def build_model(ckpt, weights="auto", path="checkpoint"):
         first = str(e).strip().splitlines()[1:2] or [str(e)[:120]]
         raise UserError(f"{path}: the weights do not fit model {spec['name']!r} ({first[0].strip()})") from None
     return model, "ema" if use_ema else "raw"
+
+
+class Normalized(nn.Module):
+    """A trained model as it leaves the toolkit (torch.hub, torch.export, ONNX): it takes images on 0..1
+    shaped as in training, (N, 1, 28, 28), applies its training normalization itself and returns logits;
+    `classes` names the outputs. One convention, so a client cannot feed the wrong scale."""
+
+    def __init__(self, model, mean, std, classes):
+        super().__init__()
+        self.model, self.mean, self.std, self.classes = model, float(mean), float(std), list(classes)
+
+    def forward(self, x):
+        return self.model((x - self.mean) / self.std)
+
+    def extra_repr(self):
+        return f"mean={self.mean}, std={self.std}, classes={len(self.classes)}"
+
+
+def normalized_model(ckpt, weights="auto", path="checkpoint"):
+    """build_model's model inside Normalized, in eval mode: (model, which weights were loaded)."""
+    model, which = build_model(ckpt, weights, path)
+    data = ckpt["data"]
+    return Normalized(model, data["mean"], data["std"], data["classes"]).eval(), which
+
+
+def model_card(ckpt, which):
+    """What an exported file says about itself (JSON types): its classes, the input it takes, the model and
+    options, the data and test accuracy of WHICH weights, and the checkpoint format it came from."""
+    data, last = ckpt["data"], (ckpt.get("history") or [{}])[-1]
+    builtin = data.get("test", {}).get("kind") == "builtin"
+    dataset = data["dataset"] if builtin else os.path.basename(data["dataset"].rstrip("/\\"))
+    looks = "bright on a dark background, as in " + dataset if builtin else "grey levels as in " + dataset
+    accuracy = last.get("ema_test_acc" if which == "ema" else "test_acc")
+    return {
+        "classes": list(data["classes"]),
+        "input": f"float32 images on 0..1 shaped (N, {', '.join(map(str, data['input_shape']))}), {looks}; "
+        f"the model subtracts {data['mean']:g} and divides by {data['std']:g} itself",
+        "input_shape": ["N", *data["input_shape"]],
+        "output": f"logits (N, {len(data['classes'])}) in the order of classes; softmax gives probabilities",
+        "model": ckpt["model"]["name"],
+        "model_options": dict(ckpt["model"]["kwargs"]),
+        "weights": which,
+        "dataset": dataset,
+        "test_accuracy": round(float(accuracy), 2) if isinstance(accuracy, (int, float)) else None,
+        "epochs": ckpt.get("epoch"),
+        "checkpoint_format": f"{CHECKPOINT_FORMAT} {ckpt.get('version', CHECKPOINT_VERSION)}",
+    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,10 +17,10 @@ import torch
 
 from checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, build_model, checkpoint_path, load_checkpoint, load_file
 from cli import Parser, UserError, make_folder, non_negative, positive, read_log, run, write_text_atomic
-from data import DATASETS, DatasetInfo, dataset_info, normalization, predict_probs, score, split_off_val
+from data import dataset_info, normalization, predict_probs, score
 from device import autocast_for, keep_freed_memory, native_bf16, pick_device, resolve_amp
 from models import list_models
-from userdata import open_dataset, read_any, remap
+from userdata import evaluation_set
 
 
 def member_probs(member, images, batch_size=1000, flips=False):
@@ -99,44 +99,6 @@ def report(name, logits, labels, classes):
         "per_class": {c: {"precision": p, "recall": r, "support": n} for c, (p, r, n) in zip(classes, rows)},
         "confusion": cm.tolist(),
     }
-
-
-def evaluation_set(args, ckpt, device):
-    """(name, DatasetInfo, images, labels) to score: every image of --test PATH; else the test split of
-    the checkpoint's data (or --dataset), the one it was trained beside where recorded; with --val N
-    the training images train.py --val N held out."""
-    recorded = ckpt["data"]
-    if args.test:
-        images, labels, names, rule, _ = read_any(args.test)
-        labels = remap(labels, names, recorded["classes"], args.test)
-        info = DatasetInfo(os.path.abspath(args.test), None, tuple(recorded["classes"]), rule=rule)
-        return args.test, info, images.to(device), labels.to(device)
-    name = args.dataset or recorded["dataset"]
-    record = recorded.get("test") if name not in DATASETS else None
-    if name not in DATASETS and args.dataset is None and not os.path.exists(name):
-        raise UserError(
-            f"{name}, the data this model was trained on, is not there; pass --dataset PATH where it "
-            f"is now, or --test PATH to score another labelled set",
-            2,
-        )
-    trained = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-    recorded_dir = trained.get("data_dir") if trained.get("dataset") == name else None
-    # where training found the IDX files (EMNIST in a --data-dir): with no flags, the data is where it was
-    data_dir = args.data_dir or (
-        recorded_dir if isinstance(recorded_dir, str) and os.path.isdir(recorded_dir) else None
-    )
-    source = open_dataset(name, data_dir, None, record, device, strict=args.dataset is None)
-    if source.note and name not in DATASETS:
-        print(f"{name}: {source.note}")
-    images, labels = source.test
-    if args.val:
-        train_images, train_labels = source.train
-        if args.val >= len(train_labels):
-            raise UserError(f"--val {args.val} is not below the {len(train_labels):,} training images", 2)
-        images, labels = split_off_val(train_images, train_labels, args.val)[1]
-    if name not in DATASETS and list(source.info.classes) != list(recorded["classes"]):
-        labels = remap(labels.cpu(), list(source.info.classes), recorded["classes"], name).to(device)
-    return name, source.info, images, labels
 
 
 def wrap_state_dict(path, args):
@@ -235,7 +197,7 @@ def main(argv):
         (path, load_checkpoint(path) if args.model is None else wrap_state_dict(path, args))
         for path in args.checkpoints
     ]
-    name, info, images, labels = evaluation_set(args, ckpts[0][1], device)
+    name, info, images, labels = evaluation_set(ckpts[0][1], args.dataset, args.test, args.data_dir, args.val, device)
     for path, ckpt in ckpts:
         if ckpt["model"]["kwargs"].get("num_classes", 10) != len(info.classes):
             raise UserError(

@@ -8,14 +8,13 @@ weights for `cnn`, `vgg` and `resnet`.
 
 A pretrained model takes images on 0..1 shaped (N, 1, 28, 28), white ink on black as in MNIST,
 normalizes them as its training did, and returns logits in eval mode; `model.classes` names the
-outputs. Without weights an entry returns the plain model of models.get_model.
+outputs (checkpoint.Normalized, which export.py's pt2 and ONNX files hold too). Without weights an entry
+returns the plain model of models.get_model.
 """
 
 import functools as _functools
 import inspect as _inspect
 import os as _os
-
-from torch import nn as _nn
 
 import checkpoint as _checkpoint
 import models as _models
@@ -43,20 +42,6 @@ _ABOUT = {
 }
 
 
-class _Normalized(_nn.Module):
-    """A trained model that takes images on 0..1 and applies its checkpoint's normalization first."""
-
-    def __init__(self, model, mean, std, classes):
-        super().__init__()
-        self.model, self.mean, self.std, self.classes = model, float(mean), float(std), list(classes)
-
-    def forward(self, x):
-        return self.model((x - self.mean) / self.std)
-
-    def extra_repr(self):
-        return f"mean={self.mean}, std={self.std}, classes={len(self.classes)}"
-
-
 def _pretrained(name, weights, kwargs):
     path = _weights_path(name, weights)
     ckpt = _checkpoint.load_checkpoint(path)
@@ -74,9 +59,7 @@ def _pretrained(name, weights, kwargs):
                 f"the {weights!r} weights are a {name} with {key}={built[key]!r}; leave {key} "
                 f"out, or drop pretrained to build an untrained {name} with {key}={value!r}"
             )
-    model, _ = _checkpoint.build_model(ckpt, path=path)
-    data = ckpt["data"]
-    return _Normalized(model, data["mean"], data["std"], data["classes"]).eval()
+    return _checkpoint.normalized_model(ckpt, path=path)[0]
 
 
 def _weights_path(name, weights):

@@ -4,6 +4,7 @@ files with any classes, or a built-in set by name (data.DATASETS, EMNIST include
     source = open_dataset("train.csv")      # or "symbols/", "my-idx/", "mnist", "emnist-letters"
     images, labels = source.train            # uint8 [N, 1, 28, 28] and int64 [N]; source.test likewise
     print(source.note)                       # where its test images came from
+    name, info, images, labels = evaluation_set(ckpt)   # what evaluate.py and export.py score a checkpoint on
     pixels, labels = read_csv("test.csv")    # Kaggle's test.csv: pixels only, so labels is None
 
 Without --test, a seeded, stratified seventh of the data (as MNIST's 60,000/10,000) is the test split;
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from data import DATASETS, MAX_BYTES, DataError, DatasetInfo, load_split, read_pair
+from data import DATASETS, MAX_BYTES, DataError, DatasetInfo, load_split, read_pair, split_off_val
 
 MAX_CSV_BYTES = 2 << 30  # Kaggle's train.csv is 73 MB, EMNIST ByClass written out as CSV about 1.2 GB
 CHUNK_CELLS = 8 << 20  # cells parsed at a time: 64 MB of int64 however long the file, not 8 bytes a cell
@@ -105,6 +106,42 @@ def open_dataset(spec, data_dir=None, test=None, record=None, device="cpu", stri
         {"kind": "share", "indices": held.to(torch.int32), **fingerprint},
         note,
     )
+
+
+def evaluation_set(ckpt, dataset=None, test=None, data_dir=None, val=0, device="cpu"):
+    """(name, DatasetInfo, images, labels) to score a checkpoint on: every image of TEST (a labelled set);
+    else the test split of the checkpoint's data (or DATASET), the one it was trained beside where recorded;
+    with VAL N the training images train.py --val N held out."""
+    recorded = ckpt["data"]
+    if test:
+        images, labels, names, rule, _ = read_any(test)
+        labels = remap(labels, names, recorded["classes"], test)
+        info = DatasetInfo(os.path.abspath(test), None, tuple(recorded["classes"]), rule=rule)
+        return test, info, images.to(device), labels.to(device)
+    name = dataset or recorded["dataset"]
+    record = recorded.get("test") if name not in DATASETS else None
+    if name not in DATASETS and dataset is None and not os.path.exists(name):
+        raise DataError(
+            f"{name}, the data this model was trained on, is not there; pass --dataset PATH where it "
+            f"is now, or --test PATH to score another labelled set",
+            2,
+        )
+    trained = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    recorded_dir = trained.get("data_dir") if trained.get("dataset") == name else None
+    # where training found the IDX files (EMNIST in a --data-dir): with no flags, the data is where it was
+    data_dir = data_dir or (recorded_dir if isinstance(recorded_dir, str) and os.path.isdir(recorded_dir) else None)
+    source = open_dataset(name, data_dir, None, record, device, strict=dataset is None)
+    if source.note and name not in DATASETS:
+        print(f"{name}: {source.note}")
+    images, labels = source.test
+    if val:
+        train_images, train_labels = source.train
+        if val >= len(train_labels):
+            raise DataError(f"--val {val} is not below the {len(train_labels):,} training images", 2)
+        images, labels = split_off_val(train_images, train_labels, val)[1]
+    if name not in DATASETS and list(source.info.classes) != list(recorded["classes"]):
+        labels = remap(labels.cpu(), list(source.info.classes), recorded["classes"], name).to(device)
+    return name, source.info, images, labels
 
 
 def read_any(path):

@@ -77,6 +77,36 @@ def test_evaluate_scores_the_same_test_images_with_no_flags(kaggle_run):
     assert f"accuracy {ckpt['history'][-1]['test_acc']:.2f} % (" in printed
 
 
+def test_export_checks_on_the_same_test_images_and_names_the_file_not_its_folder(kaggle_run, tmp_path):
+    import json
+
+    out, _ = kaggle_run
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    pt2 = str(tmp_path / "kaggle.pt2")
+    code, printed, err = capture(lambda: main_of("export", [out, "--format", "pt2", "--out", pt2]))
+    assert code == 0, err
+    assert "the test split it was trained beside: 60 of 420 images" in printed
+    assert (
+        "on 60 test images given on 0..1" in printed and f"accuracy {ckpt['history'][-1]['test_acc']:.2f} %" in printed
+    )
+    extra = {"metadata.json": ""}
+    torch.export.load(pt2, extra_files=extra)
+    card = json.loads(extra["metadata.json"])
+    assert card["dataset"] == "train.csv" and "grey levels as in train.csv" in card["input"]
+
+
+def test_export_of_a_model_whose_data_moved_says_where_to_point_it(kaggle, kaggle_run, tmp_path):
+    out, _ = kaggle_run
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    ckpt["data"]["dataset"] = str(tmp_path / "moved" / "train.csv")
+    torch.save(ckpt, tmp_path / "moved.pt")
+    argv = [str(tmp_path / "moved.pt"), "--format", "ckpt", "--out", str(tmp_path / "slim.pt")]
+    code, _, err = capture(lambda: main_of("export", argv))
+    assert code == 2 and "pass --dataset PATH where it is now" in err and not os.path.exists(tmp_path / "slim.pt")
+    code, printed, err = capture(lambda: main_of("export", [*argv, "--dataset", kaggle[0]]))
+    assert code == 0 and "the test split it was trained beside: 60 of 420 images" in printed, err
+
+
 def test_a_model_trained_beside_test_path_is_evaluated_on_that_file_again(kaggle, tmp_path):
     """--test PATH is recorded; evaluate.py with no flags scores that file, not a share of the training
     data (most of which the model learned from), and a missing one is named rather than replaced."""
