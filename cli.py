@@ -23,6 +23,7 @@ either. This module imports nothing of the toolkit's, so everything else may use
 import argparse
 import csv
 import errno
+import io
 import os
 import re
 import secrets
@@ -100,7 +101,7 @@ def run(main, argv=None):
         error, message, code = e, "interrupted", 130
     if debug_asked(argv):
         traceback.print_exception(error)
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    print(f"{prog}: error: {printable(message)}", file=sys.stderr)  # names in it may come from hostile files
     return code
 
 
@@ -277,6 +278,51 @@ def write_bytes_atomic(data, path, durable=True):
 
 def write_text_atomic(text, path):
     write_atomic(path, text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Names are data: class and file names come from the user's files
+# ---------------------------------------------------------------------------------------------
+
+
+def printable(text):
+    """TEXT safe for a terminal: control characters (ESC and the sequences it starts, CR, BEL...) and
+    invisible format characters shown as escapes, and the undecodable bytes of a file name as \\xNN."""
+    text = str(text)
+    return text if text.isprintable() else "".join(c if c.isprintable() else _escaped(c) for c in text)
+
+
+def _escaped(c):
+    code = ord(c)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, kept by os.fsdecode's surrogateescape
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet run a cell as a formula
+
+
+def csv_cell(value):
+    """VALUE as a spreadsheet will show it, never run it: a text that starts as a formula does
+    (=HYPERLINK(...), +, -, @) gets a leading apostrophe, unless it is a plain number such as -1."""
+    if not isinstance(value, str):
+        return value
+    if value.startswith(FORMULA_START):
+        try:
+            float(value)
+        except ValueError:
+            return "'" + value
+    return value
+
+
+def csv_table(rows):
+    """ROWS (lists of cells) as CSV text: cells quoted where they hold a comma, quote or line break, text
+    kept from running as a formula, names that are not UTF-8 written with their bytes escaped."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    for row in rows:
+        writer.writerow([csv_cell(printable(c)) if isinstance(c, str) else c for c in row])
+    return buf.getvalue()
 
 
 def read_log(path):

@@ -38,3 +38,35 @@ def test_a_checkpoint_save_syncs_the_file_and_its_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(cli.os, "fsync", lambda fd: synced.append(os.path.realpath(f"/proc/self/fd/{fd}")) or real(fd))
     save_checkpoint({"x": torch.zeros(3)}, str(tmp_path / "last.pt"))
     assert any(p.endswith(".tmp") for p in synced) and str(tmp_path) in synced
+
+
+def test_names_from_files_reach_the_terminal_escaped():
+    from cli import printable
+
+    assert printable("a\x1b]0;pwned\x07b\r") == "a\\x1b]0;pwned\\x07b\\x0d"  # OSC title, BEL, CR
+    assert printable("caf\udcff.png") == "caf\\xff.png"  # a file name that is not UTF-8 (os.fsdecode)
+    assert printable("x\u202egnp.exe") == "x\\u202egnp.exe"  # a right-to-left override
+    assert printable("Ünïcode ok 7") == "Ünïcode ok 7"
+
+
+def test_csv_cells_are_quoted_and_never_run_as_formulas():
+    import csv
+    import io
+
+    from cli import csv_table
+
+    rows = [['=HYPERLINK("http://x","y")', "a,b", "-1", "-x", "@sum", 3, 0.5, "line\nbreak", "caf\udcff"]]
+    text = csv_table(rows)
+    cells = next(csv.reader(io.StringIO(text)))
+    assert cells == [
+        '\'=HYPERLINK("http://x","y")',
+        "a,b",
+        "-1",
+        "'-x",
+        "'@sum",
+        "3",
+        "0.5",
+        "line\\x0abreak",
+        "caf\\xff",
+    ]
+    text.encode("utf-8")  # writable as UTF-8 whatever the names held
