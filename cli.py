@@ -29,6 +29,7 @@ import re
 import secrets
 import shlex
 import signal
+import stat
 import sys
 import traceback
 from contextlib import contextmanager
@@ -224,12 +225,63 @@ def open_new(path, mode="wb"):
     return os.fdopen(os.open(path, flags, 0o644), mode)
 
 
+def output_path(path, flag, reading=()):
+    """Where the file the user named with FLAG is to be written, checked before any work: the target of a
+    symlink (which stays a link), or the device or FIFO itself (write_atomic writes into those). Refused
+    with one line: a folder, a missing folder, or a file that one of READING, the files the command
+    reads (inputs, the checkpoint), resolves to under another name."""
+    real = os.path.realpath(path)
+    if os.path.isdir(real):
+        raise UserError(f"{flag} {path} is a folder; name a file in it", 2)
+    if not os.path.isdir(os.path.dirname(real)):
+        raise UserError(f"{flag} {path}: the folder {os.path.dirname(real)} does not exist", 2)
+    for source in reading:
+        if same_file(real, source):
+            raise UserError(f"{flag} {path} is {source}, which this command reads; choose another file", 2)
+    return real
+
+
+def same_file(a, b):
+    """Whether paths A and B name one file: through links, and without case on file systems that ignore it."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one is not there yet
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def write_into(path, data):
+    """DATA into the device or FIFO at PATH, which a rename would replace (as root, /dev/null for the whole
+    machine). A FIFO with no reader is an error, not a wait without end."""
+    try:
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            raise WriteError(f"cannot write {path}: it is a FIFO that nothing reads; start its reader first") from None
+        raise WriteError(write_problem(path, e)) from None
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)  # O_NONBLOCK was for the open; the writes wait for the reader
+    try:
+        with os.fdopen(fd, "w" if isinstance(data, str) else "wb") as f:
+            data(path) if callable(data) else f.write(data)
+    except OSError as e:
+        raise WriteError(write_problem(path, e)) from None
+
+
 def write_atomic(path, data, durable=False):
     """DATA (bytes or text) to PATH through a fresh temporary file beside it, .NAME.<random>.tmp, which
     then replaces PATH in one rename; DATA may also be a function that writes the temporary file's
     path itself (a library's save). With DURABLE the file and its folder are synced to disk before
     and after the rename (checkpoints: a power cut must not leave an empty last.pt). A failed write
-    removes the temporary file and raises WriteError naming PATH; the previous version stays."""
+    removes the temporary file and raises WriteError naming PATH; the previous version stays. A device
+    or FIFO at PATH (`--out /dev/null`, `--out >(gzip)`) is written into instead."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = 0
+    if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
+        return write_into(path, data)
+    if stat.S_ISBLK(mode):
+        raise WriteError(f"cannot write {path}: it is a disk device; name a file")
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
     try:

@@ -22,8 +22,8 @@ import warnings
 
 import torch
 
-from checkpoint import load_checkpoint, model_card, normalized_model, save_checkpoint, slim_checkpoint
-from cli import Parser, UserError, positive, run, write_atomic, write_bytes_atomic
+from checkpoint import checkpoint_path, load_checkpoint, model_card, normalized_model, save_checkpoint, slim_checkpoint
+from cli import Parser, UserError, output_path, positive, run, write_atomic, write_bytes_atomic
 from userdata import evaluation_set
 
 FORMATS = {"pt2": ".pt2", "onnx": ".onnx", "ckpt": ".pt"}
@@ -115,12 +115,14 @@ def main(argv):
     args = build_parser().parse_args(argv)
     ckpt = load_checkpoint(args.checkpoint)
     model, which = normalized_model(ckpt, args.weights, args.checkpoint)
-    out = args.out or os.path.splitext(args.checkpoint.rstrip("/"))[0] + FORMATS[args.format]
-    if os.path.abspath(out) == os.path.abspath(args.checkpoint):
-        raise UserError(f"--out {out} is the checkpoint itself; choose another file", 2)
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise UserError(f"--out {out}: the folder {folder} does not exist", 2)
+    # RUN/last.pt under any name is refused: replacing it would lose the run's resume state
+    out = output_path(
+        args.out or os.path.splitext(args.checkpoint.rstrip("/"))[0] + FORMATS[args.format],
+        "--out",
+        [checkpoint_path(args.checkpoint)],
+    )
+    if os.path.exists(out) and not os.path.isfile(out):
+        raise UserError(f"--out {args.out}: export.py reads back the file it writes to check it; name a file", 2)
     # the checkpoint's own test images, given as a client gives them: on 0..1, not normalized
     _, _, images, labels = evaluation_set(ckpt, args.dataset, args.test, args.data_dir)
     x, labels = images[: args.check_images].float() / 255, labels[: args.check_images]

@@ -16,10 +16,20 @@ import sys
 
 import torch
 
-from checkpoint import add_ckpt_flag, build_model, load_checkpoint
-from cli import Parser, UserError, make_folder, positive, run, write_text_atomic
+from checkpoint import add_ckpt_flag, build_model, checkpoint_path, load_checkpoint
+from cli import (
+    Parser,
+    UserError,
+    csv_table,
+    make_folder,
+    output_path,
+    positive,
+    printable,
+    run,
+    write_atomic,
+    write_text_atomic,
+)
 from device import pick_device
-from plots import save_png
 from preprocess import FORMAT_NAMES, IMAGE_TYPES, classify, read_gray, to_input
 from userdata import read_csv
 
@@ -61,9 +71,31 @@ def preprocessed_names(files, folder):
                 f"of them or classify them in two runs",
                 2,
             )
+        if os.path.lexists(out) and not made_by_us(out):
+            raise UserError(
+                f"--save-preprocessed {folder} already holds {os.path.basename(out)}, which predict.py did not "
+                f"write; choose another folder",
+                2,
+            )
         taken[real] = f
         outputs.append(out)
     return outputs
+
+
+MARK = (b"Software", b"predict.py --save-preprocessed")  # a tEXt chunk in every PNG we write there
+
+
+def made_by_us(path):
+    """Whether PATH is a regular file that an earlier --save-preprocessed wrote (its PNG carries MARK right
+    after its header), so that writing it again destroys nothing of the user's."""
+    try:
+        if not os.path.isfile(path) or os.path.islink(path):
+            return False
+        with open(path, "rb") as f:
+            head = f.read(128)
+    except OSError:
+        return False
+    return b"tEXt" + MARK[0] + b"\0" + MARK[1] in head
 
 
 def build_parser():
@@ -106,62 +138,60 @@ def main(argv):
         raise UserError("--save-preprocessed shows how images were prepared; a CSV's rows are used as they are", 2)
     if any(p.lower().endswith(".csv") for p in args.images) and not table:
         raise UserError("give one CSV file of pixel rows, or image files and folders, not both", 2)
-    if args.out and os.path.realpath(args.out) in {os.path.realpath(p) for p in args.images}:
-        raise UserError(f"--out {args.out} is one of the inputs; choose another file", 2)
+    files = args.images if table else gather_files(args.images)
+    # checked before any work, against the files themselves: DIR/a.png or the checkpoint under another name
+    out = args.out and output_path(args.out, "--out", [checkpoint_path(args.ckpt), *files])
     if table:
         inputs, names = read_csv(args.images[0])[0][:, 0], None
     else:
-        names = gather_files(args.images)
+        names = files
         outputs = preprocessed_names(names, args.save_preprocessed) if args.save_preprocessed else None
         rule = ckpt["data"].get("rule", "mnist")
         inputs = torch.stack([to_input(read_gray(f), rule, f) for f in names])  # [N, 28, 28] uint8
         if outputs:
             save_inputs(inputs, outputs, args.save_preprocessed)
     probs = torch.cat([classify(model, ckpt, chunk) for chunk in inputs.split(1000)])
-    report(probs, names, ckpt["data"]["classes"], args)
+    report(probs, names, ckpt["data"]["classes"], args.top, out)
     return 0
 
 
 def save_inputs(inputs, outputs, folder):
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
 
     make_folder(folder, "--save-preprocessed")
+    info = PngImagePlugin.PngInfo()
+    info.add_text(*(m.decode() for m in MARK))
     for x, out in zip(inputs, outputs):
-        save_png(Image.fromarray(x.numpy(), mode="L"), out)
+        image = Image.fromarray(x.numpy(), mode="L")
+        write_atomic(out, lambda tmp, image=image: image.save(tmp, format="PNG", pnginfo=info))
     print(f"wrote the 28x28 inputs to {folder}")
 
 
-def report(probs, names, classes, args):
-    """The top classes of each input on stdout (a CSV's first rows only when --out writes them all), and
-    --out: ImageId,Label rows numbered from 1 for a CSV of pixels, file,label,probability for images."""
-    top = min(args.top, len(classes))
-    labels = [f"{i}" for i in range(1, len(probs) + 1)] if names is None else names
-    shown = len(probs) if names is not None or len(probs) <= 20 or not args.out else 10
+def report(probs, names, classes, top, out):
+    """The TOP classes of each input on stdout (a CSV's first rows only when OUT gets them all), and OUT:
+    ImageId,Label rows numbered from 1 for a CSV of pixels, file,label,probability for images. Names
+    come from the user's files: escaped on the terminal, quoted and kept from running as formulas in OUT."""
+    top = min(top, len(classes))
+    labels = [str(i) for i in range(1, len(probs) + 1)] if names is None else [printable(n) for n in names]
+    shown = len(probs) if names is not None or len(probs) <= 20 or not out else 10
     width = max(len(n) for n in labels[:shown])
     for name, p in zip(labels[:shown], probs[:shown]):
         values, indices = p.topk(top)
         print(
             f"{name:<{width}}  "
-            + "  ".join(f"{classes[i]} {v:6.2%}" for v, i in zip(values.tolist(), indices.tolist()))
+            + "  ".join(f"{printable(classes[i])} {v:6.2%}" for v, i in zip(values.tolist(), indices.tolist()))
         )
     if shown < len(probs):
         print(f"... and {len(probs) - shown:,} more rows")
-    if args.out:
+    if out:
         best, index = probs.max(1)
         if names is None:
-            text = "ImageId,Label\n" + "".join(f"{i},{classes[k]}\n" for i, k in enumerate(index.tolist(), 1))
+            rows = [["ImageId", "Label"], *([i, classes[k]] for i, k in enumerate(index.tolist(), 1))]
         else:
-            text = "file,label,probability\n" + "".join(
-                f"{csv_cell(n)},{csv_cell(classes[k])},{p:.4f}\n"
-                for n, k, p in zip(names, index.tolist(), best.tolist())
-            )
-        write_text_atomic(text, args.out)
-        print(f"wrote {len(probs):,} predictions to {args.out}")
-
-
-def csv_cell(text):
-    """TEXT as one CSV cell: quoted when it holds a comma, a quote or a line break."""
-    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n\r') else text
+            rows = [["file", "label", "probability"]]
+            rows += [[n, classes[k], f"{p:.4f}"] for n, k, p in zip(names, index.tolist(), best.tolist())]
+        write_text_atomic(csv_table(rows), out)
+        print(f"wrote {len(probs):,} predictions to {printable(out)}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -45,6 +46,7 @@ from cli import (
     describe_error,
     make_folder,
     non_negative,
+    open_new,
     positive,
     read_log,
     remove_temporaries,
@@ -1073,8 +1075,8 @@ def prepare_out(args):
     make_folder(out, "--out")
     lock_folder(out)  # before anything of a running run could be removed
     try:
-        probe = os.path.join(out, ".write-test")
-        write_text_atomic("", probe)
+        probe = os.path.join(out, f".write-test.{os.getpid()}.{time.monotonic_ns()}")  # a name no file of yours has
+        open_new(probe).close()
         os.remove(probe)
         for f in existing:
             os.remove(os.path.join(out, f))
@@ -1108,6 +1110,10 @@ def lock_folder(out):
             f"or stop it, or choose another --out",
             2,
         ) from None
+    f.seek(0)
+    if not re.fullmatch(r"\d*\s*", f.read(64)):  # a .lock of the user's own, not a pid that train.py wrote
+        f.close()
+        raise UserError(f"{out} holds a .lock file that train.py did not write; choose another --out", 2)
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")

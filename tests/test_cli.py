@@ -70,3 +70,48 @@ def test_csv_cells_are_quoted_and_never_run_as_formulas():
         "caf\\xff",
     ]
     text.encode("utf-8")  # writable as UTF-8 whatever the names held
+
+
+def test_an_output_named_as_a_link_is_written_through_and_stays_a_link(tmp_path):
+    target = tmp_path / "real.csv"
+    target.write_text("old")
+    link = tmp_path / "link.csv"
+    os.symlink(target, link)
+    out = cli.output_path(str(link), "--out")
+    cli.write_text_atomic("new", out)
+    assert os.path.islink(link) and target.read_text() == "new"
+
+
+def test_an_output_fifo_is_written_into_and_one_without_reader_is_one_line(tmp_path):
+    import threading
+
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(cli.WriteError, match="a FIFO that nothing reads"):  # at once, not a wait without end
+        cli.write_text_atomic("rows\n", cli.output_path(str(fifo), "--out"))
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo).read()))
+    reader.start()
+    for _ in range(200):  # the reader's open must come first, or the write would find no reader
+        try:
+            cli.write_text_atomic("rows\n", str(fifo))
+            break
+        except cli.WriteError:
+            threading.Event().wait(0.01)
+    reader.join(5)
+    assert got == ["rows\n"] and os.path.exists(fifo) and not os.path.isfile(fifo)  # still the FIFO
+
+
+def test_an_output_that_resolves_to_an_input_is_refused(tmp_path):
+    data = tmp_path / "in" / "a.png"
+    data.parent.mkdir()
+    data.write_bytes(b"image")
+    os.link(data, tmp_path / "hard.png")
+    for name in (str(data), str(tmp_path / "in" / ".." / "in" / "a.png"), str(tmp_path / "hard.png")):
+        with pytest.raises(cli.UserError, match="which this command reads"):
+            cli.output_path(name, "--out", [str(data)])
+    with pytest.raises(cli.UserError, match="is a folder"):
+        cli.output_path(str(tmp_path / "in"), "--out")
+    with pytest.raises(cli.UserError, match="does not exist"):
+        cli.output_path(str(tmp_path / "gone" / "x.csv"), "--out")
+    assert data.read_bytes() == b"image"

@@ -283,7 +283,7 @@ CASES = [
     ("export unknown format", X, lambda f: [f.ckpt, "--format", "tflite"], 2, r"--format: invalid choice"),
     ("export no format", X, lambda f: [f.ckpt], 2, r"required: --format"),
     ("export missing checkpoint", X, lambda f: [f.tmp + "/gone.pt", "--format", "pt2"], 2, r"does not exist"),
-    ("export onto itself", X, lambda f: [f.ckpt, "--format", "ckpt", "--out", f.ckpt], 2, r"is the checkpoint itself"),
+    ("export onto itself", X, lambda f: [f.ckpt, "--format", "ckpt", "--out", f.ckpt], 2, r"which this command reads"),
     (
         "export into a missing folder",
         X,

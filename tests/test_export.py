@@ -9,6 +9,7 @@ import torch
 
 from checkpoint import CHECKPOINT_FORMAT, load_checkpoint, model_card, normalized_model
 from conftest import ROOT, run_script
+from conftest import main_of as run_main
 
 
 def onnx_tools():
@@ -131,3 +132,16 @@ def test_shipped_mnist_model_exported_scores_in_onnxruntime_as_in_pytorch(tmp_pa
     program = torch.export.load(str(tmp_path / "mnist.pt2")).module()
     with torch.no_grad():
         assert (program(x) - hub(x)).abs().max().item() <= 1e-5
+
+
+def test_export_never_replaces_the_run_it_reads(synth_run, tmp_path):
+    from conftest import one_line, snapshot
+
+    folder, run = synth_run
+    before = snapshot(run)
+    for out in (os.path.join(run, "last.pt"), os.path.join(run, ".", "last.pt")):
+        code, line = one_line(
+            lambda out=out: run_main("export", [run, "--format", "ckpt", "--out", out, "--data-dir", folder])
+        )
+        assert code == 2 and "which this command reads" in line, line
+    assert snapshot(run) == before

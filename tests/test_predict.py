@@ -82,3 +82,53 @@ def test_save_preprocessed_refuses_names_that_differ_only_in_case(tmp_path):
     code, line = one_line(lambda: main_of("predict", [str(folder), "--save-preprocessed", str(tmp_path / "seen")]))
     assert code == 2 and "seven.png" in line and "Seven.jpg" in line and "would both become" in line
     assert snapshot(str(tmp_path)) == before
+
+
+def test_out_never_lands_on_an_input_or_the_checkpoint_under_another_name(tmp_path, capsys):
+    folder = tmp_path / "drawn"
+    folder.mkdir()
+    digit_png(folder / "a.png")
+    ckpt = tmp_path / "model.pt"
+    os.symlink(SHIPPED["mnist"], ckpt)
+    before = snapshot(str(tmp_path))
+    for argv in (
+        [str(folder), "--out", str(folder / "a.png")],  # an image inside a folder that was given
+        [str(folder / "a.png"), "--ckpt", str(ckpt), "--out", SHIPPED["mnist"]],  # the checkpoint behind its link
+    ):
+        code, line = one_line(lambda argv=argv: main_of("predict", argv))
+        assert code == 2 and "which this command reads; choose another file" in line, line
+    assert snapshot(str(tmp_path)) == before and os.path.islink(ckpt)
+
+
+def test_names_from_files_are_escaped_and_csv_cells_never_formulas(tmp_path, capsys):
+    import csv
+
+    folder = tmp_path / "drawn"
+    folder.mkdir()
+    hostile = "=HYPERLINK(1),\x1b]0;pwned\x07.png"
+    digit_png(folder / hostile)
+    odd = os.fsdecode(b"caf\xff.png")  # a name that is not UTF-8
+    digit_png(os.path.join(str(folder), odd))
+    out = tmp_path / "preds.csv"
+    code, printed, err = run_script("predict", [str(folder), "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "\x1b" not in printed and "\\x1b]0;pwned\\x07" in printed and "caf\\xff.png" in printed
+    rows = list(csv.reader(open(out, encoding="utf-8")))
+    assert rows[0] == ["file", "label", "probability"] and len(rows) == 3 and all(len(r) == 3 for r in rows)
+    assert {r[0][len(str(folder)) + 1 :] for r in rows[1:]} == {"caf\\xff.png", "=HYPERLINK(1),\\x1b]0;pwned\\x07.png"}
+    assert not any(r[0].startswith("=") for r in rows)
+
+
+def test_save_preprocessed_never_writes_over_a_file_it_did_not_make(tmp_path, capsys):
+    image = digit_png(tmp_path / "a.png")
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    (seen / "a.png").write_bytes(b"the user's own picture")
+    code, line = one_line(lambda: main_of("predict", [image, "--save-preprocessed", str(seen)]))
+    assert code == 2 and "which predict.py did not write" in line
+    assert (seen / "a.png").read_bytes() == b"the user's own picture"
+    (seen / "a.png").unlink()
+    for _ in range(2):  # its own earlier output it may write again
+        code, _, err = run_script("predict", [image, "--save-preprocessed", str(seen)], capsys)
+        assert code == 0, err
+    assert png_size(seen / "a.png") == (28, 28)

@@ -109,3 +109,18 @@ def test_a_killed_save_leaves_nothing_behind_once_the_folder_is_used_again(synth
     open(mine, "w").write("mine")
     assert main_of("train", ["--resume", out, "--epochs", "2", "--data-dir", synth_data]) == 0
     assert not os.path.exists(stale) and os.path.exists(mine)
+
+
+def test_a_folder_of_the_users_keeps_its_write_test_and_lock_files(synth_data, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / ".write-test").write_text("a file of mine")
+    (mine / ".lock").write_text("held by my own tool\n")
+    before = snapshot(str(mine))
+    code, line = one_line(lambda: main_of("train", [*FAST, "--data-dir", synth_data, "--out", str(mine)]))
+    assert code == 2 and ".lock file that train.py did not write" in line
+    assert snapshot(str(mine)) == before
+    (mine / ".lock").unlink()
+    assert main_of("train", [*FAST, "--data-dir", synth_data, "--out", str(mine)]) == 0
+    assert (mine / ".write-test").read_text() == "a file of mine"
+    assert not [f for f in os.listdir(mine) if f.startswith(".write-test.")]  # its own probe is gone
