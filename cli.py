@@ -47,17 +47,23 @@ class UserError(Exception):
         self.code = code
 
 
+MAX_ARGUMENT_FILE = 1 << 20  # bytes; a recipe is a few hundred, so more is not an argument file
+MAX_NESTING = 8  # argument files naming argument files, deeper than any recipe goes
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that reads argument files (`@recipes/fast.args`: flags, any number a line, `#` starts a
-    comment; flags after the file override it) and reports a bad argument in one line, exit 2."""
+    comment; flags after the file override it; a file may name others) and reports a bad argument in
+    one line, exit 2. Argument files are read here, not by argparse: only regular files, bounded in
+    size and nesting, so `@/dev/zero` or a file that names itself is one line, not a hang."""
 
     def __init__(self, **kwargs):
-        super().__init__(fromfile_prefix_chars="@", **kwargs)
+        super().__init__(**kwargs)
         # read from the raw argv by run() (debug_asked), so that even a failure in parsing can show it
         self.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see --help)\n")
 
     def convert_arg_line_to_args(self, line):
         try:
@@ -67,16 +73,41 @@ class Parser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
-        return super().parse_known_args([self._argument_file(a) if a.startswith("@") else a for a in args], namespace)
+        return super().parse_known_args(self._expand(args, ()), namespace)
 
-    def _argument_file(self, arg):
-        """@PATH relative to the current folder or, failing that, to the toolkit's own folder, so that
-        `@recipes/fast.args` works from anywhere."""
-        path = arg[1:]
-        if os.path.isfile(path):
-            return arg
-        if os.path.isfile(os.path.join(HERE, path)):
-            return "@" + os.path.join(HERE, path)
+    def _expand(self, args, chain):
+        """ARGS with every @FILE replaced by its flags; CHAIN is the argument files being read."""
+        out = []
+        for arg in args:
+            if not arg.startswith("@"):
+                out.append(arg)
+                continue
+            path = self._argument_file(arg[1:])
+            real = os.path.realpath(path)
+            if real in chain:
+                self.error(f"argument file {path} names itself, directly or through another; remove the loop")
+            if len(chain) >= MAX_NESTING:
+                self.error(f"argument file {path} is nested {MAX_NESTING} files deep; name fewer files in files")
+            try:
+                with open(real, "rb") as f:
+                    raw = f.read(MAX_ARGUMENT_FILE + 1)
+                text = raw.decode("utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                self.error(f"cannot read the argument file {path} ({getattr(e, 'strerror', None) or e})")
+            if len(raw) > MAX_ARGUMENT_FILE:
+                self.error(f"argument file {path} is over {MAX_ARGUMENT_FILE >> 20} MB; it is not a list of flags")
+            tokens = [t for line in text.splitlines() for t in self.convert_arg_line_to_args(line)]
+            out += self._expand(tokens, (*chain, real))
+        return out
+
+    def _argument_file(self, path):
+        """PATH relative to the current folder or, failing that, to the toolkit's own folder, so that
+        `@recipes/fast.args` works from anywhere; only a regular file (not a FIFO or a device)."""
+        for where in (path, os.path.join(HERE, path)):
+            if os.path.exists(where):
+                if not os.path.isfile(where):
+                    self.error(f"argument file {path} is not a regular file; name a file of flags")
+                return where
         self.error(f"argument file {path} does not exist; the named recipes are in {os.path.join(HERE, 'recipes')}")
 
 

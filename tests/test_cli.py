@@ -115,3 +115,25 @@ def test_an_output_that_resolves_to_an_input_is_refused(tmp_path):
     with pytest.raises(cli.UserError, match="does not exist"):
         cli.output_path(str(tmp_path / "gone" / "x.csv"), "--out")
     assert data.read_bytes() == b"image"
+
+
+def test_argument_files_are_bounded_regular_files(tmp_path, capsys):
+    from conftest import main_of
+
+    (tmp_path / "self.args").write_text(f"--epochs 2\n@{tmp_path / 'other.args'}\n")
+    (tmp_path / "other.args").write_text(f"@{tmp_path / 'self.args'}\n")
+    os.symlink("/dev/zero", tmp_path / "zero.args")
+    (tmp_path / "big.args").write_text("--epochs 2\n" * 200_000)
+    chain = [tmp_path / f"{k}.args" for k in range(10)]
+    for k, f in enumerate(chain[:-1]):
+        f.write_text(f"@{chain[k + 1]}\n")
+    chain[-1].write_text("--epochs 2\n")
+    for name, message in (
+        ("self.args", "names itself"),
+        ("zero.args", "is not a regular file"),
+        ("big.args", "is over 1 MB"),
+        ("0.args", "nested 8 files deep"),
+    ):
+        assert main_of("train", [f"@{tmp_path / name}"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1, err
