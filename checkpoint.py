@@ -14,6 +14,7 @@ import io
 import os
 import pickle
 import warnings
+import zipfile
 
 import torch
 from torch import nn
@@ -26,6 +27,10 @@ DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weig
 
 
 MAX_PARAMS = 100_000_000  # 400 MB in fp32: 35 times the largest model of any recipe (2.8 M)
+# weights, EMA weights and two Adam moments of a MAX_PARAMS model in fp32, with room for the rest
+MAX_BYTES = 2 << 30
+MAX_PARTS = 1_000_000  # lists, dicts and values in a record's flags and history: a long run has thousands
+MAX_TEXT = 4096  # characters in one saved string: a path, a class name
 CHECKPOINT_VERSION = 1  # bump when the layout changes, and teach load_checkpoint the old one
 
 
@@ -68,9 +73,22 @@ def load_checkpoint(path):
 
 
 def load_file(path):
-    """torch.load(weights_only=True), with every way a file can be wrong turned into one sentence."""
-    if os.path.getsize(path) == 0:
+    """torch.load(weights_only=True), with every way a file can be wrong turned into one sentence, after
+    the file's size and its zip records are checked: torch.load would inflate a compressed record of
+    any size, or read a device without end, before anything else could be checked."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is not a regular file; pass a checkpoint file or a run folder", 2)
+    size = os.path.getsize(path)
+    if size == 0:
         raise UserError(f"{path} is empty (0 bytes), probably cut off while being written; use another checkpoint")
+    if size > MAX_BYTES:
+        raise UserError(f"{path} is {size / 2**30:.1f} GB, more than any checkpoint of a model this toolkit builds")
+    problem = zip_problem(path, size)
+    if problem:
+        raise UserError(
+            f"{path} is not a readable PyTorch checkpoint: it is truncated, damaged or another kind of file "
+            f"({problem}); use another checkpoint"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -88,6 +106,22 @@ def load_file(path):
             f"of file ({type(e).__name__}); use another checkpoint"
         ) from None
     return ckpt
+
+
+def zip_problem(path, size):
+    """What makes PATH unlike the zip archive torch.save writes (every record stored, none compressed,
+    together no larger than the file), or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return "not the zip archive torch.save writes"
+    compressed = [r.filename for r in records if r.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        return f"its record {compressed[0][:80]} is compressed, which torch.save never does"
+    if sum(r.file_size for r in records) > size:
+        return "its records claim more bytes than the file holds"
+    return None
 
 
 def check_checkpoint(ckpt, path):
@@ -121,6 +155,13 @@ def check_checkpoint(ckpt, path):
     problem = size_problem(ckpt)
     if problem:
         raise UserError(f"{path}: {problem}; use another checkpoint")
+    for key in ("state_dict", "ema_state_dict"):
+        for name, tensor in (ckpt.get(key) or {}).items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise UserError(
+                    f"{path} holds NaN or infinite weights ({key} {name[:80]}): the run diverged before this "
+                    f"save; use an earlier checkpoint or train again with a lower --lr"
+                )
     return ckpt
 
 
@@ -131,9 +172,11 @@ def schema_problem(ckpt):
     if not (isinstance(model, dict) and isinstance(model.get("name"), str) and isinstance(model.get("kwargs"), dict)):
         return "its model record is missing or malformed"
     for key, value in model["kwargs"].items():
-        problem = option_problem(key, value) if isinstance(key, str) else "is not a name"
+        if not (isinstance(key, str) and len(key) < 100 and isinstance(value, SCALARS)):
+            return "its model arguments are not names with plain values"
+        problem = option_problem(key, value)
         if problem:
-            return f"its model argument {key}={value!r:.40} {problem}"
+            return f"its model argument {key}={brief(value)} {problem}"
     for key in ("state_dict",) + (("ema_state_dict",) if ckpt.get("ema_state_dict") is not None else ()):
         weights = ckpt.get(key)
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
@@ -152,14 +195,58 @@ def schema_problem(ckpt):
         return (
             f"its model predicts {model['kwargs'].get('num_classes', 10)} classes but it names {len(data['classes'])}"
         )
+    if not all(len(c) <= MAX_TEXT for c in data["classes"]) or len(data["dataset"]) > MAX_TEXT:
+        return "its data record holds names longer than any path or class name"
     shape = data.get("input_shape") or [1, 28, 28]  # older records lack it: they were all 1x28x28
+    if not (isinstance(shape, list) and len(shape) == 3 and all(type(d) is int for d in shape)):
+        return "its data's input_shape is not three whole numbers"
     if shape != [1, 28, 28]:  # every reader of images and IDX files here gives one channel of 28x28
-        return f"its data's input_shape {str(shape)[:40]} is not [1, 28, 28], the only shape this toolkit reads"
+        return f"its data's input_shape {shape} is not [1, 28, 28], the only shape this toolkit reads"
     if model["kwargs"].get("in_channels", 1) != 1:
         return f"its model reads {model['kwargs'].get('in_channels', 1)} channels but its data has 1"
-    if not isinstance(ckpt.get("history", []), list):
+    # the flags, history and resume state are printed, compared and written out again (args.json): each
+    # is a plain record of bounded size, checked before any of that
+    layouts = {"args": (dict, 2), "history": (list, 2), "stopping": (dict, 1), "scaler": (dict, 1)}
+    for key, (kind, depth) in layouts.items():
+        value = ckpt.get(key)
+        if value is not None and not (isinstance(value, kind) and plain(value, depth, [MAX_PARTS])):
+            return f"its {key} is not a plain record of bounded size"
+    if not all(isinstance(row, dict) for row in ckpt.get("history") or []):
         return "its history is malformed"
+    if not isinstance(ckpt.get("epoch", 0), int) or not isinstance(ckpt.get("ema_steps", 0), int):
+        return "its epoch or EMA step count is not a whole number"
     return None
+
+
+SCALARS = (bool, int, float, str, type(None))
+
+
+def brief(value):
+    """A saved scalar for a message, at most 40 characters (Python will not even print an int of 5,000 digits)."""
+    if isinstance(value, int) and value.bit_length() > 4000:
+        return "a number of over 1,000 digits"
+    return repr(value[:40] if isinstance(value, str) else value)[:40]
+
+
+def plain(value, depth, budget):
+    """Whether VALUE holds only scalars (strings of at most MAX_TEXT characters), lists and string-keyed
+    dicts, DEPTH levels deep at most, in BUDGET[0] parts at most (counted down as it goes). A pickle may
+    refer to one list many times, so a small file can unfold into billions of parts: the count stops
+    the walk at the bound instead."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        return False
+    if isinstance(value, str):
+        return len(value) <= MAX_TEXT
+    if isinstance(value, SCALARS):
+        return True
+    if depth == 0:
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(plain(v, depth - 1, budget) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and plain(k, 0, budget) and plain(v, depth - 1, budget) for k, v in value.items())
+    return False
 
 
 def size_problem(ckpt):

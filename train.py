@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from checkpoint import checkpoint_path, load_checkpoint, make_checkpoint, model_kwargs, save_checkpoint
+from checkpoint import SCALARS, checkpoint_path, load_checkpoint, make_checkpoint, model_kwargs, plain, save_checkpoint
 from cli import (
     Parser,
     UserError,
@@ -475,10 +475,10 @@ def train(argv):
             try:
                 history, first_epoch = restore(resumed, learner), resumed["epoch"] + 1
             except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+                why = str(e)[:160] if str(e).startswith("its optimizer state") else type(e).__name__
                 raise UserError(
                     f"{args.resume} cannot be resumed: its saved training state is damaged or does not "
-                    f"fit ({type(e).__name__}); evaluate.py may still read its weights; start a new "
-                    f"run"
+                    f"fit ({why}); evaluate.py may still read its weights; start a new run"
                 ) from None
         if RANK == 0:
             out = open_folder(args, history.rows, (first_epoch - 1) * len(batches), source, in_place)
@@ -1014,6 +1014,9 @@ def save(path, learner, args, data, history):
 def restore(ckpt, learner):
     """The other way: the weights, optimizer, EMA and scaler state into LEARNER; returns the History."""
     learner.model.load_state_dict(ckpt["state_dict"])
+    problem = optimizer_problem(ckpt["optimizer"], list(learner.model.parameters()))
+    if problem:
+        raise ValueError(f"its optimizer state {problem}")
     learner.optimizer.load_state_dict(ckpt["optimizer"])
     if learner.ema is not None:
         learner.ema.module.load_state_dict(ckpt["ema_state_dict"])
@@ -1022,6 +1025,37 @@ def restore(ckpt, learner):
         learner.scaler.load_state_dict(ckpt["scaler"])
     known = {f.name for f in fields(History)} - {"rows"}
     return History(list(ckpt["history"]), **{k: v for k, v in (ckpt.get("stopping") or {}).items() if k in known})
+
+
+def optimizer_problem(saved, params):
+    """What makes SAVED, an optimizer's state_dict, unfit for the model's PARAMS, or None. Checked before
+    loading, which copies each tensor to its parameter's device and type (an 8-byte tensor of zero stride
+    would become gigabytes), while a tensor of the wrong shape would fail only at the first step."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not (isinstance(groups, list) and isinstance(saved.get("state"), dict)):
+        return "is not an optimizer's"
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        return "has malformed parameter groups"
+    if not all(plain({k: v for k, v in g.items() if k != "params"}, 2, [10_000]) for g in groups):
+        return "has settings that are not plain numbers"
+    if sum(len(g["params"]) for g in groups) != len(params):
+        return "is for a model with another number of parameters"
+    for index, entry in saved["state"].items():
+        i = int(index) if isinstance(index, int) or (isinstance(index, str) and index.isdigit()) else -1
+        if not (0 <= i < len(params) and isinstance(entry, dict)):
+            return "names parameters the model does not have"
+        for key, value in entry.items():
+            if not torch.is_tensor(value):
+                if not isinstance(value, SCALARS):
+                    return f"has a {key!s:.40} that is neither a tensor nor a number"
+                continue
+            if key == "step" and value.numel() == 1:
+                continue
+            if value.shape != params[i].shape:
+                return f"has {key!s:.40} of shape {list(value.shape)} for a parameter of {list(params[i].shape)}"
+            if value.untyped_storage().nbytes() < value.numel() * value.element_size():
+                return f"has {key!s:.40} whose elements overlap in memory, which no optimizer saves"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
