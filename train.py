@@ -761,6 +761,11 @@ def build_learner(args, num_classes, device, channels_last):
 # ---------------------------------------------------------------------------------------------
 
 
+# A mean cross-entropy this large means logits of that size, from which no run recovers. fp32 overflows to
+# inf soon after; bf16 has fp32's range, so a diverged bf16 run can go on at 1e30 without ever reaching inf.
+DIVERGED = 1e8
+
+
 def train_one_epoch(learner, forward, batches, epoch, args, stop):
     """One pass over the training batches. Returns the epoch's row (train loss and accuracy, last lr,
     seconds, images/s) and its rows of steps.csv; raises Stopped on a non-finite loss or a signal."""
@@ -806,7 +811,7 @@ def train_one_epoch(learner, forward, batches, epoch, args, stop):
             learner.ema.update_parameters(model)
 
         loss = loss.detach().float()
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)
+        first_bad = torch.where((first_bad < 0) & ~(loss.abs() <= DIVERGED), i, first_bad)
         loss_sum += loss * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -815,8 +820,7 @@ def train_one_epoch(learner, forward, batches, epoch, args, stop):
             bad, asked = agree(first_bad, stop) if DDP else (int(first_bad), bool(stop))
             if bad >= 0:  # raised before the epoch's end: no weights of a bad step are ever saved
                 raise Stopped(
-                    f"the loss became {'nan' if loss.isnan() else 'inf'} at epoch {epoch}, step {bad + 1} "
-                    f"of {steps}: training diverged",
+                    f"the loss became {loss.item():.3g} at epoch {epoch}, step {bad + 1} of {steps}: training diverged",
                     1,
                 )
             if asked:

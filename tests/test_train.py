@@ -216,9 +216,16 @@ def test_divergence_stops_with_advice_and_keeps_the_last_good_checkpoint(capsys,
     assert code == 2 and "--lr" in err  # a changed lr is refused on resume, and the run left as it was...
     assert open(os.path.join(out, "last.pt"), "rb").read() == before
     code, _, err = run_script("train", [*args, "--epochs", "2", "--lr", "1e4", "--overwrite"], capsys)
-    assert code == 1 and re.search(r"loss became (nan|inf) at epoch 1, step \d+ of \d+", err)
+    assert code == 1 and re.search(r"loss became (nan|inf|[\d.]+e\+\d+) at epoch 1, step \d+ of \d+", err)
     assert "Try a lower --lr (this run used 10000)" in err and "nothing was saved" in err
     assert not os.path.exists(os.path.join(out, "last.pt"))  # ...replaced only because --overwrite asked for it
+
+
+def test_divergence_in_bf16_is_caught_though_the_loss_stays_finite(capsys, synth, tmp_path):
+    """bf16 has fp32's range: a diverged run's loss can grow to 1e30 and never become inf."""
+    argv = ["--data-dir", synth, "--out", str(tmp_path / "run"), "--progress", "off", "--epochs", "2"]
+    code, _, err = run_script("train", [*argv, "--optimizer", "sgd", "--lr", "1e4", "--amp", "bf16"], capsys)
+    assert code == 1 and re.search(r"loss became [\d.]+e\+\d+ at epoch 1, step \d+ of \d+: training diverged", err)
 
 
 def test_divergence_after_a_good_epoch_keeps_it(capsys, synth, tmp_path, monkeypatch):
