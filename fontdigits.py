@@ -91,9 +91,14 @@ def install_hint():
     return f"sudo apt-get install {' '.join(FONT_PACKAGES)}   (Debian, Ubuntu)"
 
 
-def find_fonts(dirs=FONT_DIRS):
+def find_fonts(dirs=None):
     """The installed fonts of FONTS that draw all ten digits, sorted by family and path. A file found
-    in two folders counts once, from the first folder; the search is a sorted walk, so deterministic."""
+    in two folders counts once, from the first folder; the search is a sorted walk, so deterministic.
+    DIRS defaults to FONT_DIRS, or to the folders in MNIST_FONT_DIRS (separated as in PATH; empty: none)
+    where it is set: fonts kept elsewhere, or a check of how everything runs without them."""
+    if dirs is None:
+        listed = os.environ.get("MNIST_FONT_DIRS")
+        dirs = FONT_DIRS if listed is None else [d for d in listed.split(os.pathsep) if d]
     wanted = {name.lower(): family for family, (_, names) in FONTS.items() for name in names}
     found = {}
     for top in dirs:

@@ -6,12 +6,15 @@
     probs = classify(model, ckpt, x[None])    # [1, classes] softmax, normalized as the checkpoint was
 
 predict.py, demo.py and userdata.py's class folders all go through these, so an image is read the
-same way everywhere.
+same way everywhere, and a file that would make a decoder wait, work or allocate without end (a pipe
+named like an image, a JPEG of thousands of scans, a TIFF tile of a gigabyte) is refused first.
 """
 
 import io
 import math
 import os
+import re
+import stat
 import warnings
 from functools import cache
 
@@ -38,12 +41,24 @@ MIME_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/gif", "image/webp",
 MIN_SIDE = 8  # smaller images hold too little of a drawing to be fitted into 20x20
 MAX_PIXELS = 25_000_000  # 5000x5000: a phone photo fits; a small file declaring more is a decompression bomb
 MAX_SIDE = 1024  # images are shrunk to this at once: the digit ends up 20 pixels high anyway
+# libjpeg's progressive mode writes 10 scans for a colour image (6 for grey), and no encoder many more; but its
+# decoder reads every scan a file holds, each over the whole image, warning only when one repeats another: a 290 KB
+# file declaring 5000x5000 with 3,000 scans takes most of a minute. libtiff stops a JPEG inside a TIFF at 100 scans.
+MAX_SCANS = 100
+MAX_SEGMENTS = 10_000  # a JPEG's marker segments (restarts apart): a real one has tens; each costs the walk a step
+# A TIFF tile need cover no more than its image (writers use 256 or 512 a side and pad to a multiple of 16), but
+# libtiff allocates a whole tile however large it is declared, up to 2 GB: one past a megapixel and 4 times the
+# image is refused. (A strip needs no bound: libtiff cuts one to the image's rows, and RowsPerStrip 2**32-1 is legal.)
+MAX_TILE_PIXELS = 1 << 20
+# A JPEG marker that a length follows, after any fill bytes (FF): not a stuffed 00, TEM (01), RSTn or a stray SOI
+JPEG_MARKER = re.compile(rb"\xff+([^\x00\x01\xd0-\xd8\xff])")
 
 
 def read_gray(source, name=None):
     """An image file (a path, or its bytes) as a float tensor [H, W] on 0..1, at most MAX_SIDE a side.
-    Only FORMATS are decoded; the pixel count is checked from the header before anything is; a JPEG
-    is decoded straight at a fraction of its size where that suffices. Transparent areas count as
+    A path is opened only if it is a regular file; only FORMATS are decoded; the pixel count, a JPEG's
+    scans and a TIFF's tiles are checked from the file before anything is decoded; a JPEG is decoded
+    straight at a fraction of its size where that suffices. Transparent areas count as
     white paper; 16-bit, 32-bit and float images are scaled to 0..1 by their own range."""
     from PIL import Image, UnidentifiedImageError
 
@@ -64,24 +79,111 @@ def read_gray(source, name=None):
 
 
 def decode(source, name):
-    """read_gray's decoding, within its checks: the pixel count from the header first, then a JPEG
-    drafted at a fraction of its size, any image shrunk to MAX_SIDE and turned upright."""
+    """read_gray's decoding, within its checks: a path only if it is a regular file, the pixel count
+    from the header, a TIFF's tiles and a JPEG's scans first, then a JPEG drafted at a fraction of its
+    size, any image shrunk to MAX_SIDE and turned upright."""
     from PIL import Image, ImageOps
 
-    with Image.open(
-        io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source, formats=list(FORMATS)
-    ) as im:
+    f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open_regular(source, name)
+    with f, Image.open(f, formats=list(FORMATS)) as im:
         w, h = im.size
         if w * h > MAX_PIXELS:
             raise UserError(
                 f"{name} declares {w}x{h} pixels, more than the {MAX_PIXELS:,} this reads; give a smaller image"
             )
+        if im.format == "TIFF":
+            check_tiles(im, name)
         if im.format in ("JPEG", "MPO"):
+            check_scans(f, name)
             im.draft("RGB" if im.mode not in ("L", "1") else "L", (MAX_SIDE, MAX_SIDE))
         im.load()
         im = ImageOps.exif_transpose(im)  # a phone stores a portrait photo sideways, plus a tag saying so
         im.thumbnail((MAX_SIDE, MAX_SIDE))
         return gray_values(im)
+
+
+def open_regular(path, name):
+    """PATH opened to read, if it is a regular file. Anything else named like an image is refused
+    before it is opened: opening a FIFO waits for a writer that may never come, and a device such as
+    /dev/zero never ends. It is opened without waiting (which changes nothing for a regular file) and
+    looked at again, in case it was swapped for something else in between."""
+    kind = not_regular(os.stat(path).st_mode)
+    if not kind:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        kind = not_regular(os.fstat(fd).st_mode)
+        if not kind:
+            return os.fdopen(fd, "rb")
+        os.close(fd)
+    raise UserError(f"{name} is {kind}, not a regular file; give a {FORMAT_NAMES} file")
+
+
+def not_regular(mode):
+    """What a file of stat MODE is, in words, if it is not a regular file ('' if it is)."""
+    if stat.S_ISREG(mode):
+        return ""
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a socket" if stat.S_ISSOCK(mode) else "a special file"
+
+
+def check_tiles(im, name):
+    """Refuse a TIFF (a Pillow image, opened, not decoded) whose tiles are declared far larger than its
+    image: libtiff allocates a whole tile at a time. The tags count even beside StripOffsets, as
+    libtiff takes the image for tiled then."""
+    tile_w, tile_h = im.tag_v2.get(322), im.tag_v2.get(323)  # TileWidth, TileLength
+    if not (isinstance(tile_w, int) and isinstance(tile_h, int)):
+        return  # not tiled; a tile size of more than one number libtiff refuses itself
+    w, h = im.size
+    if tile_w * tile_h > min(MAX_PIXELS, max(MAX_TILE_PIXELS, 4 * w * h)):
+        raise UserError(
+            f"{name} declares TIFF tiles of {tile_w}x{tile_h} pixels for a {w}x{h} image; "
+            f"save it again without tiles or with smaller ones"
+        )
+
+
+def check_scans(f, name):
+    """Refuse a JPEG (file F, left where it was) whose first image has more than MAX_SCANS scans or
+    MAX_SEGMENTS marker segments, before libjpeg reads any. The markers are walked as libjpeg walks
+    them: each segment skipped by its length, the bytes after it (a scan's coded data, or junk that
+    libjpeg warns about and passes) searched for the next marker, up to EOI or the end of the file."""
+    start, scans, segments = f.tell(), 0, 0
+    try:
+        f.seek(2)  # past SOI
+        while (marker := next_marker(f)) not in (None, 0xD9):
+            scans += marker == 0xDA
+            segments += 1
+            if scans > MAX_SCANS:
+                raise UserError(
+                    f"{name} is a JPEG of more than {MAX_SCANS} scans (a progressive one has about 10); "
+                    f"save it again from an image editor"
+                )
+            if segments > MAX_SEGMENTS:
+                raise UserError(
+                    f"{name} is a JPEG of more than {MAX_SEGMENTS:,} segments (a camera's has tens); "
+                    f"save it again from an image editor"
+                )
+            length = int.from_bytes(f.read(2), "big")
+            f.seek(max(length - 2, 0), 1)  # libjpeg skips nothing for a length under 2, and goes on
+    finally:
+        f.seek(start)
+
+
+def next_marker(f):
+    """The code of the next JPEG marker that a length follows in file F (None at its end), F left just
+    after it. Read in growing pieces: markers are mostly near, a scan's coded data can be megabytes."""
+    size, carry = 4096, b""
+    while piece := f.read(size):
+        piece = carry + piece
+        if found := JPEG_MARKER.search(piece):
+            f.seek(found.end() - len(piece), 1)
+            return found[1][0]
+        carry = b"\xff" if piece.endswith(b"\xff") else b""  # a marker split between two pieces
+        size = min(2 * size, 1 << 20)
+    return None
 
 
 @cache  # once a process
