@@ -27,7 +27,7 @@ import urllib.parse
 from dataclasses import dataclass
 
 from checkpoint import add_ckpt_flag, build_model, load_checkpoint
-from cli import Parser, UserError, run
+from cli import Parser, UserError, printable, run
 from preprocess import FORMAT_NAMES, MIME_TYPES, classify, read_gray, to_input
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,6 +64,10 @@ class Limits:
 
     connections: int = 256  # beyond this, the oldest still waiting for its request is closed
     header_seconds: float = 10  # for a request line and headers, as a whole, not per packet
+    # A request line and headers, in bytes and in lines: a browser sends one or two KB. http.server's
+    # own bounds (http.client's globals) let each stalled connection hold 100 lines of 64 KB.
+    header_bytes: int = 32 << 10
+    headers: int = 64
     body_seconds: float = 10  # for a body, as a whole: 2 MB at 200 KB/s
     drain_bytes: int = 16 << 20  # of a refused body read and dropped, so that the client reads the refusal
     drain_seconds: float = 5
@@ -89,6 +93,30 @@ class Refused(Exception):
         self.status, self.headers, self.extra = status, headers or {}, extra
 
 
+class HeadReader:
+    """The connection's reader while a request line and its headers arrive (http.server reads them with
+    readline): within limits.header_bytes and limits.headers lines in all, or Refused, 414 or 431.
+    The body's reads pass through."""
+
+    def __init__(self, raw, limits):
+        self.raw, self.limits, self.left, self.lines = raw, limits, limits.header_bytes, 0
+        self.read, self.read1 = raw.read, raw.read1
+
+    def readline(self, limit=-1):
+        self.lines += 1
+        if self.lines > self.limits.headers + 2:  # the request line, the headers, the blank line
+            raise Refused(431, f"the request has more than {self.limits.headers} headers; this server takes no more")
+        line = self.raw.readline(self.left + 1 if limit is None or limit < 0 else min(limit, self.left + 1))
+        self.left -= len(line)
+        if self.left < 0:
+            what = "request line is" if self.lines == 1 else "request line and headers are"
+            raise Refused(
+                414 if self.lines == 1 else 431,
+                f"the {what} over {self.limits.header_bytes:,} bytes; this server takes no more",
+            )
+        return line
+
+
 class Classifier:
     """A checkpoint's model and class names; predict(body) is the whole of reading an upload."""
 
@@ -107,6 +135,8 @@ class Classifier:
         except UserError as e:  # the only complaint to_mnist has: nothing stands out from the paper
             raise Refused(422, str(e), blank=True) from None
         probs = classify(self.model, self.ckpt, x[None])[0]
+        if not probs.isfinite().all():  # NaN or infinite weights: no reading to give, and NaN is no JSON
+            raise Refused(500, f"the model's output is not a number; its checkpoint {self.path} is damaged")
         values, indices = probs.topk(min(TOP, len(self.classes)))
         top = [{"label": self.classes[i], "prob": round(v, 4)} for v, i in zip(values.tolist(), indices.tolist())]
         return {"top": top, "input": png_data_url(x)}
@@ -144,7 +174,19 @@ def page_config(classifier):
 
 
 def json_bytes(value):
-    return json.dumps(value).encode()
+    return json.dumps(value, allow_nan=False).encode()  # a NaN would be JavaScript, not JSON
+
+
+def tell(line, stream):
+    """Print LINE on STREAM; False when it cannot be (`demo.py 2>&1 | head -1`: the reader has gone).
+    Then the stream is pointed at /dev/null, so that the final flush at exit cannot fail either."""
+    try:
+        print(line, file=stream, flush=True)
+        return True
+    except (OSError, ValueError):  # ValueError: the stream was closed
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        return False
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -156,7 +198,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def handle_one_request(self):
         self.conn, self.body_read = self.server.connections[self.request], False
         self.server.expect(self.conn, "headers", self.server.limits.header_seconds)
-        super().handle_one_request()
+        self.command, self.path, self.request_version = "", "", ""  # until a request line says otherwise
+        raw, self.rfile = self.rfile, HeadReader(self.rfile, self.server.limits)
+        try:
+            super().handle_one_request()
+        except Refused as e:  # a request line or headers past the limits, refused as soon as it is
+            self.close_connection = True
+            self.answer(e.status, json_bytes({"error": str(e)}), "application/json", e.headers)
+            with contextlib.suppress(OSError):  # then what else it sends is dropped, as drain does
+                self.connection.shutdown(socket.SHUT_WR)
+            self.drain(self.server.limits.drain_bytes)
+        finally:
+            self.rfile = raw
 
     def respond(self):
         self.server.expect(self.conn, "busy", None)
@@ -172,7 +225,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.answer(status, body, content_type, headers)
         if not self.body_read and ("Content-Length" in self.headers or "Transfer-Encoding" in self.headers):
             self.close_connection = True  # what is left of the body would be read as the next request
-            self.drain()
+            length = self.headers.get("Content-Length", "").strip()
+            self.drain(min(int(length), self.server.limits.drain_bytes) if length.isascii() and length.isdigit() else 0)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = respond
 
@@ -239,17 +293,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if size == 0:
             raise Refused(400, "the request has no body; send the image's PNG or JPEG bytes")
         self.server.expect(self.conn, "body", self.server.limits.body_seconds)
-        body, self.body_read = self.rfile.read(size), True
+        try:
+            body, self.body_read = self.rfile.read(size), True
+        except ConnectionError:  # the client reset the connection mid-upload: no bug, and nobody to answer
+            body, self.body_read = b"", True
         self.server.expect(self.conn, "busy", None)
         if len(body) < size:
             raise Refused(400, f"the upload ended after {len(body):,} of the {size:,} bytes it declared")
         return body
 
-    def drain(self):
-        """Read and drop a refused body, within limits: closing a socket with unread bytes sends a reset,
-        and a reset makes the client drop the answer it has not read yet."""
-        length = self.headers.get("Content-Length", "").strip()
-        left = min(int(length), self.server.limits.drain_bytes) if length.isascii() and length.isdigit() else 0
+    def drain(self, left):
+        """Read and drop up to LEFT bytes of a refused request, within limits: closing a socket with unread
+        bytes sends a reset, and a reset makes the client drop the answer it has not read yet."""
         self.server.expect(self.conn, "body", self.server.limits.drain_seconds)
         with contextlib.suppress(OSError):  # the client gone, or the reaper's cut at the drain's deadline
             while left > 0 and (chunk := self.rfile.read1(min(left, 1 << 16))):
@@ -283,7 +338,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return path if len(path) <= 80 else path[:77] + "..."
 
     def log_request(self, code="-", size="-"):
-        self.server.note(f"{self.command} {self.short_path()} {int(code)}")
+        self.server.note(f"{self.command or '-'} {self.short_path()} {int(code)}")
 
     def log_message(self, format, *args):  # http.server's long default lines; log_request says enough
         pass
@@ -372,14 +427,18 @@ class DemoServer(http.server.ThreadingHTTPServer):
                     if not conn.cut and conn.deadline is not None and conn.deadline < now:
                         self.cut(conn, f"past the deadline for its {conn.phase}")
 
+    def handle_error(self, request, client_address):
+        # A client that resets its connection or stops reading is no error of the server's, and
+        # socketserver's 25-line traceback for each would bury the log; anything else is a bug: shown.
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
     def note(self, line):
-        # Control characters and non-ASCII escaped: a request's path must not drive the terminal.
+        # Control characters and non-ASCII escaped: a request's path must not drive the terminal. The log
+        # never stops the serving: once nobody reads it (a closed pipe), it goes quiet.
         if not self.quiet:
-            print(
-                "".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode() for c in line),
-                file=sys.stderr,
-                flush=True,
-            )
+            line = "".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode() for c in line)
+            self.quiet = not tell(line, sys.stderr)
 
     def url(self):
         host, port = self.server_address[:2]
@@ -428,15 +487,16 @@ def main(argv):
             raise UserError(f"port {args.port} needs administrator rights; pick one above 1023 with --port") from None
         raise UserError(f"cannot listen on {args.host} port {args.port} ({e.strerror or e}); check --host", 2) from None
     with server:
-        print(
-            f"serving {classifier.ckpt['model']['name']} ({os.path.basename(args.ckpt)}) on {server.url()} "
-            f"(Ctrl-C stops it)",
-            flush=True,
+        tell(
+            f"serving {classifier.ckpt['model']['name']} ({printable(os.path.basename(args.ckpt))}) on "
+            f"{server.url()} (Ctrl-C stops it)",
+            sys.stdout,
         )
         try:
             server.serve_forever()
         except KeyboardInterrupt:  # the way to stop a server, not a failure
-            print("stopped", file=sys.stderr)
+            if not server.quiet:
+                tell("stopped", sys.stderr)
     return 0
 
 

@@ -16,7 +16,18 @@ from dataclasses import dataclass
 import torch
 
 from checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, build_model, checkpoint_path, load_checkpoint, load_file
-from cli import Parser, UserError, make_folder, non_negative, positive, read_log, run, write_text_atomic
+from cli import (
+    Parser,
+    UserError,
+    csv_table,
+    make_folder,
+    non_negative,
+    positive,
+    printable,
+    read_log,
+    run,
+    write_text_atomic,
+)
 from data import dataset_info, normalization, predict_probs, score
 from device import autocast_for, keep_freed_memory, native_bf16, pick_device, resolve_amp
 from models import list_models
@@ -58,47 +69,129 @@ def tta_and_precision(ckpt, args, device):
     return tta, amp if amp in ("bf16", "fp16") else "off"
 
 
-def confusion(pred, labels, num_classes):
-    """counts[true, predicted] as a [C, C] int64 tensor."""
-    return torch.bincount(labels * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
+# Reports grow with the classes, not their square: up to FULL_MATRIX classes the whole matrix and
+# table are printed; beyond, a 300-class alphabet's 90,000 cells would be unreadable (and a 5,000-class
+# set's 150 MB of text), so the SHOWN most confused pairs and worst classes are printed instead.
+FULL_MATRIX = 30
+SHOWN = 20
+# confusion.csv holds the whole matrix up to this many classes (a million cells, a few MB, within a
+# spreadsheet's columns); beyond, its nonzero cells as (true, predicted, count) rows.
+CSV_MATRIX = 1000
+NAME_WIDTH = 30  # characters of a class name in a printed table
 
 
-def per_class(cm):
-    """Rows of (precision %, recall %, support) from a confusion matrix. Recall is the class's accuracy."""
-    cm = cm.double()
-    tp, predicted, support = cm.diag(), cm.sum(0), cm.sum(1)
+def confusion_cells(pred, labels, num_classes):
+    """The nonzero cells of counts[true, predicted], as (true, predicted, count) in row order: at most
+    one a test image, however many classes there are."""
+    cells, counts = torch.unique(labels.long() * num_classes + pred, return_counts=True)
+    return list(zip((cells // num_classes).tolist(), (cells % num_classes).tolist(), counts.tolist()))
+
+
+def matrix(cells, num_classes):
+    """The whole [C][C] matrix of counts, as lists, from its nonzero cells."""
+    rows = [[0] * num_classes for _ in range(num_classes)]
+    for t, p, n in cells:
+        rows[t][p] = n
+    return rows
+
+
+def confused_pairs(cells):
+    """The off-diagonal cells (true, predicted, count), the most images first."""
+    return sorted(((t, p, n) for t, p, n in cells if t != p), key=lambda c: (-c[2], c[0], c[1]))
+
+
+def per_class(pred, labels, num_classes):
+    """Rows of (precision %, recall %, support), one a class. Recall is the class's accuracy."""
+    tp = torch.bincount(labels[pred == labels], minlength=num_classes).double()
+    predicted = torch.bincount(pred, minlength=num_classes).double()
+    support = torch.bincount(labels, minlength=num_classes).double()
     precision = torch.where(predicted > 0, 100 * tp / predicted.clamp(min=1), torch.zeros_like(tp))
     recall = torch.where(support > 0, 100 * tp / support.clamp(min=1), torch.zeros_like(tp))
     return list(zip(precision.tolist(), recall.tolist(), support.long().tolist()))
 
 
+def short(name, width=NAME_WIDTH):
+    """A class name as the terminal may show it (cli.printable), cut to WIDTH characters."""
+    name = printable(name)
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def format_per_class(rows, classes):
+    """The per-class table: every class up to FULL_MATRIX of them, else the SHOWN with the lowest
+    recall (classes with no test image last) and a line counting the rest."""
+    order = list(range(len(classes)))
+    if len(classes) > FULL_MATRIX:
+        order = sorted(order, key=lambda k: (rows[k][2] == 0, rows[k][1], -rows[k][2], k))[:SHOWN]
+    names = [short(classes[k]) for k in order]
+    width = max(5, *(len(n) for n in names))
+    lines = [f"  {'class':<{width}}  precision  recall (accuracy)  support"]
+    for name, k in zip(names, order):
+        p, r, n = rows[k]
+        lines.append(f"  {name:<{width}}  {p:8.2f} %  {r:8.2f} %         {n:>7}")
+    if len(order) < len(classes):
+        lines.insert(0, f"the {len(order)} of {len(classes):,} classes with the lowest recall:")
+        lines.append(f"  ... and {len(classes) - len(order):,} more classes (every one is in --out's report.json)")
+    return "\n".join(lines)
+
+
 def format_confusion(cm, classes):
-    short = [c[:9] for c in classes]
-    width = max(6, max(len(c) for c in short) + 1)
+    short_names = [printable(c)[:9] for c in classes]
+    width = max(6, max(len(c) for c in short_names) + 1)
     corner = "true \\ predicted"
-    lines = [f"{corner:<16}" + "".join(f"{c:>{width}}" for c in short)]
-    for name, row in zip(short, cm.tolist()):
+    lines = [f"{corner:<16}" + "".join(f"{c:>{width}}" for c in short_names)]
+    for name, row in zip(short_names, cm):
         lines.append(f"{name:<16}" + "".join(f"{v:>{width}}" for v in row))
     return "\n".join(lines)
 
 
+def format_pairs(pairs, classes):
+    """The SHOWN most confused pairs, one a line: true -> predicted, count."""
+    if not pairs:
+        return "no confusions: every image is classified right"
+    shown = [(short(classes[t]), short(classes[p]), n) for t, p, n in pairs[:SHOWN]]
+    wt, wp = max(4, *(len(t) for t, _, _ in shown)), max(9, *(len(p) for _, p, _ in shown))
+    lines = [
+        f"most confused pairs, {len(shown)} of {len(pairs):,}:",
+        f"  {'true':<{wt}} -> {'predicted':<{wp}}  images",
+    ]
+    lines += [f"  {t:<{wt}} -> {p:<{wp}}  {n:>6}" for t, p, n in shown]
+    return "\n".join(lines)
+
+
 def report(name, logits, labels, classes):
-    """Print loss, accuracy, per-class table and confusion matrix; return them as a dict."""
+    """Print loss, accuracy, the per-class table and the confusion matrix (past FULL_MATRIX classes,
+    the worst classes and the most confused pairs); return them as a dict, every class's row in it and
+    every nonzero cell of the matrix, but nothing that grows with the square of the classes."""
     loss, acc = score(logits, labels)
-    cm = confusion(logits.argmax(1), labels, len(classes)).cpu()
-    rows = per_class(cm)
-    print(f"{name}: test loss {loss:.4f}, accuracy {acc:.2f} % ({int(cm.diag().sum())}/{len(labels)})")
-    width = max(len(c) for c in classes)
-    print(f"\n  {'class':<{width}}  precision  recall (accuracy)  support")
-    for cls, (p, r, n) in zip(classes, rows):
-        print(f"  {cls:<{width}}  {p:8.2f} %  {r:8.2f} %         {n:>7}")
-    print("\n" + format_confusion(cm, classes) + "\n")
-    return {
+    pred, labels = logits.argmax(1).cpu(), labels.cpu()
+    cells, rows = confusion_cells(pred, labels, len(classes)), per_class(pred, labels, len(classes))
+    pairs = confused_pairs(cells)
+    print(
+        f"{printable(name)}: test loss {loss:.4f}, accuracy {acc:.2f} % ({int((pred == labels).sum())}/{len(labels)})"
+    )
+    print("\n" + format_per_class(rows, classes))
+    if len(classes) <= FULL_MATRIX:
+        print("\n" + format_confusion(matrix(cells, len(classes)), classes) + "\n")
+    else:
+        print("\n" + format_pairs(pairs, classes) + "\n")
+    result = {
         "loss": loss,
         "accuracy": acc,
         "per_class": {c: {"precision": p, "recall": r, "support": n} for c, (p, r, n) in zip(classes, rows)},
-        "confusion": cm.tolist(),
+        "most_confused": [{"true": classes[t], "predicted": classes[p], "images": n} for t, p, n in pairs[:SHOWN]],
     }
+    if len(classes) <= FULL_MATRIX:
+        result["confusion"] = matrix(cells, len(classes))
+    else:  # [true, predicted, count], indices into the report's classes
+        result["confusion_cells"] = [list(c) for c in cells]
+    return result
+
+
+def cells_of(result):
+    """The nonzero cells (true, predicted, count) of a result of report()."""
+    if "confusion_cells" in result:
+        return [tuple(c) for c in result["confusion_cells"]]
+    return [(t, p, n) for t, row in enumerate(result["confusion"]) for p, n in enumerate(row) if n]
 
 
 def wrap_state_dict(path, args):
@@ -264,9 +357,10 @@ def shift_report(models, images, labels, args, flips, classes):
     ):
         if group:
             table[f"mean over {name}"] = {col: sum(table[r][col] for r in group) / len(group) for col in columns}
-    width = max(12, *(len(c) for c in columns))
+    shown = [printable(c) for c in columns]  # run folders and file paths: names from the user's disk
+    width = max(12, *(len(c) for c in shown))
     print(f"\naccuracy (%) under the shifts of robustness.py{', with TTA' if any(m.tta for m in models) else ''}:")
-    print(f"{'shift':<18}" + "".join(f"{c:>{width + 2}}" for c in columns))
+    print(f"{'shift':<18}" + "".join(f"{c:>{width + 2}}" for c in shown))
     for row, accs in table.items():
         print(f"{row:<18}" + "".join(f"{accs[c]:>{width + 2}.2f}" for c in columns))
     if note:
@@ -281,16 +375,20 @@ def write_outputs(out, name, results, final, images, labels, probs, ckpts):
     make_folder(out, "--out")
     classes = ckpts[0][1]["data"]["classes"]  # the checkpoint's: your own data's names are in no table
     write_text_atomic(
-        json.dumps({"dataset": name, "test_images": len(labels), "results": results}, indent=1),
+        json.dumps(
+            {"dataset": name, "test_images": len(labels), "classes": classes, "results": results},
+            indent=1,
+        ),
         os.path.join(out, "report.json"),
     )
-    csv = (
-        "true\\predicted,"
-        + ",".join(classes)
-        + "\n"
-        + "".join(f"{c}," + ",".join(map(str, row)) + "\n" for c, row in zip(classes, final["confusion"]))
-    )
-    write_text_atomic(csv, os.path.join(out, "confusion.csv"))
+    cells = cells_of(final)
+    # csv_table quotes a name with a comma and keeps one such as =HYPERLINK(...) from running as a formula.
+    if len(classes) <= CSV_MATRIX:
+        rows = [["true\\predicted", *classes], *([c, *row] for c, row in zip(classes, matrix(cells, len(classes))))]
+    else:
+        rows = [["true", "predicted", "images"], *([classes[t], classes[p], n] for t, p, n in cells)]
+        print(f"confusion.csv lists the nonzero cells of the matrix, one a row: {len(classes):,} classes make too many")
+    write_text_atomic(csv_table(rows), os.path.join(out, "confusion.csv"))
     written = ["report.json", "confusion.csv"]
     written += [os.path.basename(p) for p in plots.prediction_grids(images, labels, probs, classes, out)]
     if not plots.have_matplotlib():
@@ -300,7 +398,7 @@ def write_outputs(out, name, results, final, images, labels, probs, ckpts):
             f"{'ensemble of ' + str(len(ckpts)) if len(ckpts) > 1 else ckpts[0][1]['model']['name']} on {name}: "
             f"{final['accuracy']:.2f} %"
         )
-        plots.confusion_png(torch.tensor(final["confusion"]), classes, os.path.join(out, "confusion.png"), title)
+        plots.confusion_png(cells, classes, os.path.join(out, "confusion.png"), title)
         written.append("confusion.png")
         if len(ckpts) > 1:
             print("skipped curves.png: it draws one run, and several checkpoints were given")
@@ -309,7 +407,7 @@ def write_outputs(out, name, results, final, images, labels, probs, ckpts):
                 run_history(*ckpts[0]), os.path.join(out, "curves.png"), ckpts[0][0], run_steps(ckpts[0][0])
             )
             written.append("curves.png")
-    print(f"wrote {', '.join(written)} in {out}")
+    print(f"wrote {', '.join(written)} in {printable(out)}")
 
 
 def run_history(path, ckpt):

@@ -13,14 +13,19 @@ import os
 import torch
 import torch.nn.functional as F
 
-from cli import write_atomic
+from cli import printable, write_atomic
 
 RED, GREEN = (190, 20, 20), (20, 110, 40)
+# The confusion matrix is drawn whole, every cell labelled, up to this many classes; beyond, a picture of
+# C x C cells grows with the square (100 classes took 3 GB and 20 s), so the most confused pairs are drawn.
+MATRIX_CLASSES = 30
+PAIRS = 20
 
 
 def label_grid(images, captions, nrow=8, scale=4, colors=None):
     """A PIL image of uint8 images [N, 1, H, W], each enlarged `scale` times (nearest neighbour, so
-    pixels stay sharp) with its caption below. Long captions wrap onto more lines."""
+    pixels stay sharp) with its caption below. Long captions wrap onto at most three lines; captions
+    hold class names, so their control characters are shown as escapes (cli.printable)."""
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
     from torchvision.utils import make_grid
@@ -32,7 +37,7 @@ def label_grid(images, captions, nrow=8, scale=4, colors=None):
         font = ImageFont.load_default()
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     tile_w = images.shape[-1] * scale
-    lines = [_wrap(c, draw, font, tile_w - 4) for c in captions]
+    lines = [_wrap(printable(c), draw, font, tile_w - 4)[:3] for c in captions]
     line_h = size + 3
     strip = max(len(ls) for ls in lines) * line_h + 6
     x = images.float().div(255).repeat_interleave(scale, -2).repeat_interleave(scale, -1).expand(-1, 3, -1, -1)
@@ -120,11 +125,28 @@ def save_figure(fig, path):
         plt.close(fig)
 
 
-def confusion_png(cm, classes, path, title):
-    """A heat map of counts[true, predicted], every cell labelled, class names on both axes."""
+def plain(text, width=None):
+    """TEXT for a matplotlib label: control characters escaped (cli.printable), cut to WIDTH
+    characters, and its $ signs escaped, so that a name such as $x$ is not read as mathematics
+    (or, unbalanced, fail the whole picture)."""
+    text = printable(text)
+    if width is not None and len(text) > width:
+        text = text[: width - 3] + "..."
+    return text.replace("$", r"\$")
+
+
+def confusion_png(cells, classes, path, title):
+    """The confusion matrix, from its nonzero cells (true, predicted, count): up to MATRIX_CLASSES
+    classes a heat map, every cell labelled, class names on both axes; beyond, the PAIRS most
+    confused pairs (confused_pairs_png)."""
     import matplotlib.pyplot as plt
 
     n = len(classes)
+    if n > MATRIX_CLASSES:
+        return confused_pairs_png(cells, classes, path, title)
+    cm = torch.zeros(n, n, dtype=torch.long)
+    for t, p, v in cells:
+        cm[t, p] = v
     fig, ax = plt.subplots(figsize=(1.0 + 0.75 * n, 0.6 + 0.7 * n))
     # A log-like scale keeps the few mistakes visible next to the thousand-count diagonal.
     shown = cm.double().log1p()
@@ -142,11 +164,36 @@ def confusion_png(cm, classes, path, title):
                 fontsize=8,
                 color="white" if shown[t, p] > 0.6 * top else ("black" if v else "#999999"),
             )
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
+    names = [plain(c, 20) for c in classes]
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    ax.set_title(plain(title, 120))
+    save_figure(fig, path)
+
+
+def confused_pairs_png(cells, classes, path, title):
+    """A bar for each of the PAIRS most confused pairs (true → predicted, images): the same size
+    whatever the number of classes."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    pairs = sorted(((t, p, v) for t, p, v in cells if t != p), key=lambda c: (-c[2], c[0], c[1]))
+    shown = pairs[:PAIRS]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.3 * max(len(shown), 3)))
+    if shown:
+        ax.barh(range(len(shown)), [v for _, _, v in shown], color="#3b75af")
+        ax.set_yticks(range(len(shown)), [f"{plain(classes[t], 25)} → {plain(classes[p], 25)}" for t, p, _ in shown])
+        ax.invert_yaxis()  # the most confused on top
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("test images")
+        ax.grid(axis="x", alpha=0.3)
+        what = f"the {len(shown)} most confused pairs of {len(pairs):,}, {len(classes):,} classes (true → predicted)"
+    else:
+        ax.set_axis_off()
+        what = f"no confusions: every image of the {len(classes):,} classes is classified right"
+    ax.set_title(f"{plain(title, 120)}\n{what}", fontsize=10)
     save_figure(fig, path)
 
 
@@ -184,7 +231,7 @@ def curves_png(rows, path, title, steps=()):
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title)
+    fig.suptitle(plain(title, 120))
     save_figure(fig, path)
 
 
@@ -203,7 +250,7 @@ def seed_bands_png(curves, path, panels, title):
                 continue
             values = [[run[key][e] for run in runs if e in run.get(key, {})] for e in epochs]
             color = f"C{k % 10}"
-            ax.plot(epochs, [sum(v) / len(v) for v in values], "-o", color=color, markersize=3, label=label)
+            ax.plot(epochs, [sum(v) / len(v) for v in values], "-o", color=color, markersize=3, label=plain(label, 60))
             ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.2)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
@@ -211,17 +258,20 @@ def seed_bands_png(curves, path, panels, title):
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(plain(title, 120))
     save_figure(fig, path)
 
 
-def prediction_grids(images, labels, probs, classes, out, per_class=4, most=64):
-    """mistakes.png: the misclassified images, most confident first, captioned "true → predicted (p)".
-    correct.png: the `per_class` most confident right answers of every class. Returns the paths written."""
+def prediction_grids(images, labels, probs, classes, out, per_class=4, most=64, most_classes=32):
+    """mistakes.png: the `most` misclassified images, most confident first, captioned "true → predicted
+    (p)". correct.png: the `per_class` most confident right answers of every class with any, or of
+    `most_classes` of them spread evenly when there are more: both pictures are bounded whatever the
+    number of classes. Returns the paths written."""
     confidence, pred = probs.max(1)
+    confidence, pred, labels = confidence.cpu(), pred.cpu(), labels.cpu()
     written = []
     wrong = (pred != labels).nonzero().flatten()
-    wrong = wrong[confidence[wrong].argsort(descending=True)][:most].cpu()
+    wrong = wrong[confidence[wrong].argsort(descending=True)][:most]
     if len(wrong):
         captions = [
             f"{classes[t]} → {classes[p]} ({c:.2f})"
@@ -230,11 +280,16 @@ def prediction_grids(images, labels, probs, classes, out, per_class=4, most=64):
         path = os.path.join(out, "mistakes.png")
         save_png(label_grid(images[wrong].cpu(), captions, colors=dict.fromkeys(range(len(wrong)), RED)), path)
         written.append(path)
-    right = []
-    for k in range(len(classes)):
-        mine = ((pred == labels) & (labels == k)).nonzero().flatten()
-        right.append(mine[confidence[mine].argsort(descending=True)][:per_class])
-    right = torch.cat(right).cpu()
+    # The right answers grouped by class, most confident first within each (one sort, not a pass a class).
+    right = (pred == labels).nonzero().flatten()
+    right = right[confidence[right].argsort(descending=True, stable=True)]
+    right = right[labels[right].argsort(stable=True)]
+    group = labels[right]
+    rank = torch.arange(len(right)) - torch.searchsorted(group, group)  # place within its class
+    present = group.unique()
+    chosen = torch.zeros(len(classes), dtype=torch.bool)
+    chosen[present[torch.linspace(0, len(present) - 1, min(len(present), most_classes)).round().long()]] = True
+    right = right[(rank < per_class) & chosen[group]]
     if len(right):
         captions = [f"{classes[p]} ({c:.2f})" for p, c in zip(pred[right].tolist(), confidence[right].tolist())]
         path = os.path.join(out, "correct.png")

@@ -511,6 +511,123 @@ def test_a_server_reachable_from_elsewhere_warns_and_takes_any_host(classifier, 
     assert err.count("\n") == 2 and err.endswith("GET / 200\n")
 
 
+class ClosedPipe(io.StringIO):
+    """A stream whose reader has gone, as stderr is under `python demo.py 2>&1 | head -1`."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_log_nobody_reads_never_stops_the_serving(classifier, digits, monkeypatch):
+    with serving(classifier, quiet=False) as (srv, base):
+        monkeypatch.setattr(sys, "stderr", ClosedPipe())
+        for _ in range(3):
+            assert call(base, "/")[0] == 200
+            assert predict(base, digits[0][0])[0] == 200
+        assert srv.quiet  # it stopped trying after the first failure
+
+
+@pytest.mark.slow
+def test_the_command_piped_into_head_keeps_serving():
+    """`python demo.py 2>&1 | head -1`: once head has its line, both pipes lose their reader."""
+    process = subprocess.Popen(
+        [sys.executable, "demo.py", "--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        url = process.stdout.readline().split(" on ")[1].split()[0].rstrip("/")
+        process.stdout.close()
+        for _ in range(3):
+            assert call(url, "/")[0] == 200
+        process.send_signal(signal.SIGINT)
+        assert process.wait(20) == 0
+    finally:
+        process.kill()
+        process.wait()
+
+
+def reset(sock):
+    """Close SOCK with a reset (RST) rather than an orderly end, as a client that crashed or a proxy would."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def settle(srv, within=5):
+    """Wait until the server has finished with every connection (handle_error, then its close)."""
+    deadline = time.perf_counter() + within
+    while srv.connections:
+        assert time.perf_counter() < deadline, srv.connections
+        time.sleep(0.01)
+
+
+def test_a_connection_reset_by_its_client_prints_no_traceback(classifier, digits, capsys):
+    with serving(classifier, quiet=False) as (srv, base):
+        for start in (
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Half: ",  # while the headers arrive
+            b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: 900\r\n\r\n"
+            + digits[0][0][:100],  # and while the body does
+        ):
+            s = socket.create_connection(("127.0.0.1", srv.server_port), timeout=5)
+            s.sendall(start)
+            time.sleep(0.2)  # the server is reading it
+            reset(s)
+            settle(srv)
+        assert call(base, "/")[0] == 200
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Error" not in err and len(err.splitlines()) <= 3, err
+
+
+def test_headers_past_the_limits_are_refused_and_never_held(server, digits):
+    """A browser sends one or two KB of headers; a request over the limits gets 431 (414 for its line)
+    as soon as it passes them, rather than each connection holding 100 lines of 64 KB."""
+    port = int(server.rsplit(":", 1)[1])
+    head = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+    cases = {
+        "100 headers of 1 KB": (head + "".join(f"X-{k}: {'a' * 1000}\r\n" for k in range(100)) + "\r\n", 431, "32,768"),
+        "one header of 60 KB": (head + f"Cookie: {'a' * 60000}\r\n\r\n", 431, "32,768 bytes"),
+        "70 small headers": (head + "".join(f"X-{k}: a\r\n" for k in range(70)) + "\r\n", 431, "more than 64 headers"),
+        "a 40 KB path": (f"GET /{'a' * 40000} HTTP/1.1\r\n\r\n", 414, "request line is over"),
+    }
+    for name, (request, status, words) in cases.items():
+        got, headers, body = raw_request(port, request.encode())
+        assert got == status and words in json.loads(body)["error"], (name, body[:200])
+        assert headers["content-type"] == "application/json", name
+    # 60 headers of 400 bytes (24 KB): within the limits
+    status, _, _ = raw_request(port, (head + "".join(f"X-{k}: {'a' * 400}\r\n" for k in range(60)) + "\r\n").encode())
+    assert status == 200
+    # A header line still arriving is refused once it passes the limit, not held until its end.
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as s:
+        s.sendall((head + "X-Long: " + "a" * 40000).encode())
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert parse_answer(answer)[0] == 431
+    assert predict(server, digits[0][0])[0] == 200
+
+
+def test_a_model_that_outputs_nan_gets_a_json_error(digits):
+    """Weights with a NaN give NaN probabilities: JSON has no NaN, so the answer is an error that says why."""
+    import torch
+
+    broken = demo.Classifier(os.path.join(ROOT, "weights", "mnist.pt"))
+    with torch.no_grad():
+        next(broken.model.parameters()).fill_(float("nan"))
+
+    def strict(text):
+        raise ValueError(f"{text} is not JSON")
+
+    with serving(broken) as (_, base):
+        status, headers, data = call(base, "/predict", "POST", digits[0][0], {"Content-Type": "image/png"})
+        answer = json.loads(data, parse_constant=strict)
+        assert status == 500 and "not a number" in answer["error"] and headers["Content-Type"] == "application/json"
+    with pytest.raises(ValueError):
+        demo.json_bytes({"prob": float("nan")})
+
+
 # ---------------------------------------------------------------------------------------------
 # A real browser
 # ---------------------------------------------------------------------------------------------
