@@ -364,6 +364,40 @@ def write_text_atomic(text, path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Inputs: regular files only
+# ---------------------------------------------------------------------------------------------
+
+KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISCHR, "a device"),
+    (stat.S_ISBLK, "a device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def open_input(path, code=1):
+    """(PATH opened to read bytes, its size) if it is a regular file, a link followed; else one line saying
+    what it is instead, exit CODE. Looked at before it is opened, as a FIFO would wait for a writer forever
+    and a device such as /dev/zero never ends, and again once it is (opened without waiting), in case it
+    was swapped in between. Every command reads the user's images, CSV and text files through this."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        nonblocking = getattr(os, "O_NONBLOCK", 0)  # POSIX; Windows has no FIFOs to wait on
+        fd = os.open(path, os.O_RDONLY | nonblocking | getattr(os, "O_BINARY", 0))
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            if nonblocking:
+                os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb"), st.st_size
+        os.close(fd)
+        mode = st.st_mode
+    kind = next((name for test, name in KINDS if test(mode)), "a special file")
+    link = "a link to " if os.path.islink(path) else ""
+    raise UserError(f"{path} is {link}{kind}, not a regular file; give a file saved on disk", code)
+
+
+# ---------------------------------------------------------------------------------------------
 # Names are data: class and file names come from the user's files
 # ---------------------------------------------------------------------------------------------
 
@@ -382,19 +416,20 @@ def _escaped(c):
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet run a cell as a formula
+FORMULA_START = ("=", "@", "\t", "\r")  # what always makes a spreadsheet read a cell as a formula
+# After a leading + or -, what a formula needs to do harm: a call, a link to another program (DDE: cmd|'...'!A0),
+# or a cell reference (-A1). A flag such as --model fast, or a number, has none of them.
+SIGNED_FORMULA = re.compile(r"[(!|=@]|^[-+]+\$?[A-Za-z]{1,3}\$?[0-9]")
 
 
 def csv_cell(value):
-    """VALUE as a spreadsheet will show it, never run it: a text that starts as a formula does
-    (=HYPERLINK(...), +, -, @) gets a leading apostrophe, unless it is a plain number such as -1."""
-    if not isinstance(value, str):
-        return value
-    if value.startswith(FORMULA_START):
-        try:
-            float(value)
-        except ValueError:
-            return "'" + value
+    """VALUE as a spreadsheet will show it, never run it: a text that would start a formula (=HYPERLINK(...),
+    @SUM(...), -A1, +cmd|'/C calc'!A0) gets a leading apostrophe; a number or a flag such as -1 or --lr 0.1
+    is left as it is."""
+    if isinstance(value, str) and (
+        value.startswith(FORMULA_START) or (value.startswith(("+", "-")) and SIGNED_FORMULA.search(value))
+    ):
+        return "'" + value
     return value
 
 

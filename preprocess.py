@@ -14,14 +14,13 @@ import io
 import math
 import os
 import re
-import stat
 import warnings
 from functools import cache
 
 import torch
 import torch.nn.functional as F
 
-from cli import UserError
+from cli import UserError, open_input
 from data import dilate, normalize
 
 # The formats read, and no others: each is decoded by Pillow's own code or a library built into it,
@@ -84,7 +83,7 @@ def decode(source, name):
     size, any image shrunk to MAX_SIDE and turned upright."""
     from PIL import Image, ImageOps
 
-    f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open_regular(source, name)
+    f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open_input(source)[0]
     with f, Image.open(f, formats=list(FORMATS)) as im:
         w, h = im.size
         if w * h > MAX_PIXELS:
@@ -100,34 +99,6 @@ def decode(source, name):
         im = ImageOps.exif_transpose(im)  # a phone stores a portrait photo sideways, plus a tag saying so
         im.thumbnail((MAX_SIDE, MAX_SIDE))
         return gray_values(im)
-
-
-def open_regular(path, name):
-    """PATH opened to read, if it is a regular file. Anything else named like an image is refused
-    before it is opened: opening a FIFO waits for a writer that may never come, and a device such as
-    /dev/zero never ends. It is opened without waiting (which changes nothing for a regular file) and
-    looked at again, in case it was swapped for something else in between."""
-    kind = not_regular(os.stat(path).st_mode)
-    if not kind:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-        kind = not_regular(os.fstat(fd).st_mode)
-        if not kind:
-            return os.fdopen(fd, "rb")
-        os.close(fd)
-    raise UserError(f"{name} is {kind}, not a regular file; give a {FORMAT_NAMES} file")
-
-
-def not_regular(mode):
-    """What a file of stat MODE is, in words, if it is not a regular file ('' if it is)."""
-    if stat.S_ISREG(mode):
-        return ""
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "a socket" if stat.S_ISSOCK(mode) else "a special file"
 
 
 def check_tiles(im, name):

@@ -13,12 +13,14 @@ Every reader is bounded like the IDX reader and names the file, line or column o
 """
 
 import os
+import re
 import warnings
 import zlib
 from dataclasses import dataclass
 
 import torch
 
+from cli import open_input
 from data import DATASETS, MAX_BYTES, DataError, DatasetInfo, load_split, read_pair, split_off_val
 
 MAX_CSV_BYTES = 2 << 30  # Kaggle's train.csv is 73 MB, EMNIST ByClass written out as CSV about 1.2 GB
@@ -93,9 +95,22 @@ def open_dataset(spec, data_dir=None, test=None, record=None, device="cpu", stri
         note = f"the test split it was trained beside: {len(held):,} of {len(labels):,} images"
     else:
         held = stratified_share(labels, TEST_SHARE, TEST_SEED)
+        topped = len(held) > sum(round(n * TEST_SHARE) for n in torch.bincount(labels).tolist())
         note = (
-            f"test split: a stratified seventh of the data, {len(held):,} of {len(labels):,} images "
-            f"(seed {TEST_SEED}; recorded in the checkpoint)"
+            f"test split: a stratified seventh of the data{', at least one image of each class' * topped}, "
+            f"{len(held):,} of {len(labels):,} images (seed {TEST_SEED}; recorded in the checkpoint)"
+        )
+    if not len(held) and same:  # recorded by a version that held out none of a few images a class
+        raise DataError(
+            f"the model was trained beside an empty test split of {spec}; pass --test with a labelled "
+            f"test set, or train it again (a class of two images or more now keeps one for testing)",
+            2,
+        )
+    if not len(held):  # one image a class: nothing to score a model on
+        raise DataError(
+            f"{spec} holds too few images for a test split ({len(labels):,}, one a class); add images, "
+            f"at least two a class (one is held out to test), or pass --test with a labelled test set",
+            2,
         )
     keep = torch.ones(len(labels), dtype=torch.bool)
     keep[held] = False
@@ -147,7 +162,9 @@ def evaluation_set(ckpt, dataset=None, test=None, data_dir=None, val=0, device="
 def read_any(path):
     """(images, labels, class names, rule, the folder's own test split or None) of a CSV file, a folder
     of IDX files or a folder of class folders."""
-    if os.path.isfile(path):
+    if not os.path.exists(path):
+        raise DataError(f"{path} is not there; check the path", 2)
+    if not os.path.isdir(path):  # a file, or a FIFO or device: read_csv refuses those in one line
         if not path.lower().endswith(".csv"):
             raise DataError(
                 f"{path} is not a .csv file; give a CSV, a folder of class folders or a folder of IDX files", 2
@@ -168,7 +185,9 @@ def stratified_share(labels, share, seed):
     for k in labels.unique().tolist():
         members = (labels == k).nonzero().squeeze(1)
         members = members[torch.randperm(len(members), generator=gen)]
-        picked.append(members[: round(len(members) * share)])
+        # at least one of every class that has two: a seventh of 3 rounds to none, and a set of a few
+        # images a class (how people start with their own) would have no test split at all
+        picked.append(members[: max(round(len(members) * share), int(len(members) >= 2))])
     return torch.cat(picked).sort().values
 
 
@@ -180,8 +199,27 @@ def remap(labels, names, classes, path):
             f"{path} has class {missing[0]!r}, which the training data does not have "
             f"({', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''})"
         )
-    table = torch.tensor([classes.index(n) for n in names], dtype=torch.long)
+    index = {c: k for k, c in reversed(list(enumerate(classes)))}  # the first of a name, looked up, not searched
+    table = torch.tensor([index[n] for n in names], dtype=torch.long)
     return table[labels]
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: only regular ones, and no more of them than the bound
+# ---------------------------------------------------------------------------------------------
+
+
+def read_file(path, limit, what, code=1):
+    """The bytes of PATH in a bytearray (for split_header to edit in place), when it is a regular file of
+    at most LIMIT bytes (cli.open_input); else one line naming it (CODE when it is no file at all). A link
+    to /dev/zero would be read until memory ran out, and a FIFO would wait for a writer forever."""
+    f, size = open_input(path, code)
+    with f:
+        if size > limit:
+            raise DataError(f"{path} is {size:,} bytes, far more than {what}; give another file")
+        data = bytearray(size)  # the size it had when checked: a file that grows since is read no further
+        del data[f.readinto(data) :]
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,51 +231,61 @@ def read_csv(path, need_labels=False):
     """(pixels uint8 [N, 1, 28, 28], labels int64 [N] or None, class names or None) of a CSV file. The
     label column is the one a header names "label", or the first column without a header; a file whose
     header has no label column holds pixels only (Kaggle's test.csv). Images of other than 28x28
-    pixels (N*N columns) are resized to 28x28. Names come from a classes.txt beside the file."""
+    pixels (N*N columns) are resized to 28x28. Names come from a classes.txt beside the file.
+    No Python object is made per cell, however long a line: a cell costs 8 bytes while its chunk is parsed."""
     import numpy as np
 
-    size = os.path.getsize(path)
-    if size > MAX_CSV_BYTES:
-        raise DataError(f"{path} is {size:,} bytes, far more than any MNIST-style set as CSV; give another file")
-    with open(path, "rb") as f:
-        raw = f.read()
-    header, body, first_line = split_header(raw, path)
-    del raw  # the text is held once from here on
-    columns = header if header is not None else [str(i) for i in range(body[: body.find(b"\n")].count(b",") + 1)]
-    label = next((i for i, name in enumerate(columns) if name.lower() == "label"), None)
-    if header is None and (need_labels or not square(len(columns))):
+    # handed over, not kept: split_header edits the bytes in place, so the text is held once
+    header, body, first_line = split_header(read_file(path, MAX_CSV_BYTES, "any MNIST-style set as CSV", 2), path)
+    n_columns = (header.count(b",") if header is not None else body.count(b",", 0, body.find(b"\n"))) + 1
+    if n_columns > CHUNK_CELLS:  # a chunk holds whole rows: one row this wide would be parsed all at once
+        raise DataError(
+            f"{path} line 1 has {n_columns:,} cells, more than an image row of any size this reads "
+            f"({CHUNK_CELLS:,}); check that the file holds one image a line"
+        )
+    label = label_column(header)
+    if header is None and (need_labels or not square(n_columns)):
         label = 0
     if need_labels and label is None:
         raise DataError(
-            f"{path} has no label column (its header starts {', '.join(columns[:3])}, ...); name it "
+            f"{path} has no label column (its header starts "
+            f"{', '.join(column_name(header, i) for i in range(min(3, n_columns)))}, ...); name it "
             f"'label', or drop the header and put the label first"
         )
-    width = len(columns) - (label is not None)
+    width = n_columns - (label is not None)
     if not square(width):
         raise DataError(
             f"{path} has {width} pixel columns, which is not a square number; an N x N image needs "
             f"N*N of them (784 for 28x28)"
         )
-    ends = line_ends(body, len(columns), first_line, path, np)
+    ends = line_ends(body, n_columns, first_line, path, np)
     pixels = torch.empty(len(ends), width, dtype=torch.uint8)
     labels = torch.empty(len(ends), dtype=torch.int64) if label is not None else None
-    step = max(1, CHUNK_CELLS // len(columns))
+    step = max(1, CHUNK_CELLS // n_columns)
     for lo in range(0, len(ends), step):
         hi = min(len(ends), lo + step)
-        text = body[0 if lo == 0 else int(ends[lo - 1]) + 1 : int(ends[hi - 1])]
-        table = parse_cells(text, hi - lo, columns, first_line + lo, path, np)
+        text = bytes(memoryview(body)[0 if lo == 0 else int(ends[lo - 1]) + 1 : int(ends[hi - 1])])
+        table = parse_cells(text, hi - lo, n_columns, header, first_line + lo, path, np)
         if labels is not None:
             labels[lo:hi] = table[:, label]
         part = torch.cat([table[:, :label], table[:, label + 1 :]], 1) if label is not None else table
-        check_range(part, labels[lo:hi] if labels is not None else None, columns, label, first_line + lo, path)
+        check_range(part, labels[lo:hi] if labels is not None else None, header, label, first_line + lo, path)
         pixels[lo:hi] = part
     return to_images(pixels, int(width**0.5)), labels, class_names(path)
 
 
 def split_header(raw, path):
-    """(header names or None, the data lines ending in a newline, the file line number of the first one)."""
-    if b"\r" in raw:  # Windows line ends
+    """(the header line's bytes or None, the data lines each ending in one newline, the file line number
+    of the first one). RAW, a bytearray, is edited in place into the data lines where it can be. Excel's
+    byte-order mark is dropped; Windows' CRLF and old Macs' CR alone end lines as a newline does."""
+    if raw[:3] == b"\xef\xbb\xbf":  # Excel's "CSV UTF-8" starts with one: it is no part of the first name
+        del raw[:3]
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataError(f"{path} is UTF-16 text (Excel's Unicode Text); save it as CSV UTF-8 or CSV (comma delimited)")
+    if b"\r" in raw:
         raw = raw.replace(b"\r\n", b"\n")
+        if b"\r" in raw:  # a CR alone ends a line too (old Macs), rather than the file being one line
+            raw = raw.replace(b"\r", b"\n")
     if not raw or raw.isspace():
         raise DataError(f"{path} is empty; give a CSV with one image a line")
     last = len(raw)
@@ -245,10 +293,47 @@ def split_header(raw, path):
         last -= 1
     end = raw.find(b"\n", 0, last)
     end = last if end < 0 else end
-    first = raw[:end].decode("utf-8", "replace")
-    start, line = (end + 1, 2) if any(c.isalpha() for c in first) else (0, 1)
-    body = raw[start : last + 1] if last < len(raw) else raw[start:] + b"\n"  # each line ends in one newline
-    return ([name.strip().strip('"') for name in first.split(",")] if line == 2 else None), body, line
+    first = bytes(memoryview(raw)[:end])
+    header = first if has_letter(first) else None  # a letter: names, not numbers
+    del raw[last + 1 :]  # each line ends in one newline
+    if len(raw) == last:
+        raw.append(10)
+    if header is None:
+        return None, raw, 1
+    del raw[: end + 1]
+    if not raw:
+        raise DataError(f"{path} holds no rows, only its header; add one image a line below it")
+    return header, raw, 2
+
+
+def has_letter(line):
+    """Whether LINE (bytes) holds a letter, without decoding it unless it has bytes beyond ASCII."""
+    if re.search(rb"[A-Za-z]", line):
+        return True
+    return bool(re.search(rb"[\x80-\xff]", line)) and any(c.isalpha() for c in line.decode("utf-8", "replace"))
+
+
+LABEL = re.compile(rb'(?<![^,])\s*"*label"*\s*(?![^,])', re.IGNORECASE)  # a whole cell: label, "Label"
+
+
+def label_column(header):
+    """The index of the first column the header names label, or None: a search over the line's bytes,
+    with no Python string per column (a header may name millions)."""
+    found = header is not None and LABEL.search(header)
+    return header.count(b",", 0, found.start()) if found else None
+
+
+def column_name(header, i):
+    """The name of column I, for a message: the header's cell I, found by the line's commas; its number
+    where there is no header."""
+    import numpy as np
+
+    if header is None:
+        return str(i)
+    commas = np.flatnonzero(np.frombuffer(header, dtype=np.uint8) == 44)
+    start = int(commas[i - 1]) + 1 if i else 0
+    end = int(commas[i]) if i < len(commas) else len(header)
+    return header[start : min(end, start + 200)].decode("utf-8", "replace").strip().strip('"')[:60]
 
 
 def square(n):
@@ -276,8 +361,8 @@ def line_ends(body, width, first_line, path, np):
     return ends
 
 
-def parse_cells(text, rows, columns, first_line, path, np):
-    """ROWS lines of whole numbers as an int64 table [ROWS, len(COLUMNS)], by numpy's C parser (a Python
+def parse_cells(text, rows, n_columns, header, first_line, path, np):
+    """ROWS lines of whole numbers as an int64 table [ROWS, N_COLUMNS], by numpy's C parser (a Python
     one takes a minute over Kaggle's 33 million cells); a cell that is no number gets its line named."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # numpy's deprecation of fromstring's text mode, still its fastest
@@ -285,27 +370,36 @@ def parse_cells(text, rows, columns, first_line, path, np):
             cells = np.fromstring(text.replace(b"\n", b","), dtype=np.int64, sep=",")
         except ValueError:
             cells = None
-    if cells is None or cells.size != rows * len(columns):
-        raise DataError(first_bad_cell(text, columns, first_line, path))
-    return torch.from_numpy(cells).view(rows, len(columns))
+    if cells is None or cells.size != rows * n_columns:
+        raise DataError(first_bad_cell(text, header, first_line, path))
+    return torch.from_numpy(cells).view(rows, n_columns)
 
 
-def first_bad_cell(body, columns, first_line, path):
-    """The sentence for the first cell that is not a whole number (the slow way, only when one is)."""
-    for n, line in enumerate(body.split(b"\n")):
-        for name, cell in zip(columns, line.split(b",")):
-            text = cell.strip().strip(b'"')
-            if not text.isdigit():
-                shown = text.decode("utf-8", "replace")[:20]
-                return (
-                    f"{path} line {first_line + n}, column {name}: {shown!r} is not a whole number"
-                    if shown
-                    else f"{path} line {first_line + n}, column {name} is empty"
-                )
-    return f"{path} cannot be read as numbers; check that it is a CSV of whole numbers"
+# The first cell that is not a whole number (spaces and quotes around it allowed): the start of a line or
+# a cell not followed by digits and the end of the cell. One search in C: a line of millions of cells
+# splits into no Python objects.
+BAD_CELL = re.compile(rb'(?:^|(?<=[,\n]))(?![ \t\v\f]*"*[0-9]+"*[ \t\v\f]*(?:[,\n]|\Z))')
 
 
-def check_range(pixels, labels, columns, label, first_line, path):
+def first_bad_cell(text, header, first_line, path):
+    """The sentence for the first cell that is not a whole number (searched for only when one is)."""
+    found = BAD_CELL.search(text)
+    if found is None:
+        return f"{path} cannot be read as numbers; check that it is a CSV of whole numbers"
+    at = found.start()
+    line_start = text.rfind(b"\n", 0, at) + 1
+    name = column_name(header, text.count(b",", line_start, at))
+    cell = text[at : at + 64].split(b"\n", 1)[0].split(b",", 1)[0]
+    shown = cell.strip().strip(b'"').decode("utf-8", "replace")[:20]
+    line = first_line + text.count(b"\n", 0, at)
+    return (
+        f"{path} line {line}, column {name}: {shown!r} is not a whole number"
+        if shown
+        else f"{path} line {line}, column {name} is empty"
+    )
+
+
+def check_range(pixels, labels, header, label, first_line, path):
     """One line naming the first pixel outside 0..255 or label below 0 (or absurdly large), if any."""
     if (
         len(pixels)
@@ -319,8 +413,8 @@ def check_range(pixels, labels, columns, label, first_line, path):
         row, col = bad[0].tolist()
         col += label is not None and col >= label
         raise DataError(
-            f"{path} line {first_line + row}, column {columns[col]}: {int(pixels[bad[0][0], bad[0][1]])} "
-            f"is outside the pixel range 0..255"
+            f"{path} line {first_line + row}, column {column_name(header, col)}: "
+            f"{int(pixels[bad[0][0], bad[0][1]])} is outside the pixel range 0..255"
         )
     if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= 1_000_000):
         row = int(((labels < 0) | (labels >= 1_000_000)).nonzero()[0])
@@ -341,10 +435,11 @@ def class_names(path):
     """The names in a classes.txt beside PATH (a file) or inside it (a folder), one a line, or None."""
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     names_file = os.path.join(folder, "classes.txt")
-    if not os.path.isfile(names_file) or os.path.getsize(names_file) > 1 << 20:
+    if not os.path.lexists(names_file):
         return None
-    with open(names_file, encoding="utf-8", errors="replace") as f:
-        names = [line.strip() for line in f if line.strip()]
+    # utf-8-sig: Notepad and Excel may start it with a byte-order mark, no part of the first name
+    text = read_file(names_file, 1 << 20, f"the names of {MAX_CLASSES} classes").decode("utf-8-sig", "replace")
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     return names or None
 
 
@@ -374,10 +469,12 @@ def idx_files(folder):
     found = {}
     for name in sorted(os.listdir(folder)):
         low = name.lower()
-        if "idx" not in low or not os.path.isfile(os.path.join(folder, name)):
+        if "idx" not in low or os.path.isdir(os.path.join(folder, name)):
             continue
         split = "train" if "train" in low else "test" if ("test" in low or "t10k" in low) else None
         kind = "images" if "images" in low else "labels" if "labels" in low else None
+        if split and kind:  # data.py reads it by its size: a FIFO or a link to a device is refused here
+            open_input(os.path.join(folder, name))[0].close()
         if split and kind and (split, kind) not in found or (split, kind) in found and low.endswith(".gz"):
             found[(split, kind)] = os.path.join(folder, name)
     return found

@@ -403,9 +403,9 @@ def test_a_pipe_or_a_device_named_like_an_image_is_refused_without_opening_it(tm
     os.mkfifo(fifo)
     error = without_waiting(lambda: read_gray(str(fifo)), fifo)
     assert isinstance(error, UserError), error
-    assert str(error) == f"{fifo} is a named pipe, not a regular file; give a {FORMAT_NAMES} file"
+    assert str(error) == f"{fifo} is a named pipe, not a regular file; give a file saved on disk"
     (tmp_path / "zero.png").symlink_to("/dev/zero")
-    with pytest.raises(UserError, match=f"zero.png is a device, not a regular file; give a {FORMAT_NAMES} file$"):
+    with pytest.raises(UserError, match="zero.png is a link to a device, not a regular file; give a file saved"):
         read_gray(str(tmp_path / "zero.png"))
     (tmp_path / "link.png").symlink_to(digit_png(tmp_path / "one.png"))
     assert read_gray(str(tmp_path / "link.png")).shape == (64, 64)

@@ -2,14 +2,17 @@
 by name train, evaluate and predict with the data's own classes; every bad input is one line."""
 
 import csv
+import functools
 import gzip
 import os
+import zlib
 
 import pytest
 import torch
 
 import data
 import userdata
+from cli import UserError
 from conftest import capture, idx_bytes, main_of, snapshot
 
 FAST = ["--model", "strided-crop", "--epochs", "2", "--batch-size", "32", "--lr", "2e-2", "--progress", "off"]
@@ -362,7 +365,8 @@ def test_hidden_files_beside_the_images_are_not_read(tmp_path):
 
 
 def test_images_all_of_one_shade_are_refused(tmp_path):
-    root = folder_case(tmp_path, {"cats": ["a.png"], "dogs": ["b.png"]})  # two images of the same grey
+    # four images of the same grey, two a class: one of each is held out to test, two train
+    root = folder_case(tmp_path, {"cats": ["a.png", "b.png"], "dogs": ["c.png", "d.png"]})
     code, _, err = capture(lambda: main_of("train", [*FAST, "--dataset", root, "--out", str(tmp_path / "run")]))
     assert code == 1 and "every training image is the same shade" in err, err
 
@@ -375,3 +379,229 @@ def test_an_unknown_name_or_path_is_one_line():
 def test_a_missing_emnist_set_is_named_by_its_own_file_names(tmp_path):
     with pytest.raises(data.DataError, match=r"emnist-letters-train-images-idx3-ubyte\[\.gz\] and emnist-letters-"):
         data.find_split(data.DATASETS["emnist-letters"], "train", str(tmp_path), download=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV edges: a header alone, Excel's byte-order mark, old Macs' line ends, a line of millions of cells
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_csv_of_a_header_alone_is_one_line_saying_it_holds_no_rows(kaggle_run, tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text(good_lines()[0] + "\n")
+    with pytest.raises(data.DataError, match="empty.csv holds no rows, only its header; add one image a line"):
+        userdata.read_csv(str(path))
+    code, _, err = capture(lambda: main_of("predict", [str(path), "--ckpt", kaggle_run[0]]))
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "holds no rows" in err, err
+
+
+def test_a_csv_saved_by_excel_with_a_byte_order_mark_reads_as_without(kaggle, tmp_path):
+    pixels, labels, _ = userdata.read_csv(kaggle[0], need_labels=True)
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + open(kaggle[0], "rb").read())
+    marked, marked_labels, _ = userdata.read_csv(str(path), need_labels=True)
+    assert torch.equal(marked, pixels) and torch.equal(marked_labels, labels)
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(good_lines()[1:]).encode() + b"\n")  # no header: a number first
+    assert userdata.read_csv(str(path), need_labels=True)[1].tolist() == [0, 1, 0, 1, 0, 1]
+    (tmp_path / "classes.txt").write_bytes(b"\xef\xbb\xbfcat\r\ndog\r\n")  # Notepad's, beside it
+    assert userdata.read_csv(str(path), need_labels=True)[2] == ["cat", "dog"]
+    path.write_bytes("label,p0\n0,1\n".encode("utf-16"))
+    with pytest.raises(data.DataError, match="is UTF-16 text"):
+        userdata.read_csv(str(path))
+
+
+def test_old_mac_line_ends_are_line_ends(kaggle, tmp_path):
+    pixels, labels, _ = userdata.read_csv(kaggle[0], need_labels=True)
+    text = open(kaggle[0], "rb").read().replace(b"\r\n", b"\n")
+    for name, ends in (("mac.csv", b"\r"), ("windows.csv", b"\r\n")):
+        path = tmp_path / name
+        path.write_bytes(text.replace(b"\n", ends))
+        read, read_labels, _ = userdata.read_csv(str(path), need_labels=True)
+        assert torch.equal(read, pixels) and torch.equal(read_labels, labels), name
+    path.write_bytes(b"\r".join(line.encode() for line in broken(good_lines(), 4, "1,2,x7,3,4")))
+    with pytest.raises(data.DataError, match=r"line 4, column pixel1: 'x7' is not a whole number"):
+        userdata.read_csv(str(path))
+
+
+def test_a_line_of_a_million_cells_is_parsed_without_a_python_object_per_cell(tmp_path):
+    """A string per cell cost 60 bytes a cell and more (20 MB of CSV took 1 GB); the chunk's 8 bytes a
+    cell and a few copies of the line's bytes are what it may take, the search for a bad cell included."""
+    import tracemalloc
+
+    cells = 1024 * 1024  # one 1024x1024 image: a line of 3 MB
+    header = b"label," + b",".join(b"pixel%d" % i for i in range(cells)) + b"\n7,"
+    cases = {  # file: (its bytes, what reading it raises or None)
+        "wide.csv": (b"10," * (cells - 1) + b"10\n", None),
+        "bad.csv": (b"10," * (cells - 1) + b"1.5\n", r"bad.csv line 1, column 1048575: '1.5' is not a whole number"),
+        "named.csv": (header + b"10," * (cells - 1) + b"x\n", r"line 2, column pixel1048575: 'x' is not a whole"),
+    }
+    for name, (text, _) in cases.items():
+        (tmp_path / name).write_bytes(text)
+    del header, text
+    peaks = {}
+    tracemalloc.start()
+    try:
+        for name, (_, message) in cases.items():
+            tracemalloc.reset_peak()
+            if message is None:
+                pixels, labels, _ = userdata.read_csv(str(tmp_path / name))
+            else:
+                with pytest.raises(data.DataError, match=message):
+                    userdata.read_csv(str(tmp_path / name))
+            peaks[name] = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert pixels.shape == (1, 1, 28, 28) and labels is None and bool((pixels == 10).all())
+    # about 18 and 38 bytes a cell here (the line's 3 bytes a cell a few times over, and the named
+    # file's 10 MB header twice): a Python string per cell made them 75 and 105
+    assert peaks["wide.csv"] < 30 * cells and peaks["bad.csv"] < 30 * cells, peaks
+    assert peaks["named.csv"] < 60 * cells, peaks
+
+
+def test_a_line_wider_than_a_chunk_is_refused_before_parsing(tmp_path, monkeypatch):
+    path = tmp_path / "one-line.csv"
+    path.write_text(",".join(["1"] * 121) + "\n")  # a file whose line ends were lost: every row on one line
+    monkeypatch.setattr(userdata, "CHUNK_CELLS", 100)
+    with pytest.raises(data.DataError, match=r"line 1 has 121 cells, more than an image row of any size this reads"):
+        userdata.read_csv(str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs that are no regular file: refused before they are opened, not read forever or waited on
+# ---------------------------------------------------------------------------------------------
+
+
+def without_waiting(call, fifo):
+    """What CALL returns, or the exception it raises, run in a thread: if it still waits on FIFO after
+    10 s, a writer opens and closes the FIFO to free it and the test fails (rather than hanging the run)."""
+    import threading
+
+    outcome = []
+
+    def target():
+        try:
+            outcome.append(call())
+        except BaseException as e:  # handed to the test
+            outcome.append(e)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the reader waiting in it sees the end
+        thread.join(10)
+        pytest.fail(f"{fifo} was opened and waited on, not refused")
+    return outcome[0]
+
+
+def refuse_opening(monkeypatch, name):
+    """Opening NAME from userdata fails the test at once: a refusal must come before any open."""
+    real_open, real_os_open = open, os.open
+
+    def check(path):
+        if isinstance(path, (str, os.PathLike)) and os.path.basename(path) == name:
+            raise AssertionError(f"{path} was opened")
+
+    monkeypatch.setattr(userdata, "open", lambda path, *a, **k: check(path) or real_open(path, *a, **k), raising=False)
+    monkeypatch.setattr(userdata.os, "open", lambda path, *a, **k: check(path) or real_os_open(path, *a, **k))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are a POSIX thing")
+def test_a_fifo_named_csv_is_refused_not_waited_on(kaggle_run, tmp_path):
+    fifo = str(tmp_path / "x.csv")
+    os.mkfifo(fifo)
+    error = without_waiting(lambda: userdata.read_csv(fifo), fifo)
+    assert isinstance(error, UserError) and "x.csv is a named pipe, not a regular file" in str(error)
+    for script, argv in (("train", [*FAST, "--dataset", fifo]), ("predict", [fifo, "--ckpt", kaggle_run[0]])):
+        code, _, err = without_waiting(functools.partial(capture, functools.partial(main_of, script, argv)), fifo)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "x.csv is a named pipe" in err, err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_a_csv_that_links_to_dev_zero_is_refused_before_it_is_opened(tmp_path, monkeypatch):
+    link = tmp_path / "zero.csv"
+    link.symlink_to("/dev/zero")
+    refuse_opening(monkeypatch, "zero.csv")
+    with pytest.raises(UserError, match=r"zero.csv is a link to a device, not a regular file; give a file saved"):
+        userdata.read_csv(str(link))
+    code, _, err = capture(lambda: main_of("train", [*FAST, "--dataset", str(link), "--out", str(tmp_path / "r")]))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "zero.csv is a link to a device" in err, err
+    assert not os.path.exists(tmp_path / "r")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.exists("/dev/zero"), reason="POSIX files")
+def test_idx_files_and_a_classes_txt_that_are_no_regular_file_are_named(tmp_path):
+    """(An image in a class folder is preprocess.read_gray's to refuse: test_preprocess.py.)"""
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    images, labels = bars(30, 3)
+    for kind, t, magic in (("images-idx3", images, 0x803), ("labels-idx1", labels, 0x801)):
+        (folder / f"train-{kind}-ubyte").write_bytes(idx_bytes(t, magic))
+    (folder / "t10k-images-idx3-ubyte").symlink_to("/dev/zero")  # no pair is read from a device
+    with pytest.raises(UserError, match=r"t10k-images-idx3-ubyte is a link to a device, not a regular file"):
+        userdata.open_dataset(str(folder))
+    os.remove(folder / "t10k-images-idx3-ubyte")
+    os.mkfifo(folder / "classes.txt")  # was passed over as missing: the names must not silently be numbers
+    error = without_waiting(lambda: userdata.open_dataset(str(folder)), str(folder / "classes.txt"))
+    assert isinstance(error, UserError) and "classes.txt is a named pipe" in str(error), error
+
+
+def test_a_file_that_grew_past_its_checked_size_is_read_no_further(tmp_path, monkeypatch):
+    path = tmp_path / "growing.csv"
+    path.write_text("\n".join(good_lines()) + "\n")
+    real, size, inode = os.fstat, len("\n".join(good_lines()[:3]) + "\n"), os.stat(path).st_ino
+
+    def fstat(fd):  # the size it had when checked: three lines
+        st = real(fd)
+        return os.stat_result((*st[:6], size, *st[7:])) if st.st_ino == inode else st
+
+    monkeypatch.setattr(os, "fstat", fstat)
+    assert len(userdata.read_csv(str(path), need_labels=True)[1]) == 2  # what it held when it was checked
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny sets: a few images a class still hold out a test split
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_folder(root, per_class, classes=3):
+    from PIL import Image
+
+    images, labels = bars(per_class * classes, classes, side=40)
+    for i, (x, k) in enumerate(zip(images, labels.tolist())):
+        os.makedirs(root / f"class{k}", exist_ok=True)
+        Image.fromarray(x.numpy()).save(root / f"class{k}" / f"{i}.png")
+    return str(root)
+
+
+def test_the_stratified_share_holds_out_one_of_each_class_of_two_or_more():
+    labels = torch.tensor([0] * 3 + [1] * 2 + [2] * 1 + [3] * 70)
+    held = userdata.stratified_share(labels, userdata.TEST_SHARE, userdata.TEST_SEED)
+    assert torch.bincount(labels[held], minlength=4).tolist() == [1, 1, 0, 10]  # the rule, else a seventh
+    assert torch.equal(held, userdata.stratified_share(labels, userdata.TEST_SHARE, userdata.TEST_SEED))
+
+
+def test_three_images_a_class_train_and_evaluate_on_the_same_held_out_images(tmp_path):
+    root = tiny_folder(tmp_path / "tiny", 3)
+    out = str(tmp_path / "run")
+    argv = ["--dataset", root, "--model", "fast", "--epochs", "1", "--progress", "off", "--out", out]
+    code, printed, err = capture(lambda: main_of("train", argv))
+    assert code == 0 and "at least one image of each class, 3 of 9 images" in printed, err
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert len(ckpt["data"]["test"]["indices"]) == 3 and "test_acc" in ckpt["history"][-1]
+    code, printed, err = capture(lambda: main_of("evaluate", [out]))
+    assert code == 0 and "the test split it was trained beside: 3 of 9 images" in printed and "/3)" in printed, err
+
+
+def test_one_image_a_class_says_what_to_do_and_an_empty_recorded_split_too(tmp_path):
+    root = tiny_folder(tmp_path / "one", 1)
+    out = str(tmp_path / "run")
+    code, _, err = capture(lambda: main_of("train", [*FAST, "--dataset", root, "--out", out]))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not os.path.exists(out), err
+    assert "holds too few images for a test split (3, one a class); add images" in err and "--test" in err
+    images, labels = bars(9, 3)  # what an older version recorded for 3 images a class: no test image
+    record = {"kind": "share", "indices": torch.zeros(0, dtype=torch.int32), "count": 9}
+    record["labels_crc"] = zlib.crc32(labels.to(torch.uint8).numpy().tobytes())
+    path = write_csv(tmp_path / "nine.csv", images, labels)
+    with pytest.raises(data.DataError, match="trained beside an empty test split of .*nine.csv; pass --test"):
+        userdata.open_dataset(path, record=record)
