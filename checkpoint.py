@@ -204,17 +204,16 @@ def schema_problem(ckpt):
         return f"its data's input_shape {shape} is not [1, 28, 28], the only shape this toolkit reads"
     if model["kwargs"].get("in_channels", 1) != 1:
         return f"its model reads {model['kwargs'].get('in_channels', 1)} channels but its data has 1"
-    # the flags, history and resume state are printed, compared and written out again (args.json): each
-    # is a plain record of bounded size, checked before any of that
-    layouts = {"args": (dict, 2), "history": (list, 2), "stopping": (dict, 1), "scaler": (dict, 1)}
-    for key, (kind, depth) in layouts.items():
+    # the flags and history are printed, compared and written out again (args.json, log.csv): each is a
+    # plain record of bounded size, checked before any of that (train.py checks its resume state alike)
+    for key, kind in (("args", dict), ("history", list)):
         value = ckpt.get(key)
-        if value is not None and not (isinstance(value, kind) and plain(value, depth, [MAX_PARTS])):
+        if value is not None and not (isinstance(value, kind) and plain(value, 2, [MAX_PARTS])):
             return f"its {key} is not a plain record of bounded size"
     if not all(isinstance(row, dict) for row in ckpt.get("history") or []):
         return "its history is malformed"
-    if not isinstance(ckpt.get("epoch", 0), int) or not isinstance(ckpt.get("ema_steps", 0), int):
-        return "its epoch or EMA step count is not a whole number"
+    if not isinstance(ckpt.get("epoch", 0), int):
+        return "its epoch is not a whole number"
     return None
 
 

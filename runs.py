@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from checkpoint import load_checkpoint, model_kwargs
-from cli import HERE, StopRequest, UserError, read_log, write_text_atomic
+from cli import HERE, StopRequest, UserError, csv_table, printable, read_log, write_text_atomic
 from data import DATASETS
 from models import count_params, get_model
 
@@ -448,7 +448,7 @@ def columns(configs):
 def markdown(configs, lines):
     """The table (Markdown, padded to read in a terminal too), then the rule and the verdict lines."""
     cols = columns(configs)
-    rows = [[row[k].replace("|", "\\|") for k in cols] for row in map(cells, configs)]
+    rows = [[printable(row[k]).replace("|", "\\|") for k in cols] for row in map(cells, configs)]
     width = [max(len(k), *(len(r[i]) for r in rows)) for i, k in enumerate(cols)]
     text = "| " + " | ".join(k.ljust(w) for k, w in zip(cols, width)) + " |\n"
     text += "|" + "|".join("-" * (w + 2) for w in width) + "|\n"
@@ -462,15 +462,12 @@ CSV_COLUMNS = "differs data model params epochs seconds test_mean test_sd n val_
 
 
 def csv_text(configs):
-    """One row per configuration, numbers unrounded beyond 4 decimals, for a spreadsheet."""
-    import io
-
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    """One row per configuration, numbers unrounded beyond 4 decimals, for a spreadsheet (cli.csv_table:
+    labels and data names come from the user's flags and paths, so none may run as a formula)."""
+    rows = [CSV_COLUMNS]
     for c in configs:
         test, val, done = c.test, c.val, [r for r in c.runs if r.epochs]
-        writer.writerow(
+        rows.append(
             [
                 c.label,
                 c.data,
@@ -486,7 +483,7 @@ def csv_text(configs):
                 c.status,
             ]
         )
-    return buf.getvalue()
+    return csv_table(rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from checkpoint import SCALARS, checkpoint_path, load_checkpoint, make_checkpoint, model_kwargs, plain, save_checkpoint
+from checkpoint import (
+    MAX_PARTS,
+    SCALARS,
+    checkpoint_path,
+    load_checkpoint,
+    make_checkpoint,
+    model_kwargs,
+    plain,
+    save_checkpoint,
+)
 from cli import (
     Parser,
     UserError,
@@ -672,6 +681,11 @@ def find_resume(path):
             f"train a new run, or evaluate it with evaluate.py",
             2,
         )
+    for key in ("stopping", "scaler"):  # as load_checkpoint checks the flags and history: plain and bounded
+        if ckpt.get(key) is not None and not (isinstance(ckpt[key], dict) and plain(ckpt[key], 1, [MAX_PARTS])):
+            raise UserError(f"{path} is damaged: its {key} is not a plain record of bounded size; start a new run")
+    if not isinstance(ckpt.get("ema_steps", 0), int):
+        raise UserError(f"{path} is damaged: its EMA step count is not a whole number; start a new run")
     if ckpt.get("step"):  # older versions also saved inside an epoch
         raise UserError(
             f"{path} was saved inside epoch {ckpt['epoch'] + 1} by an older train.py, which continued "

@@ -55,20 +55,11 @@ def test_csv_cells_are_quoted_and_never_run_as_formulas():
 
     from cli import csv_table
 
-    rows = [['=HYPERLINK("http://x","y")', "a,b", "-1", "-x", "@sum", 3, 0.5, "line\nbreak", "caf\udcff"]]
-    text = csv_table(rows)
-    cells = next(csv.reader(io.StringIO(text)))
-    assert cells == [
-        '\'=HYPERLINK("http://x","y")',
-        "a,b",
-        "-1",
-        "'-x",
-        "'@sum",
-        "3",
-        "0.5",
-        "line\\x0abreak",
-        "caf\\xff",
-    ]
+    cells = ['=HYPERLINK("http://x","y")', "a,b", "-1", "-A1", "+cmd|' /C calc'!A0", "@sum", "--model fast"]
+    text = csv_table([cells + [3, 0.5, "line\nbreak", "caf\udcff"]])
+    got = next(csv.reader(io.StringIO(text)))
+    assert got[:7] == ["'" + c if k in (0, 3, 4, 5) else c for k, c in enumerate(cells)]  # flags and numbers stay
+    assert got[7:] == ["3", "0.5", "line\\x0abreak", "caf\\xff"]
     text.encode("utf-8")  # writable as UTF-8 whatever the names held
 
 
