@@ -197,6 +197,8 @@ def schema_problem(ckpt):
         )
     if not all(len(c) <= MAX_TEXT for c in data["classes"]) or len(data["dataset"]) > MAX_TEXT:
         return "its data record holds names longer than any path or class name"
+    if test_record_problem(data.get("test")):
+        return f"its record of the test split {test_record_problem(data.get('test'))}"
     shape = data.get("input_shape") or [1, 28, 28]  # older records lack it: they were all 1x28x28
     if not (isinstance(shape, list) and len(shape) == 3 and all(type(d) is int for d in shape)):
         return "its data's input_shape is not three whole numbers"
@@ -214,6 +216,27 @@ def schema_problem(ckpt):
         return "its history is malformed"
     if not isinstance(ckpt.get("epoch", 0), int):
         return "its epoch is not a whole number"
+    return None
+
+
+def test_record_problem(record):
+    """What is wrong with a data record's "test" entry (userdata.Source.record: which images were held
+    out to test), or None: evaluate.py scores the same images again by it."""
+    if record is None:
+        return None  # older checkpoints: the built-in sets' own test split
+    if not (isinstance(record, dict) and record.get("kind") in ("builtin", "own", "file", "share")):
+        return "is malformed"
+    if record["kind"] == "file" and not (isinstance(record.get("path"), str) and len(record["path"]) <= MAX_TEXT):
+        return "names no test file"
+    indices = record.get("indices")
+    if record["kind"] == "share" and not (
+        torch.is_tensor(indices)
+        and indices.dim() == 1
+        and not indices.is_floating_point()
+        and all(isinstance(record.get(k), int) for k in ("count", "labels_crc"))
+        and (len(indices) == 0 or 0 <= int(indices.min()) <= int(indices.max()) < record["count"])
+    ):
+        return "holds no valid image numbers"
     return None
 
 

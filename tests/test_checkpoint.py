@@ -59,6 +59,12 @@ def altered(tmp_path, change):
         (lambda c: c["args"].update(seed=shared(8)), r"its args is not a plain record of bounded size"),
         (lambda c: c["history"].append({"epoch": shared(8)}), r"its history is not a plain record"),
         (lambda c: c["data"]["classes"].__setitem__(0, "x" * 100_000), r"names longer than any path or class name"),
+        (
+            lambda c: c["data"].update(
+                test={"kind": "share", "indices": torch.tensor([70_000]), "count": 9, "labels_crc": 1}
+            ),
+            r"record of the test split holds no valid image numbers",
+        ),
         (lambda c: c["state_dict"]["features.0.0.weight"].view(-1)[7].fill_(float("nan")), r"NaN or infinite weights"),
     ],
 )
