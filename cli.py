@@ -495,7 +495,7 @@ def say(stop, text, end="\n"):
     """print for a run: when the reader of its output went away (`| head`), the run stops at the end
     of the step, as after Ctrl-C, instead of dying in the middle of it."""
     try:
-        print(text, end=end, flush=True)
+        print(printable(text), end=end, flush=True)  # a dataset's path or notes may carry a file's name
     except BrokenPipeError:
         close_stdout()
         if stop is not None:
