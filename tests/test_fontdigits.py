@@ -12,7 +12,10 @@ from fontdigits import FONT_PACKAGES, HELD_OUT, FontError, check_set, find_fonts
 FONTS = find_fonts()
 TRAINING, HELD = split_fonts(FONTS)
 needs_fonts = pytest.mark.skipif(not FONTS, reason=f"no handwriting fonts installed ({install_hint()})")
-needs_both = pytest.mark.skipif(not (TRAINING and HELD), reason="fonts on only one side of the split installed")
+needs_both = pytest.mark.skipif(
+    not (TRAINING and HELD),
+    reason="no handwriting fonts installed" if not FONTS else "fonts on only one side of the split installed",
+)
 
 
 def test_install_hint_names_every_package_on_one_line():
