@@ -174,12 +174,15 @@ def test_compile_saves_the_plain_module(synth, tmp_path, capsys, monkeypatch):
 def test_bench_runs_and_writes_json(tmp_path, capsys):
     """A few steps of every section, so the benchmark cannot rot; its figures are not checked here."""
     report = str(tmp_path / "bench.json")
-    code, out, err = run_script(
-        "bench", ["--steps", "2", "--repeats", "1", "--seeds", "1", "--quick", "--json", report], capsys
-    )
+    from conftest import FASHION_ARGS
+
+    argv = ["--steps", "2", "--repeats", "1", "--seeds", "1", "--quick", "--json", report, *FASHION_ARGS]
+    code, out, err = run_script("bench", argv, capsys)
     assert code == 0, err
     figures = json.load(open(report))
-    assert figures["throughput_ratio"] > 0 and set(figures["recipes"]) == {"fast", "strong"}
+    fashion = {"fashion-fast", "fashion-strong"} if FASHION_ARGS else set()
+    assert figures["throughput_ratio"] > 0 and set(figures["recipes"]) == {"fast", "strong"} | fashion
+    assert FASHION_ARGS or "skipped fashion-fast: Fashion-MNIST's files are not found" in out
     assert figures["recipes"]["fast"]["median_training_s"] < figures["recipes"]["fast"]["median_wall_s"]
     assert set(figures["startup_s"]) >= {"import torch", "read MNIST (train and test) onto the device"}
     assert "| ours / DataLoader (notebooks)" in out and "start-up: import torch" in out

@@ -486,3 +486,29 @@ def test_a_busy_run_folder_is_refused_until_its_run_is_gone(synth_data, tmp_path
     # the lock died with its process; the .lock file left behind does not block
     code, _, err = capture(lambda: main_of("train", ["--resume", out, "--data-dir", synth_data, "--epochs", "2"]))
     assert code == 0, err
+
+
+def test_a_crop_model_on_images_that_fill_the_frame_says_which_recipe_fits(tmp_path, capsys):
+    from conftest import write_idx_set
+
+    labels = torch.arange(200) % 10
+    centred = torch.zeros(200, 28, 28, dtype=torch.uint8)
+    for i, k in enumerate(labels.tolist()):
+        centred[i, 6 + k, 6:22] = 250  # inside the 20x20 box, as MNIST's digits
+    full = centred.clone()
+    full[:, :, :3] = 200  # and a sleeve or a sole at the rim
+    argv = ["--epochs", "1", "--progress", "off", "--subset", "100"]
+    notes = {}
+    for name, images, model in (
+        ("full", full, "strided-crop20"),
+        ("centred", centred, "strided-crop20"),
+        ("whole", full, "strided"),
+    ):
+        data = write_idx_set(str(tmp_path / name), images=images, labels=labels, n_train=200, n_test=200)
+        out = str(tmp_path / f"run-{name}")
+        code, printed, err = run_script("train", [*argv, "--model", model, "--data-dir", data, "--out", out], capsys)
+        assert code == 0, err
+        notes[name] = [line for line in printed.splitlines() if line.startswith("note: ")]
+    assert notes["centred"] == [] and notes["whole"] == []
+    (line,) = notes["full"]
+    assert "strided-crop20 reads only the central 20x20 pixels" in line and "@recipes/fashion-fast.args" in line
