@@ -128,3 +128,13 @@ def test_argument_files_are_bounded_regular_files(tmp_path, capsys):
         assert main_of("train", [f"@{tmp_path / name}"]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="making a device node needs root")
+def test_an_output_device_is_written_into_not_replaced(tmp_path):
+    import stat
+
+    null = tmp_path / "null"  # the same device as /dev/null, in a folder of the test's own
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    cli.write_text_atomic("rows\n", cli.output_path(str(null), "--out"))
+    assert stat.S_ISCHR(os.stat(null).st_mode)  # a rename would have left a regular file (as root: for /dev/null)
