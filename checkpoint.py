@@ -19,7 +19,7 @@ import zipfile
 import torch
 from torch import nn
 
-from cli import UserError, write_bytes_atomic
+from cli import UserError, open_input, write_bytes_atomic
 from models import OPTIONS, ModelError, count_params, get_model, list_models, option_problem
 
 CHECKPOINT_FORMAT = "mnist-toolkit-checkpoint"
@@ -75,47 +75,51 @@ def load_checkpoint(path):
 def load_file(path):
     """torch.load(weights_only=True), with every way a file can be wrong turned into one sentence, after
     the file's size and its zip records are checked: torch.load would inflate a compressed record of
-    any size, or read a device without end, before anything else could be checked."""
+    any size, or read a device without end, before anything else could be checked. The file is opened
+    once (cli.open_input, as every input is), and the zip check and torch.load both read that one."""
     if not os.path.isfile(path):
         raise UserError(f"{path} is not a regular file; pass a checkpoint file or a run folder", 2)
-    size = os.path.getsize(path)
-    if size == 0:
-        raise UserError(f"{path} is empty (0 bytes), probably cut off while being written; use another checkpoint")
-    if size > MAX_BYTES:
-        raise UserError(f"{path} is {size / 2**30:.1f} GB, more than any checkpoint of a model this toolkit builds")
-    problem = zip_problem(path, size)
-    if problem:
-        raise UserError(
-            f"{path} is not a readable PyTorch checkpoint: it is truncated, damaged or another kind of file "
-            f"({problem}); use another checkpoint"
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
+    f, size = open_input(path, 2)
+    with f:
+        if size == 0:
+            raise UserError(f"{path} is empty (0 bytes), probably cut off while being written; use another checkpoint")
+        if size > MAX_BYTES:
+            raise UserError(f"{path} is {size / 2**30:.1f} GB, more than any checkpoint of a model this toolkit builds")
+        problem = zip_problem(f, size)
+        if problem:
             raise UserError(
-                f"refusing to load {path}: it contains pickled Python objects, which could run code "
-                f"when opened; only checkpoints of plain tensors and values are accepted"
+                f"{path} is not a readable PyTorch checkpoint: it is truncated, damaged or another kind of file "
+                f"({problem}); use another checkpoint"
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ckpt = torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "Weights only load failed" in str(e):
+                raise UserError(
+                    f"refusing to load {path}: it contains pickled Python objects, which could run code "
+                    f"when opened; only checkpoints of plain tensors and values are accepted"
+                ) from None
+            raise UserError(f"{path} is not a PyTorch checkpoint ({str(e)[:80]})") from None
+        except Exception as e:  # a damaged record makes torch's unpickler fail in any of a dozen ways
+            raise UserError(
+                f"{path} is not a readable PyTorch checkpoint: it is truncated, damaged or another kind "
+                f"of file ({type(e).__name__}); use another checkpoint"
             ) from None
-        raise UserError(f"{path} is not a PyTorch checkpoint ({str(e)[:80]})") from None
-    except Exception as e:  # a damaged record makes torch's unpickler fail in any of a dozen ways
-        raise UserError(
-            f"{path} is not a readable PyTorch checkpoint: it is truncated, damaged or another kind "
-            f"of file ({type(e).__name__}); use another checkpoint"
-        ) from None
-    return ckpt
+        return ckpt
 
 
-def zip_problem(path, size):
-    """What makes PATH unlike the zip archive torch.save writes (every record stored, none compressed,
-    together no larger than the file), or None."""
+def zip_problem(f, size):
+    """What makes file F unlike the zip archive torch.save writes (every record stored, none compressed,
+    together no larger than the file), or None; F is left at its start."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(f) as archive:  # closing the archive leaves F open
             records = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         return "not the zip archive torch.save writes"
+    finally:
+        f.seek(0)
     compressed = [r.filename for r in records if r.compress_type != zipfile.ZIP_STORED]
     if compressed:
         return f"its record {compressed[0][:80]} is compressed, which torch.save never does"

@@ -402,11 +402,14 @@ def open_input(path, code=1):
 # ---------------------------------------------------------------------------------------------
 
 
-def printable(text):
+def printable(text, width=None):
     """TEXT safe for a terminal: control characters (ESC and the sequences it starts, CR, BEL...) and
-    invisible format characters shown as escapes, and the undecodable bytes of a file name as \\xNN."""
+    invisible format characters shown as escapes, and the undecodable bytes of a file name as \\xNN;
+    with WIDTH, cut to that many characters ("..." last) for a table or a picture's label."""
     text = str(text)
-    return text if text.isprintable() else "".join(c if c.isprintable() else _escaped(c) for c in text)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else _escaped(c) for c in text)
+    return text if width is None or len(text) <= width else text[: width - 3] + "..."
 
 
 def _escaped(c):

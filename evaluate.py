@@ -31,6 +31,7 @@ from cli import (
 from data import dataset_info, normalization, predict_probs, score
 from device import autocast_for, keep_freed_memory, native_bf16, pick_device, resolve_amp
 from models import list_models
+from plots import confused_pairs
 from userdata import evaluation_set
 
 
@@ -95,11 +96,6 @@ def matrix(cells, num_classes):
     return rows
 
 
-def confused_pairs(cells):
-    """The off-diagonal cells (true, predicted, count), the most images first."""
-    return sorted(((t, p, n) for t, p, n in cells if t != p), key=lambda c: (-c[2], c[0], c[1]))
-
-
 def per_class(pred, labels, num_classes):
     """Rows of (precision %, recall %, support), one a class. Recall is the class's accuracy."""
     tp = torch.bincount(labels[pred == labels], minlength=num_classes).double()
@@ -110,19 +106,13 @@ def per_class(pred, labels, num_classes):
     return list(zip(precision.tolist(), recall.tolist(), support.long().tolist()))
 
 
-def short(name, width=NAME_WIDTH):
-    """A class name as the terminal may show it (cli.printable), cut to WIDTH characters."""
-    name = printable(name)
-    return name if len(name) <= width else name[: width - 3] + "..."
-
-
 def format_per_class(rows, classes):
     """The per-class table: every class up to FULL_MATRIX of them, else the SHOWN with the lowest
     recall (classes with no test image last) and a line counting the rest."""
     order = list(range(len(classes)))
     if len(classes) > FULL_MATRIX:
         order = sorted(order, key=lambda k: (rows[k][2] == 0, rows[k][1], -rows[k][2], k))[:SHOWN]
-    names = [short(classes[k]) for k in order]
+    names = [printable(classes[k], NAME_WIDTH) for k in order]
     width = max(5, *(len(n) for n in names))
     lines = [f"  {'class':<{width}}  precision  recall (accuracy)  support"]
     for name, k in zip(names, order):
@@ -148,7 +138,7 @@ def format_pairs(pairs, classes):
     """The SHOWN most confused pairs, one a line: true -> predicted, count."""
     if not pairs:
         return "no confusions: every image is classified right"
-    shown = [(short(classes[t]), short(classes[p]), n) for t, p, n in pairs[:SHOWN]]
+    shown = [(printable(classes[t], NAME_WIDTH), printable(classes[p], NAME_WIDTH), n) for t, p, n in pairs[:SHOWN]]
     wt, wp = max(4, *(len(t) for t, _, _ in shown)), max(9, *(len(p) for _, p, _ in shown))
     lines = [
         f"most confused pairs, {len(shown)} of {len(pairs):,}:",

@@ -129,10 +129,7 @@ def plain(text, width=None):
     """TEXT for a matplotlib label: control characters escaped (cli.printable), cut to WIDTH
     characters, and its $ signs escaped, so that a name such as $x$ is not read as mathematics
     (or, unbalanced, fail the whole picture)."""
-    text = printable(text)
-    if width is not None and len(text) > width:
-        text = text[: width - 3] + "..."
-    return text.replace("$", r"\$")
+    return printable(text, width).replace("$", r"\$")
 
 
 def confusion_png(cells, classes, path, title):
@@ -173,13 +170,19 @@ def confusion_png(cells, classes, path, title):
     save_figure(fig, path)
 
 
+def confused_pairs(cells):
+    """The off-diagonal cells (true, predicted, count) of a confusion matrix, the most images first (the
+    picture below, and evaluate.py's printed report past 30 classes)."""
+    return sorted(((t, p, v) for t, p, v in cells if t != p), key=lambda c: (-c[2], c[0], c[1]))
+
+
 def confused_pairs_png(cells, classes, path, title):
     """A bar for each of the PAIRS most confused pairs (true → predicted, images): the same size
     whatever the number of classes."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    pairs = sorted(((t, p, v) for t, p, v in cells if t != p), key=lambda c: (-c[2], c[0], c[1]))
+    pairs = confused_pairs(cells)
     shown = pairs[:PAIRS]
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.3 * max(len(shown), 3)))
     if shown:
